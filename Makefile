@@ -1,0 +1,34 @@
+# Every target installs what it needs into .venv first.
+# On a GPU cluster, pick the torch build that matches your CUDA, e.g.
+#   make install TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+PYTHON ?= python3.11
+TORCH_SPEC ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+WORKDIR ?= work/demo
+
+.PHONY: install test test-fast demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip wheel setuptools
+	$(BIN)/pip install -q $(TORCH_SPEC)
+	$(BIN)/pip install -q -r requirements.lock
+	$(BIN)/pip install -q --no-deps -e .
+	touch $(STAMP)
+
+test: install
+	DS_ACCELERATOR=cpu $(BIN)/python -m pytest -q tests $(PYTEST_ARGS)
+
+test-fast: install
+	DS_ACCELERATOR=cpu $(BIN)/python -m pytest -q -m "not slow" tests $(PYTEST_ARGS)
+
+demo: install
+	WORKDIR=$(WORKDIR) PATH=$(abspath $(BIN)):$$PATH bash launch/demo.sh
+
+clean:
+	rm -rf $(VENV) work build *.egg-info

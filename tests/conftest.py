@@ -11,3 +11,24 @@ os.environ.setdefault("ZTT_DEVICE", "cpu")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 SAMPLE_CORPUS = REPO / "data" / "sample"
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def single_process():
+    """torch.distributed + megatron-core parallel state for one in-test process (TP=PP=1)."""
+    from megatron_ztt.parallel import runtime
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        runtime.init_distributed(seed=1234)
+    yield
+
+
+@pytest.fixture
+def seeded(single_process):
+    from megatron_ztt.parallel import runtime
+
+    runtime.seed_everything(1234)

@@ -9,10 +9,12 @@ on any rank fails the test with that rank's traceback.
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import traceback
 
+import torch
 import torch.multiprocessing as mp
 
 
@@ -35,7 +37,11 @@ def _entry(rank, world_size, port, tensor_parallel, pipeline_parallel, seed, fn,
 
     try:
         runtime.init_distributed(runtime.ParallelLayout(tensor_parallel, pipeline_parallel), seed=seed)
-        queue.put((rank, "ok", fn(rank, *args)))
+        result = fn(rank, *args)
+        # serialised here: tensors shared through file descriptors die with this process
+        buffer = io.BytesIO()
+        torch.save(result, buffer)
+        queue.put((rank, "ok", buffer.getvalue()))
     except BaseException:  # noqa: BLE001 - the parent reports it
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -61,7 +67,7 @@ def run_distributed(fn, world_size=1, tensor_parallel=1, pipeline_parallel=1, se
             if status == "error":
                 errors.append(f"rank {rank}:\n{payload}")
                 break
-            results[rank] = payload
+            results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
     finally:
         for p in procs:
             p.join(timeout=5 if errors else 60)

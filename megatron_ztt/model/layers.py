@@ -1,0 +1,181 @@
+"""Building blocks of the model, from megatron-core parts.
+
+Shared by the single-stage model (``ztt.py``) and the pipeline stages (``parallel/pipeline.py``)
+so that both run exactly the same modules.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+import torch.distributed.nn as dist_nn
+import torch.nn.functional as F
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.spec_utils import build_module
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayer
+
+from megatron_ztt.model.attention import ZeroTokenCoreAttention
+from megatron_ztt.model.config import ZTTConfig
+
+
+def transformer_config(config: ZTTConfig) -> TransformerConfig:
+    """megatron-core's config for one layer, with the fused CUDA-only kernels turned off."""
+    swiglu = config.activation == "swiglu"
+    return TransformerConfig(
+        # Init scaling follows the depth the residual stream really sees: applications.
+        num_layers=config.num_applications,
+        hidden_size=config.hidden_size,
+        ffn_hidden_size=config.ffn_size,
+        num_attention_heads=config.num_attention_heads,
+        num_query_groups=config.query_groups,
+        kv_channels=config.head_dim,
+        normalization=config.normalization,
+        layernorm_epsilon=config.norm_epsilon,
+        gated_linear_unit=swiglu,
+        activation_func=F.silu if swiglu else F.gelu,
+        add_bias_linear=False,
+        attention_dropout=config.attention_dropout,
+        hidden_dropout=config.hidden_dropout,
+        init_method_std=config.init_std,
+        params_dtype=torch.float32,
+        pipeline_dtype=torch.float32,
+        # Weights are drawn at full size on the CPU and then sliced: every parallel layout
+        # starts from the same values, and the CPU path needs no CUDA RNG.
+        use_cpu_initialization=True,
+        gradient_accumulation_fusion=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+    )
+
+
+def layer_spec(config: ZTTConfig):
+    """megatron-core's local (no Transformer Engine) GPT layer with our core attention."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Apex is not installed": the torch norm is intended
+        spec = copy.deepcopy(get_gpt_layer_local_spec(normalization=config.normalization))
+    spec.submodules.self_attention.submodules.core_attention = ZeroTokenCoreAttention
+    return spec
+
+
+def build_transformer_layer(config: ZTTConfig, layer_index: int) -> TransformerLayer:
+    spec = layer_spec(config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return TransformerLayer(transformer_config(config), spec.submodules,
+                                layer_number=layer_index + 1)
+
+
+def build_norm(config: ZTTConfig) -> torch.nn.Module:
+    spec = layer_spec(config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return build_module(spec.submodules.input_layernorm, config=transformer_config(config),
+                            hidden_size=config.hidden_size, eps=config.norm_epsilon)
+
+
+def rotary_embedding(config: ZTTConfig, seq_len: int, device, offset: int = 0) -> torch.Tensor:
+    """RoPE angles in megatron-core's layout [s, 1, 1, head_dim] (rotate-half convention).
+
+    megatron-core's ``RotaryEmbedding`` moves its frequencies to CUDA, so the angles are
+    computed here and handed to its device-neutral ``apply_rotary_pos_emb``.
+    """
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rotary_base ** (torch.arange(0, dim, 2, dtype=torch.float32,
+                                                          device=device) / dim))
+    positions = torch.arange(offset, offset + seq_len, dtype=torch.float32, device=device)
+    freqs = torch.outer(positions, inv_freq)
+    return torch.cat([freqs, freqs], dim=-1)[:, None, None, :]
+
+
+class TokenEmbedding(torch.nn.Module):
+    """Vocabulary-parallel word embedding: ids [b, s] -> hidden [s, b, d]."""
+
+    def __init__(self, config: ZTTConfig):
+        super().__init__()
+        megatron_config = transformer_config(config)
+        self.word_embeddings = tensor_parallel.VocabParallelEmbedding(
+            config.padded_vocab_size, config.hidden_size,
+            init_method=megatron_config.init_method, config=megatron_config)
+
+    @property
+    def weight(self) -> torch.nn.Parameter:
+        return self.word_embeddings.weight
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.word_embeddings(input_ids).transpose(0, 1).contiguous()
+
+
+class CycleGate(torch.nn.Module):
+    """x_next = x + g * (y - x), g = sigmoid(w . rmsnorm(y) + b), one scalar per token.
+
+    w starts at zero and b at ``gate_bias_init``, so every cycle starts almost fully open.
+    """
+
+    def __init__(self, config: ZTTConfig):
+        super().__init__()
+        self.eps = config.norm_epsilon
+        self.weight = torch.nn.Parameter(torch.zeros(config.hidden_size))
+        self.bias = torch.nn.Parameter(torch.full((1,), float(config.gate_bias_init)))
+
+    def forward(self, cycle_input: torch.Tensor, cycle_output: torch.Tensor):
+        normed = F.rms_norm(cycle_output, (cycle_output.shape[-1],), eps=self.eps)
+        gate = torch.sigmoid(normed @ self.weight.to(normed.dtype) + self.bias.to(normed.dtype))
+        gate = gate.unsqueeze(-1)
+        return cycle_input + gate * (cycle_output - cycle_input), gate
+
+
+class OutputHead(torch.nn.Module):
+    """Final norm + vocabulary-parallel output projection: [s, b, d] -> logits [s, b, V/tp]."""
+
+    def __init__(self, config: ZTTConfig):
+        super().__init__()
+        self.tie_embeddings = config.tie_embeddings
+        self.final_norm = build_norm(config)
+        megatron_config = transformer_config(config)
+        self.output_layer = tensor_parallel.ColumnParallelLinear(
+            config.hidden_size, config.padded_vocab_size, config=megatron_config,
+            init_method=megatron_config.init_method, bias=False, gather_output=False,
+            skip_weight_param_allocation=config.tie_embeddings)
+
+    def forward(self, hidden: torch.Tensor, embedding_weight: torch.Tensor | None = None):
+        if self.tie_embeddings and embedding_weight is None:
+            raise ValueError("tied embeddings: pass the word embedding weight to the output head")
+        logits, _ = self.output_layer(self.final_norm(hidden),
+                                      weight=embedding_weight if self.tie_embeddings else None)
+        return logits
+
+
+def language_model_loss(logits: torch.Tensor, labels: torch.Tensor,
+                        loss_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean token cross entropy. logits [s, b, V/tp] (vocab-parallel), labels [b, s].
+
+    megatron-core's vocab-parallel cross entropy overwrites fp32 logits in place: read
+    anything else from ``logits`` before calling this.
+    """
+    losses = tensor_parallel.vocab_parallel_cross_entropy(logits.float(),
+                                                          labels.transpose(0, 1).contiguous())
+    losses = losses.transpose(0, 1)  # [b, s]
+    if loss_mask is None:
+        return losses.mean()
+    mask = loss_mask.to(losses.dtype)
+    return (losses * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def gather_logits(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Vocab-parallel [s, b, V/tp] -> full [b, s, vocab_size] (the padding rows dropped)."""
+    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+        full = logits.clone()  # not a view of the tensor the loss will overwrite
+    else:
+        # megatron-core's gather allocates its buffer on CUDA; torch's is device-neutral
+        # and differentiable.
+        shards = dist_nn.all_gather(logits.contiguous(),
+                                    group=parallel_state.get_tensor_model_parallel_group())
+        full = torch.cat(shards, dim=-1)
+    return full.transpose(0, 1)[..., :vocab_size]

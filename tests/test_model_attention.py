@@ -1,0 +1,62 @@
+"""Zero-token attention against a plain softmax reference, forward and backward."""
+
+import math
+
+import pytest
+import torch
+
+from megatron_ztt.model.attention import zero_attention_probability, zero_token_attention
+from model_helpers import assert_close
+
+
+def reference(query, key, value, zero_key):
+    """softmax over [k_z; K] with a zero value for k_z, written out in full."""
+    b, heads, s, d = query.shape
+    groups = key.shape[1]
+    key = key.repeat_interleave(heads // groups, dim=1)
+    value = value.repeat_interleave(heads // groups, dim=1)
+    zk = zero_key.repeat_interleave(heads // groups, dim=0)  # [heads, d]
+    scores = query @ key.transpose(-1, -2) / math.sqrt(d)
+    causal = torch.ones(s, s, dtype=torch.bool).tril()
+    scores = scores.masked_fill(~causal, float("-inf"))
+    zero_scores = (query * zk[None, :, None, :]).sum(-1, keepdim=True) / math.sqrt(d)
+    probs = torch.softmax(torch.cat([zero_scores, scores], dim=-1), dim=-1)
+    values = torch.cat([torch.zeros(b, heads, 1, d), value], dim=2)
+    return probs @ values, probs[..., 0]
+
+
+@pytest.mark.parametrize("heads,groups", [(4, 4), (4, 2), (6, 1)])
+def test_matches_reference_forward_and_backward(heads, groups):
+    torch.manual_seed(0)
+    b, s, d = 2, 12, 8
+    tensors = [torch.randn(b, heads, s, d), torch.randn(b, groups, s, d),
+               torch.randn(b, groups, s, d), torch.randn(groups, d)]
+    ours = [t.clone().requires_grad_() for t in tensors]
+    ref = [t.clone().requires_grad_() for t in tensors]
+
+    out, (q1, k1) = zero_token_attention(*ours, scale=1 / math.sqrt(d))
+    probs = zero_attention_probability(q1, k1, scale=1 / math.sqrt(d))
+    ref_out, ref_probs = reference(*ref)
+    assert_close(out, ref_out, atol=1e-5, what="output")
+    assert_close(probs, ref_probs, atol=1e-6, what="zero attention")
+
+    upstream = torch.randn_like(out)
+    (out * upstream).sum().backward()
+    (ref_out * upstream).sum().backward()
+    for name, a, r in zip(["query", "key", "value", "zero_key"], ours, ref):
+        assert_close(a.grad, r.grad, atol=1e-5, what=f"grad {name}")
+    # the zero key does receive a gradient (it shapes every softmax)
+    assert ours[3].grad.abs().sum() > 0
+
+
+def test_zero_token_adds_nothing_but_rescales():
+    """The zero key only takes probability mass away: out = (1 - a) * plain attention."""
+    torch.manual_seed(1)
+    b, heads, s, d = 1, 2, 10, 4
+    q, k, v = torch.randn(b, heads, s, d), torch.randn(b, heads, s, d), torch.randn(b, heads, s, d)
+    zk = torch.randn(heads, d)
+    out, (q1, k1) = zero_token_attention(q, k, v, zk, scale=1 / math.sqrt(d))
+    a = zero_attention_probability(q1, k1, scale=1 / math.sqrt(d))
+    plain = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert_close(out, (1 - a)[..., None] * plain, atol=1e-5)
+    assert ((a > 0) & (a < 1)).all()

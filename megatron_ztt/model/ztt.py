@@ -128,13 +128,13 @@ class ZTTModel(torch.nn.Module):
                 return_logits: Optional[bool] = None, collect_stats: bool = True) -> ZTTOutput:
         """input_ids/labels/loss_mask: [batch, seq].
 
-        ``exit_threshold`` (default: the config's, when not training) stops a sequence after
-        the first cycle whose mean zero attention reaches it; ``None`` runs every cycle.
-        Logits are returned by default only when no labels are given.
+        ``exit_threshold`` stops a sequence after the first cycle whose mean zero attention
+        reaches it; ``None`` runs every cycle. (``config.exit_threshold`` is the default
+        that evaluation, export and generation pass here.)
+        Logits are returned by default only when no labels are given. The losses after
+        earlier cycles (``exit_loss_weights``) are computed in training mode only.
         """
         config = self.config
-        if exit_threshold is None and not self.training:
-            exit_threshold = config.exit_threshold
         if exit_threshold is not None and self.zero_token_pool is None:
             raise ValueError("early exit reads the zero attention: the model needs zero_token=true")
         if return_logits is None:
@@ -146,7 +146,8 @@ class ZTTModel(torch.nn.Module):
         hidden = self.embedding(input_ids)
         hidden, out.cycles_used, exit_states = self._run_cycles(
             hidden, rope, tally, out.gate, exit_threshold, collect_stats,
-            keep_exit_states=labels is not None)
+            # earlier exits' losses are a training objective; evaluation reads the final exit
+            keep_exit_states=labels is not None and self.training and exit_threshold is None)
         for app in tail_applications(self.plan):
             hidden, context = self.run_application(app, hidden, rope, record=collect_stats)
             tally.add(app.name, context)

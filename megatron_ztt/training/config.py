@@ -1,0 +1,206 @@
+"""Run configuration: YAML files with dotted command-line overrides, checked at start.
+
+    cfg = load_config("launch/configs/tiny.yaml", ["train.lr=1e-3", "model.num_cycles=4"])
+
+OmegaConf merges the file and the overrides into typed dataclasses, so an unknown key or a
+value of the wrong type fails at once naming the key; cross-field rules are checked in
+:func:`validate`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any, List, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from megatron_ztt.model.config import ConfigError, ZTTConfig
+
+
+@dataclass
+class RunSection:
+    dir: str = "runs/default"  # checkpoints/, tensorboard/ and status.json go here
+    name: str = "ztt"
+
+
+@dataclass
+class DataSection:
+    # One prefix, or weights and prefixes: [0.7, prefixA, 0.3, prefixB]
+    blend: List[Any] = field(default_factory=list)
+    split: str = "98,1,1"
+    tokenizer: str = ""  # SentencePiece .model
+    cache_dir: Optional[str] = None
+    num_workers: int = 0
+    eod_mask_loss: bool = False
+
+
+@dataclass
+class ParallelSection:
+    tensor: int = 1
+    pipeline: int = 1
+    zero_stage: int = 1
+    # Pipeline partitioning: "applications" balances layer applications over stages.
+    pipeline_partition: str = "applications"
+
+
+@dataclass
+class TrainSection:
+    seed: int = 1234
+    micro_batch_size: int = 4
+    global_batch_size: int = 32  # = micro_batch_size x accumulation x data-parallel size
+    train_iters: int = 1000
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_iters: int = 100
+    lr_decay_iters: Optional[int] = None  # default: train_iters
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    precision: str = "fp32"  # fp32 | bf16
+    nonfinite_loss: str = "skip"  # skip the optimizer step | stop the run
+    load: Optional[str] = None  # None: fresh; "auto": latest in run.dir if any; or a path
+
+
+@dataclass
+class CheckpointSection:
+    interval: int = 500
+    keep_last: int = 3
+    save_at_end: bool = True
+
+
+@dataclass
+class EvalSection:
+    interval: int = 100
+    iters: int = 10
+    exit_thresholds: List[float] = field(default_factory=list)  # extra validation passes
+
+
+@dataclass
+class LoggingSection:
+    interval: int = 10
+    tensorboard: bool = True
+    peak_flops_per_device: float = 1.0e12  # for MFU; set to your accelerator's dense peak
+
+
+@dataclass
+class RunConfig:
+    run: RunSection = field(default_factory=RunSection)
+    model: ZTTConfig = field(default_factory=ZTTConfig)
+    data: DataSection = field(default_factory=DataSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return os.path.join(self.run.dir, "checkpoints")
+
+    @property
+    def tensorboard_dir(self) -> str:
+        return os.path.join(self.run.dir, "tensorboard")
+
+    def data_parallel_size(self, world_size: int) -> int:
+        model_parallel = self.parallel.tensor * self.parallel.pipeline
+        if world_size % model_parallel:
+            raise ConfigError(
+                f"parallel layout impossible: {world_size} processes are not divisible by "
+                f"parallel.tensor ({self.parallel.tensor}) x parallel.pipeline "
+                f"({self.parallel.pipeline})")
+        return world_size // model_parallel
+
+    def gradient_accumulation_steps(self, world_size: int) -> int:
+        dp = self.data_parallel_size(world_size)
+        per_step = self.train.micro_batch_size * dp
+        if self.train.global_batch_size % per_step:
+            raise ConfigError(
+                f"train.global_batch_size ({self.train.global_batch_size}) must be a multiple of "
+                f"train.micro_batch_size ({self.train.micro_batch_size}) x data-parallel size "
+                f"({dp})")
+        return self.train.global_batch_size // per_step
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> RunConfig:
+    """File, then overrides, merged onto the defaults; every error names the key."""
+    schema = OmegaConf.structured(RunConfig)
+    layers = [schema]
+    try:
+        if path:
+            if not os.path.isfile(path):
+                raise ConfigError(f"config file not found: {path}")
+            layers.append(OmegaConf.load(path))
+        if overrides:
+            bad = [o for o in overrides if "=" not in o]
+            if bad:
+                raise ConfigError(f"overrides must look like section.key=value, got {bad}")
+            layers.append(OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(*layers)
+        config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", None)
+        message = str(error).splitlines()[0]
+        raise ConfigError(f"bad setting {key!r}: {message}" if key
+                          else f"bad configuration: {message}") from None
+    validate(config)
+    return config
+
+
+def config_from_dict(values: dict, overrides: Optional[List[str]] = None) -> RunConfig:
+    """Rebuild a RunConfig from :meth:`RunConfig.to_dict` (checkpoint metadata)."""
+    layers = [OmegaConf.structured(RunConfig), OmegaConf.create(values)]
+    if overrides:
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+    return OmegaConf.to_object(OmegaConf.merge(*layers))
+
+
+def validate(config: RunConfig) -> None:
+    train, parallel = config.train, config.parallel
+
+    def fail(key, message):
+        raise ConfigError(f"{key}: {message}")
+
+    for key in ("micro_batch_size", "global_batch_size", "train_iters"):
+        if getattr(train, key) < 1:
+            fail(f"train.{key}", f"must be >= 1, got {getattr(train, key)}")
+    if train.precision not in ("fp32", "bf16"):
+        fail("train.precision", f"must be fp32 or bf16, got {train.precision!r}")
+    if train.nonfinite_loss not in ("skip", "stop"):
+        fail("train.nonfinite_loss", f"must be skip or stop, got {train.nonfinite_loss!r}")
+    if not 0 <= train.min_lr <= train.lr:
+        fail("train.min_lr", f"must be between 0 and train.lr ({train.lr}), got {train.min_lr}")
+    if train.warmup_iters < 0:
+        fail("train.warmup_iters", f"must be >= 0, got {train.warmup_iters}")
+    if train.lr_decay_iters is not None and train.lr_decay_iters < 1:
+        fail("train.lr_decay_iters", f"must be >= 1, got {train.lr_decay_iters}")
+    if parallel.zero_stage not in (0, 1, 2, 3):
+        fail("parallel.zero_stage", f"must be 0, 1, 2 or 3, got {parallel.zero_stage}")
+    if parallel.pipeline > 1 and parallel.zero_stage > 1:
+        fail("parallel.zero_stage", f"DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 "
+             f"only, got {parallel.zero_stage} with parallel.pipeline={parallel.pipeline}")
+    if parallel.zero_stage == 3 and parallel.tensor > 1:
+        fail("parallel.zero_stage", "ZeRO-3 with tensor parallelism is not supported; use 1 or 2")
+    if train.nonfinite_loss == "skip" and parallel.zero_stage == 0:
+        fail("train.nonfinite_loss", "skip relies on the ZeRO optimizer's overflow check "
+             "(parallel.zero_stage >= 1); use stop with parallel.zero_stage=0")
+    if parallel.pipeline_partition not in ("applications", "uniform"):
+        fail("parallel.pipeline_partition", f"must be applications or uniform, got "
+             f"{parallel.pipeline_partition!r}")
+    if not config.data.blend:
+        fail("data.blend", "no dataset given: set data.blend=[PREFIX] (files PREFIX.bin/.idx)")
+    if not config.data.tokenizer:
+        fail("data.tokenizer", "no tokenizer given: set data.tokenizer=PATH.model")
+    if config.checkpoint.interval < 1 or config.checkpoint.keep_last < 1:
+        fail("checkpoint.interval", "checkpoint.interval and checkpoint.keep_last must be >= 1")
+    if config.eval.interval < 1 or config.eval.iters < 0:
+        fail("eval.interval", "eval.interval must be >= 1 and eval.iters >= 0")
+    if config.logging.interval < 1:
+        fail("logging.interval", f"must be >= 1, got {config.logging.interval}")
+    config.model.check_parallel_layout(parallel.tensor, parallel.pipeline)

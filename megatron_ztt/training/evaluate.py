@@ -1,0 +1,142 @@
+"""Validation during training, and ``ztt eval`` on a saved checkpoint.
+
+    ztt eval --checkpoint runs/tiny/checkpoints --exit-threshold 0.3 0.5 [--iters 20]
+
+prints one JSON object: loss, perplexity and mean cycles used at full depth and at each
+exit threshold, on the validation split of the data the checkpoint was trained on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_ztt.parallel import runtime
+from megatron_ztt.training.metrics import reduce_means
+
+
+@torch.no_grad()
+def evaluate(forward, batches, micro_batches: int,
+             exit_threshold: Optional[float] = None) -> Dict[str, float]:
+    """Mean LM loss and cycles used over ``micro_batches`` batches (this rank's share).
+
+    ``forward(batch, exit_threshold)`` returns a ZTTOutput.
+    """
+    loss_sum, cycles_sum, rows = 0.0, 0.0, 0
+    for _ in range(micro_batches):
+        batch = next(batches)
+        out = forward(batch, exit_threshold)
+        loss_sum += out.lm_loss.item()
+        cycles_sum += out.cycles_used.float().sum().item()
+        rows += out.cycles_used.numel()
+    return {"loss": loss_sum / max(1, micro_batches), "mean_cycles": cycles_sum / max(1, rows)}
+
+
+def validation_batches(dataset, config):
+    """A fresh iterator over the validation split: every evaluation sees the same samples."""
+    from megatron.core import parallel_state
+
+    from megatron_ztt.data.loader import build_loader
+
+    loader = build_loader(dataset, config.train.micro_batch_size,
+                          parallel_state.get_data_parallel_rank(),
+                          parallel_state.get_data_parallel_world_size(), 0,
+                          config.data.num_workers, cyclic=True)
+    device = runtime.current_device()
+    return ({k: v.to(device) for k, v in batch.items()} for batch in loader)
+
+
+def validate(engine, valid_set, config, pipelined: bool) -> Dict[str, float]:
+    """TensorBoard-ready validation metrics (collective over all ranks)."""
+    micro_batches = config.eval.iters * config.gradient_accumulation_steps(dist.get_world_size())
+    engine.eval()
+    try:
+        if pipelined:
+            from megatron_ztt.parallel.pipeline import pipeline_validation_loss
+
+            loss = pipeline_validation_loss(engine, validation_batches(valid_set, config),
+                                            config.eval.iters)
+            results = {None: {"loss": loss, "mean_cycles": float(config.model.num_cycles)}}
+        else:
+            def forward(batch, threshold):
+                return engine(batch["tokens"], batch["labels"], loss_mask=batch.get("loss_mask"),
+                              exit_threshold=threshold, collect_stats=False)
+
+            results = {}
+            for threshold in [config.model.exit_threshold] + list(config.eval.exit_thresholds):
+                results[threshold] = evaluate(forward, validation_batches(valid_set, config),
+                                              micro_batches, threshold)
+    finally:
+        engine.train()
+    metrics = {}
+    for index, (threshold, values) in enumerate(results.items()):
+        suffix = "" if index == 0 else f" exit {threshold:g}"
+        metrics[f"lm loss validation{suffix}"] = values["loss"]
+        metrics[f"lm loss validation ppl{suffix}"] = math.exp(min(values["loss"], 50.0))
+        metrics[f"mean-cycles validation{suffix}"] = values["mean_cycles"]
+    return reduce_means(metrics, list(metrics))
+
+
+# --------------------------------------------------------------------------- ztt eval
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True,
+                        help="checkpoint folder (with 'latest') or one iteration's folder")
+    parser.add_argument("--exit-threshold", type=float, nargs="*", default=[],
+                        help="also evaluate with early exit at these thresholds")
+    parser.add_argument("--iters", type=int, default=None,
+                        help="validation batches (default: the run's eval.iters)")
+    parser.add_argument("--split", choices=["valid", "test"], default="valid")
+    parser.add_argument("overrides", nargs="*",
+                        help="dotted overrides of the saved run config, e.g. data.blend=[PREFIX]")
+
+
+def run(args: argparse.Namespace) -> int:
+    from megatron_ztt.model.ztt import ZTTModel
+    from megatron_ztt.parallel.sharding import load_full_state_dict
+    from megatron_ztt.training import checkpoint as ckpt
+    from megatron_ztt.training.config import config_from_dict, validate as validate_config
+    from megatron_ztt.training.train import build_tokenizer_and_data
+
+    root, tag = ckpt.resolve(args.checkpoint)
+    meta = ckpt.read_meta(f"{root}/{tag}")
+    config = config_from_dict(meta["config"], args.overrides)
+    # one process evaluates the merged weights, whatever layout trained them
+    config.parallel.tensor = config.parallel.pipeline = 1
+    config.train.micro_batch_size = min(config.train.micro_batch_size, 8)
+    config.train.global_batch_size = config.train.micro_batch_size
+    if args.iters is not None:
+        config.eval.iters = args.iters
+    validate_config(config)
+    runtime.init_distributed(seed=config.train.seed)
+    try:
+        model_config, full_state, _ = ckpt.load_full_model_state(args.checkpoint)
+        model = ZTTModel(model_config).to(runtime.current_device()).eval()
+        load_full_state_dict(model, full_state)
+        _, (_, valid_set, test_set) = build_tokenizer_and_data(config)
+        dataset = valid_set if args.split == "valid" else test_set
+
+        def forward(batch, threshold):
+            return model(batch["tokens"], batch["labels"], loss_mask=batch.get("loss_mask"),
+                         exit_threshold=threshold, collect_stats=False)
+
+        thresholds: List[Optional[float]] = [None] + list(args.exit_threshold)
+        results = []
+        for threshold in thresholds:
+            values = evaluate(forward, validation_batches(dataset, config), config.eval.iters,
+                              threshold)
+            results.append({"exit_threshold": threshold, "loss": values["loss"],
+                            "perplexity": math.exp(min(values["loss"], 50.0)),
+                            "mean_cycles": values["mean_cycles"]})
+        print(json.dumps({"checkpoint": f"{root}/{tag}", "iteration": meta["iteration"],
+                          "split": args.split,
+                          "tokens": config.eval.iters * config.train.micro_batch_size
+                          * model_config.seq_length,
+                          "num_cycles": model_config.num_cycles, "results": results}, indent=2))
+    finally:
+        runtime.shutdown_distributed()
+    return 0

@@ -1,0 +1,278 @@
+"""``ztt preprocess``: raw text -> Megatron-LM ``.bin/.idx`` files, tokenised in parallel.
+
+Writes the files through megatron-core's ``IndexedDatasetBuilder``, so Megatron-LM and
+GPT-NeoX read them unchanged, plus ``OUT.tokenizer.json``, a small sidecar (ignored by other
+readers) that records which tokenizer made the token ids, so that training can refuse a
+different one (see :func:`megatron_ztt.data.datasets.verify_tokenizer_matches`).
+
+Documents keep their input order whatever the number of workers, so the output is
+byte-identical for 1 or N workers. Nothing appears under the output name until everything is
+written: the files are built under temporary names and renamed at the end.
+
+This module is imported by every spawned worker process, so it only imports light libraries at
+the top; megatron-core (seconds to import) is imported by the functions of the main process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import hashlib
+import json
+import multiprocessing
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import sentencepiece as spm
+from tqdm import tqdm
+
+from megatron_ztt.data import sources
+
+SIDECAR_SUFFIX = ".tokenizer.json"
+SIDECAR_FORMAT = "megatron_ztt.tokenizer-sidecar/1"
+# Work is sent to workers in batches of about this many characters: big enough to amortise
+# the inter-process transfer, small enough to keep every worker busy on small corpora.
+BATCH_CHARS = 1 << 20
+BATCH_DOCUMENTS = 256
+
+
+class PreprocessError(Exception):
+    """Preprocessing cannot produce a dataset; the message says why."""
+
+
+def sidecar_path(prefix: str | os.PathLike) -> Path:
+    return Path(f"{prefix}{SIDECAR_SUFFIX}")
+
+
+@dataclass
+class PreprocessReport:
+    output_prefix: str
+    documents: int
+    tokens: int
+    skipped_empty: int
+    skipped_invalid: int
+    seconds: float
+    workers: int
+    dtype: str
+    problems: list[str]
+
+    @property
+    def skipped(self) -> int:
+        return self.skipped_empty + self.skipped_invalid
+
+    def summary(self) -> str:
+        rate = self.tokens / self.seconds if self.seconds > 0 else float("nan")
+        lines = [
+            f"wrote {self.output_prefix}.bin/.idx ({self.dtype}): {self.documents:,} documents, "
+            f"{self.tokens:,} tokens, skipped {self.skipped:,} ({self.skipped_empty:,} empty, "
+            f"{self.skipped_invalid:,} unreadable), {self.seconds:.1f} s "
+            f"({rate:,.0f} tokens/s, {self.workers} worker(s))"
+        ]
+        lines += [f"  skipped: {problem}" for problem in self.problems]
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------- worker processes
+
+_worker_state: dict = {}
+
+
+def _init_encoder(model_proto: bytes, eod: int | None, dtype_name: str) -> None:
+    _worker_state["sp"] = spm.SentencePieceProcessor(model_proto=model_proto)
+    _worker_state["eod"] = eod
+    _worker_state["dtype"] = np.dtype(dtype_name)
+
+
+def _encode_batch(texts: list[str]) -> list[np.ndarray]:
+    sp, eod, dtype = _worker_state["sp"], _worker_state["eod"], _worker_state["dtype"]
+    encoded = []
+    for ids in sp.encode(texts):
+        if eod is not None:
+            ids.append(eod)
+        encoded.append(np.asarray(ids, dtype=dtype))
+    return encoded
+
+
+def _batches(documents: Iterable[sources.Document]) -> Iterator[list[str]]:
+    batch: list[str] = []
+    chars = 0
+    for document in documents:
+        batch.append(document.text)
+        chars += len(document.text)
+        if chars >= BATCH_CHARS or len(batch) >= BATCH_DOCUMENTS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def _encode_in_order(
+    batches: Iterator[list[str]], workers: int, initargs: tuple
+) -> Iterator[list[np.ndarray]]:
+    """Encode batches on ``workers`` processes, yielding results in input order.
+
+    ``Pool.imap`` would also keep the order, but its feeder thread reads the whole input as
+    fast as it can, which holds an entire corpus in memory; here at most a few batches per
+    worker are in flight.
+    """
+    if workers == 1:
+        _init_encoder(*initargs)
+        for batch in batches:
+            yield _encode_batch(batch)
+        return
+    # spawn, not fork: the parent holds torch/megatron state and threads (tqdm) that a forked
+    # child should not inherit.
+    context = multiprocessing.get_context("spawn")
+    pool = context.Pool(workers, initializer=_init_encoder, initargs=initargs)
+    try:
+        pending: collections.deque = collections.deque()
+        for batch in batches:
+            pending.append(pool.apply_async(_encode_batch, (batch,)))
+            if len(pending) >= 3 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+        pool.close()
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+# ------------------------------------------------------------------------------ main process
+
+
+def _install(temporary: dict[str, Path], final: dict[str, Path]) -> None:
+    # Remove the old index first and install the new one last: a reader never sees a
+    # complete-looking pair made of an old .idx and a new .bin.
+    final["idx"].unlink(missing_ok=True)
+    for key in ("bin", "sidecar", "idx"):
+        os.replace(temporary[key], final[key])
+
+
+def preprocess(
+    inputs: list[str],
+    tokenizer_model: str,
+    output_prefix: str,
+    workers: int = 1,
+    json_key: str = "text",
+    append_eod: bool = False,
+    on_error: str = "raise",
+    progress: bool | None = None,
+) -> PreprocessReport:
+    """Tokenise ``inputs`` into ``output_prefix``.bin/.idx (+ sidecar). See the module doc.
+
+    ``progress``: show a tqdm bar (None: only when stderr is a terminal).
+    """
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    from megatron_ztt.data.tokenizer import ZTTTokenizer
+
+    if workers < 1:
+        raise PreprocessError(f"--workers must be at least 1, got {workers}")
+    files = sources.expand_inputs(inputs)  # fail on a missing input before any work
+    tokenizer = ZTTTokenizer(tokenizer_model)
+    dtype = np.dtype(DType.optimal_dtype(tokenizer.vocab_size))
+    eod = tokenizer.eod if append_eod else None
+
+    prefix = Path(output_prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    tag = f".tmp-{os.getpid()}"
+    final = {"bin": Path(f"{prefix}.bin"), "idx": Path(f"{prefix}.idx"),
+             "sidecar": sidecar_path(prefix)}
+    temporary = {key: path.with_name(path.name + tag) for key, path in final.items()}
+
+    stats = sources.ReadStats()
+    documents = sources.iter_documents(files, json_key, on_error, stats)
+    tokens = 0
+    # The .bin's checksum, kept as it is written, lets training detect a corrupted file.
+    bin_digest = hashlib.sha256()
+    start = time.perf_counter()
+    bar = tqdm(desc="preprocess", unit="doc", file=sys.stderr, dynamic_ncols=True,
+               disable=None if progress is None else not progress)
+    builder = None
+    try:
+        builder = IndexedDatasetBuilder(str(temporary["bin"]), dtype=dtype.type)
+        for encoded in _encode_in_order(
+            _batches(documents), workers, (tokenizer.model_proto, eod, dtype.name)
+        ):
+            for ids in encoded:
+                builder.add_document(ids, [len(ids)])
+                bin_digest.update(ids.tobytes())
+                tokens += len(ids)
+            bar.update(len(encoded))
+            elapsed = time.perf_counter() - start
+            bar.set_postfix_str(f"{tokens / max(elapsed, 1e-9):,.0f} tok/s", refresh=False)
+        builder.finalize(str(temporary["idx"]))
+        if stats.documents == 0:
+            raise PreprocessError(
+                f"no documents to write: {stats.files} input file(s) held {stats.empty} empty "
+                f"and {stats.invalid} unreadable document(s)"
+            )
+        sidecar = {
+            "format": SIDECAR_FORMAT,
+            "tokenizer_sha256": tokenizer.fingerprint,
+            "tokenizer_file": Path(tokenizer_model).name,
+            "vocab_size": tokenizer.vocab_size,
+            "eod": tokenizer.eod,
+            "append_eod": append_eod,
+            "dtype": dtype.name,
+            "documents": stats.documents,
+            "tokens": tokens,
+            "bin_sha256": bin_digest.hexdigest(),
+        }
+        temporary["sidecar"].write_text(json.dumps(sidecar, indent=2) + "\n")
+        _install(temporary, final)
+    finally:
+        bar.close()
+        if builder is not None:
+            builder.data_file.close()  # still open when a failure came before finalize()
+        for path in temporary.values():
+            path.unlink(missing_ok=True)
+    return PreprocessReport(
+        output_prefix=str(prefix), documents=stats.documents, tokens=tokens,
+        skipped_empty=stats.empty, skipped_invalid=stats.invalid,
+        seconds=time.perf_counter() - start, workers=workers, dtype=dtype.name,
+        problems=stats.problems,
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Tokenise text into Megatron-LM .bin/.idx files: one document per .txt file, one per "
+        "line of .jsonl / .jsonl.gz."
+    )
+    parser.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                        help="files (.txt, .jsonl, .jsonl.gz) or directories searched recursively")
+    parser.add_argument("--tokenizer", required=True, metavar="PREFIX.model",
+                        help="SentencePiece model from `ztt tokenizer train`")
+    parser.add_argument("--output-prefix", required=True, metavar="OUT",
+                        help="writes OUT.bin, OUT.idx and OUT.tokenizer.json")
+    parser.add_argument("--workers", type=int, default=1, metavar="N",
+                        help="tokeniser processes (default 1)")
+    parser.add_argument("--json-key", default="text", help="text field of .jsonl records")
+    parser.add_argument("--append-eod", action="store_true",
+                        help="end every document with the end-of-document token (eos)")
+    parser.add_argument("--on-error", choices=sources.ON_ERROR_CHOICES, default="raise",
+                        help="'skip' counts and skips unreadable documents instead of stopping")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from megatron_ztt.data.tokenizer import TokenizerError
+
+    try:
+        report = preprocess(
+            args.input, args.tokenizer, args.output_prefix, workers=args.workers,
+            json_key=args.json_key, append_eod=args.append_eod, on_error=args.on_error,
+            progress=False if args.no_progress else None,
+        )
+    except (sources.InputError, PreprocessError, TokenizerError) as err:
+        print(f"ztt preprocess: error: {err}", file=sys.stderr)
+        return 1
+    print(report.summary())
+    return 0

@@ -1,0 +1,349 @@
+"""SentencePiece tokenizers: training (``ztt tokenizer train``) and the runtime wrapper.
+
+Every tokenizer this project trains has the same special ids, which the rest of the code
+(datasets, loss masking, Hugging Face export) relies on:
+
+    unk=0  <unk>     bos=1  <s>     eos=2  </s>  (also the end-of-document token, "eod")
+    pad=3  <pad>
+
+and byte fallback, so that no text is ever mapped to ``<unk>``. The normaliser is the identity
+and whitespace is kept as is, so ``detokenize(tokenize(text)) == text``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import os
+import random
+import re
+import sys
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import sentencepiece as spm
+from megatron.core.tokenizers import MegatronTokenizerBase
+
+from megatron_ztt.data import sources
+
+UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
+SPECIAL_PIECES = {"unk": "<unk>", "bos": "<s>", "eos": "</s>", "pad": "<pad>"}
+MODEL_TYPES = ("bpe", "unigram")
+# Tokenizers are trained on a uniform sample of this many lines, whatever the corpus size.
+DEFAULT_INPUT_SENTENCE_SIZE = 2_000_000
+
+
+class TokenizerError(Exception):
+    """A tokenizer cannot be trained or loaded; the message says why and what to change."""
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------- training
+
+
+@dataclass
+class TrainReport:
+    model_path: str
+    vocab_path: str
+    model_type: str
+    vocab_size: int
+    files: int
+    lines: int  # non-blank lines offered to SentencePiece
+    sampled: int  # lines SentencePiece kept (its reservoir sample)
+    documents: int
+    skipped_empty: int
+    skipped_invalid: int
+    seconds: float
+
+    def summary(self) -> str:
+        return (
+            f"trained a {self.model_type} tokenizer, vocab {self.vocab_size:,} "
+            f"(unk={UNK_ID} bos={BOS_ID} eos={EOS_ID} pad={PAD_ID}, byte fallback) in "
+            f"{self.seconds:.1f} s from {self.files} file(s): {self.documents:,} documents, "
+            f"{self.lines:,} lines, {self.sampled:,} lines sampled for training; skipped "
+            f"{self.skipped_empty} empty and {self.skipped_invalid} unreadable document(s)\n"
+            f"wrote {self.model_path} and {self.vocab_path}"
+        )
+
+
+def _spm_reason(err: Exception) -> str:
+    # "INTERNAL: src/trainer_interface.cc(744) [cond] Vocabulary size too high (5000). ..."
+    # -> keep the sentence meant for the user.
+    message = str(err)
+    match = re.search(r"\]\s*(.+)$", message, re.S)
+    return match.group(1).strip() if match else message
+
+
+def sample_lines(lines: Iterable[str], size: int, seed: int) -> tuple[int, list[str]]:
+    """A uniform random sample of ``size`` lines (all when ``size`` <= 0), in one pass.
+
+    Reservoir sampling keeps memory at ``size`` lines whatever the corpus size. (SentencePiece
+    has its own input_sentence_size sampling, but it ignores the random seed.)
+    """
+    rng = random.Random(seed)
+    sample: list[str] = []
+    seen = 0
+    for seen, line in enumerate(lines, start=1):
+        if size <= 0 or len(sample) < size:
+            sample.append(line)
+        else:
+            slot = rng.randrange(seen)
+            if slot < size:
+                sample[slot] = line
+    return seen, sample
+
+
+def _write_atomically(path: Path, content: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_bytes(content)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def train_tokenizer(
+    inputs: list[str],
+    vocab_size: int,
+    output_prefix: str,
+    model_type: str = "bpe",
+    json_key: str = "text",
+    on_error: str = "raise",
+    input_sentence_size: int = DEFAULT_INPUT_SENTENCE_SIZE,
+    character_coverage: float = 0.9995,
+    max_sentence_length: int = 8192,
+    num_threads: int | None = None,
+    seed: int = 1234,
+    verbose: bool = False,
+) -> TrainReport:
+    """Train a SentencePiece model on ``inputs``; write ``output_prefix``.model / .vocab.
+
+    The lines of all documents are streamed once; a seeded uniform sample of
+    ``input_sentence_size`` of them (0: all) is kept and trained on, so memory is bounded for
+    any corpus size. Both output files appear only once training has succeeded.
+    """
+    if model_type not in MODEL_TYPES:
+        raise TokenizerError(f"model type must be one of {MODEL_TYPES}, got {model_type!r}")
+    if vocab_size <= len(SPECIAL_PIECES) + 256:
+        raise TokenizerError(
+            f"vocab size {vocab_size} is too small: byte fallback alone needs 256 pieces plus "
+            f"{len(SPECIAL_PIECES)} special ones"
+        )
+    files = sources.expand_inputs(inputs)
+    stats = sources.ReadStats()
+    start = time.perf_counter()
+    lines_seen, sample = sample_lines(
+        sources.iter_lines(files, json_key, on_error, stats), input_sentence_size, seed
+    )
+    if not sample:
+        raise TokenizerError(
+            f"no text to train on: {len(files)} input file(s) held no non-empty lines"
+        )
+    output = Path(output_prefix)
+    final_files = [Path(f"{output}.model"), Path(f"{output}.vocab")]
+    # The model is trained into memory (model_writer) rather than to model_prefix, which
+    # SentencePiece would record inside the model, and is written only once training succeeded.
+    model_buffer = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(sample),
+            model_writer=model_buffer,
+            model_type=model_type,
+            vocab_size=vocab_size,
+            byte_fallback=True,
+            unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID,
+            unk_piece=SPECIAL_PIECES["unk"], bos_piece=SPECIAL_PIECES["bos"],
+            eos_piece=SPECIAL_PIECES["eos"], pad_piece=SPECIAL_PIECES["pad"],
+            # Lossless: no Unicode normalisation, whitespace kept, so decode(encode(x)) == x.
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True,
+            split_digits=True,
+            character_coverage=character_coverage,
+            input_sentence_size=0,  # already sampled above
+            max_sentence_length=max_sentence_length,
+            num_threads=num_threads or min(os.cpu_count() or 1, 16),
+            minloglevel=0 if verbose else 2,
+        )
+    except RuntimeError as err:
+        raise TokenizerError(f"SentencePiece training failed: {_spm_reason(err)}") from None
+    model_proto = model_buffer.getvalue()
+    processor = spm.SentencePieceProcessor(model_proto=model_proto)
+    vocab_text = "".join(
+        f"{processor.id_to_piece(i)}\t{processor.get_score(i):g}\n"
+        for i in range(processor.get_piece_size())
+    )
+    output.parent.mkdir(parents=True, exist_ok=True)
+    for final, content in zip(final_files, (model_proto, vocab_text.encode("utf-8"))):
+        _write_atomically(final, content)
+    seconds = time.perf_counter() - start
+    return TrainReport(
+        model_path=str(final_files[0]), vocab_path=str(final_files[1]), model_type=model_type,
+        vocab_size=vocab_size, files=stats.files, lines=lines_seen, sampled=len(sample),
+        documents=stats.documents, skipped_empty=stats.empty, skipped_invalid=stats.invalid,
+        seconds=seconds,
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")
+    train = sub.add_parser(
+        "train", help="train a SentencePiece model from .txt / .jsonl / .jsonl.gz files",
+        description="Train a SentencePiece tokenizer (byte fallback; unk=0 bos=1 eos=2 pad=3).",
+    )
+    train.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                       help="files (.txt, .jsonl, .jsonl.gz) or directories searched recursively")
+    train.add_argument("--vocab-size", type=int, required=True, metavar="N")
+    train.add_argument("--output", required=True, metavar="PREFIX",
+                       help="writes PREFIX.model and PREFIX.vocab")
+    train.add_argument("--model-type", choices=MODEL_TYPES, default="bpe")
+    train.add_argument("--json-key", default="text", help="text field of .jsonl records")
+    train.add_argument("--on-error", choices=sources.ON_ERROR_CHOICES, default="raise",
+                       help="'skip' counts and skips unreadable documents instead of stopping")
+    train.add_argument("--input-sentence-size", type=int, default=DEFAULT_INPUT_SENTENCE_SIZE,
+                       metavar="LINES",
+                       help="train on a uniform sample of this many lines (0: all lines)")
+    train.add_argument("--character-coverage", type=float, default=0.9995,
+                       help="share of characters given their own piece; rarer ones use bytes")
+    train.add_argument("--max-sentence-length", type=int, default=8192, metavar="BYTES",
+                       help="longer lines are left out of training")
+    train.add_argument("--num-threads", type=int, default=None)
+    train.add_argument("--seed", type=int, default=1234)
+    train.add_argument("--verbose", action="store_true", help="show SentencePiece's own log")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.tokenizer_command != "train":  # argparse only offers "train" today
+        raise SystemExit(f"unknown tokenizer action {args.tokenizer_command!r}")
+    try:
+        report = train_tokenizer(
+            args.input, args.vocab_size, args.output, model_type=args.model_type,
+            json_key=args.json_key, on_error=args.on_error,
+            input_sentence_size=args.input_sentence_size,
+            character_coverage=args.character_coverage,
+            max_sentence_length=args.max_sentence_length, num_threads=args.num_threads,
+            seed=args.seed, verbose=args.verbose,
+        )
+    except (sources.InputError, TokenizerError) as err:
+        print(f"ztt tokenizer train: error: {err}", file=sys.stderr)
+        return 1
+    print(report.summary())
+    return 0
+
+
+# ---------------------------------------------------------------------------------- runtime
+
+
+class ZTTTokenizer(MegatronTokenizerBase):
+    """A trained SentencePiece model, with the interface megatron-core's datasets expect.
+
+    ``unique_identifiers`` (read by megatron-core to key its index cache) holds the model's
+    sha256 rather than its path, so the cache stays valid when the files move and is rebuilt
+    when the tokenizer changes.
+    """
+
+    def __init__(self, model_path: str | os.PathLike):
+        path = Path(model_path)
+        try:
+            model_proto = path.read_bytes()
+        except OSError as err:
+            raise TokenizerError(
+                f"{path}: cannot read tokenizer model ({err.strerror or err})"
+            ) from None
+        super().__init__(str(path), config={})
+        self._load(model_proto)
+
+    def _load(self, model_proto: bytes) -> None:
+        try:
+            self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        except RuntimeError as err:
+            raise TokenizerError(f"{self.path}: not a SentencePiece model ({err})") from None
+        self._model_proto = model_proto
+        self.fingerprint = sha256_bytes(model_proto)
+        ids = {"eos": self._sp.eos_id(), "pad": self._sp.pad_id()}
+        missing = [name for name, value in ids.items() if value < 0]
+        if missing:
+            raise TokenizerError(
+                f"{self.path}: the model has no {' or '.join(missing)} token; train it with "
+                "`ztt tokenizer train`, which fixes unk=0 bos=1 eos=2 pad=3"
+            )
+        self.unique_identifiers = OrderedDict(
+            [("class", type(self).__name__), ("sha256", self.fingerprint),
+             ("vocab_size", self.vocab_size)]
+        )
+
+    def __getstate__(self) -> dict:
+        # DataLoader workers may be spawned; send the model bytes, not a path that might differ.
+        return {"path": self.path, "model_proto": self._model_proto}
+
+    def __setstate__(self, state: dict) -> None:
+        self.path = state["path"]
+        self._load(state["model_proto"])
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.get_piece_size()
+
+    @property
+    def vocab(self) -> dict[str, int]:
+        return {self._sp.id_to_piece(i): i for i in range(self.vocab_size)}
+
+    @property
+    def inv_vocab(self) -> dict[int, str]:
+        return {i: self._sp.id_to_piece(i) for i in range(self.vocab_size)}
+
+    @property
+    def unk(self) -> int:
+        return self._sp.unk_id()
+
+    @property
+    def bos(self) -> int:
+        return self._sp.bos_id()
+
+    @property
+    def eos(self) -> int:
+        return self._sp.eos_id()
+
+    @property
+    def eod(self) -> int:
+        return self._sp.eos_id()
+
+    @property
+    def pad(self) -> int:
+        return self._sp.pad_id()
+
+    @property
+    def processor(self) -> spm.SentencePieceProcessor:
+        return self._sp
+
+    @property
+    def model_proto(self) -> bytes:
+        """The model file's bytes (what :attr:`fingerprint` hashes)."""
+        return self._model_proto
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._sp.encode(text)
+
+    def detokenize(self, ids) -> str:
+        return self._sp.decode([int(i) for i in ids])
+
+    def apply_chat_template(self, *args, **kwargs):
+        raise NotImplementedError("ZTT tokenizers are for pretraining and have no chat template")
+
+    def __repr__(self) -> str:
+        return f"ZTTTokenizer({self.path!r}, vocab_size={self.vocab_size})"

@@ -146,6 +146,11 @@ def init_distributed(layout: ParallelLayout = ParallelLayout(), seed: int = 1234
     configure_deepspeed_accelerator()
     launch = read_launch_env()
     layout.data(launch.world_size)  # fail early, naming the layout
+    # DeepSpeed reads these itself; under srun or as a single process nobody else sets them.
+    for name, value in (("RANK", launch.rank), ("WORLD_SIZE", launch.world_size),
+                        ("LOCAL_RANK", launch.local_rank), ("MASTER_ADDR", launch.master_addr),
+                        ("MASTER_PORT", launch.master_port)):
+        os.environ.setdefault(name, str(value))
     if use_cuda():
         torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
     if not dist.is_initialized():

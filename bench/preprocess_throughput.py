@@ -7,8 +7,8 @@ INPUT_DIR defaults to ../shared/data/gutenberg relative to the repository root. 
 input. Each run is a fresh process running `preprocess()`; its whole process tree (main +
 workers) is sampled for resident memory every 20 ms. Reported per worker count: documents,
 tokens, the preprocessing time measured inside the run (excluding interpreter start-up and
-imports), tokens/s, the wall time of the whole command, the peak summed RSS of the tree and
-the peak RSS of the main process. The runs must produce byte-identical files.
+imports), tokens/s, the wall time of the whole command, the CPU time of all its processes, the peak
+summed RSS of the tree and the peak RSS of the main process. The runs must produce byte-identical files.
 """
 
 from __future__ import annotations
@@ -36,41 +36,53 @@ def _child(args: argparse.Namespace) -> None:
 
     report = preprocess([args.input], args.tokenizer, args.output_prefix, workers=args.workers,
                         append_eod=True, progress=False)
-    print(json.dumps({
-        "documents": report.documents, "tokens": report.tokens, "seconds": report.seconds,
-        "main_peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-    }))
+    print(json.dumps({"documents": report.documents, "tokens": report.tokens,
+                      "seconds": report.seconds}))
 
 
-def _tree_rss(process: psutil.Process) -> int:
-    total = 0
-    for member in [process, *process.children(recursive=True)]:
+def _rss(process: psutil.Process) -> tuple[int, int]:
+    """(RSS of the process, RSS of it and all its descendants)."""
+    try:
+        main = process.memory_info().rss
+    except psutil.Error:  # just exited
+        return 0, 0
+    total = main
+    for child in process.children(recursive=True):
         try:
-            total += member.memory_info().rss
+            total += child.memory_info().rss
         except psutil.Error:  # a worker that just exited
             pass
-    return total
+    return main, total
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _measure(input_dir: str, tokenizer: str, prefix: str, workers: int) -> dict:
     command = [sys.executable, __file__, "--child", input_dir, "--tokenizer",
                tokenizer, "--output-prefix", prefix, "--workers", str(workers)]
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    start = time.perf_counter()
+    cpu_before, start = _cpu_seconds(), time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                env=env, text=True)
-    watched, peak = psutil.Process(process.pid), 0
+    watched, main_peak, tree_peak = psutil.Process(process.pid), 0, 0
     while process.poll() is None:
-        peak = max(peak, _tree_rss(watched))
+        main, tree = _rss(watched)
+        main_peak, tree_peak = max(main_peak, main), max(tree_peak, tree)
         time.sleep(0.02)
     wall = time.perf_counter() - start
+    # all processes of the run (workers are waited for by the child, so they count too)
+    cpu = _cpu_seconds() - cpu_before
     if process.returncode:
         raise SystemExit(f"preprocess with {workers} worker(s) failed ({process.returncode})")
     result = json.loads(process.stdout.read().strip().splitlines()[-1])
     digest = hashlib.sha256()
     for suffix in (".bin", ".idx"):
         digest.update(Path(prefix + suffix).read_bytes())
-    return {**result, "workers": workers, "wall": wall, "tree_peak_rss": peak,
+    return {**result, "workers": workers, "wall": wall, "cpu": cpu, "tree_peak_rss": tree_peak,
+            "main_peak_rss": main_peak,
             "tokens_per_s": result["tokens"] / result["seconds"], "sha256": digest.hexdigest()}
 
 
@@ -138,12 +150,12 @@ def main() -> None:
             _verify(str(input_dir), tokenizer, f"{scratch}/out{args.workers[0]}")
 
     print("\n| workers | documents | tokens | preprocess s | tokens/s | wall s (with start-up)"
-          " | peak RSS, all processes | peak RSS, main process |")
-    print("|---|---|---|---|---|---|---|---|")
+          " | CPU s (all processes) | peak RSS, all processes | peak RSS, main process |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['workers']} | {r['documents']:,} | {r['tokens']:,} | {r['seconds']:.1f} | "
-              f"{r['tokens_per_s']:,.0f} | {r['wall']:.1f} | {r['tree_peak_rss'] / 2**20:,.0f} MiB"
-              f" | {r['main_peak_rss'] / 2**20:,.0f} MiB |")
+              f"{r['tokens_per_s']:,.0f} | {r['wall']:.1f} | {r['cpu']:.1f} | "
+              f"{r['tree_peak_rss'] / 2**20:,.0f} MiB | {r['main_peak_rss'] / 2**20:,.0f} MiB |")
     identical = len({r["sha256"] for r in results}) == 1
     print(f"\noutputs byte-identical across worker counts: {identical}")
     print(json.dumps({"input_mib": size / 2**20, "results": results}))

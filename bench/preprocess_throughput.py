@@ -7,9 +7,10 @@ INPUT_DIR defaults to ../shared/data/gutenberg relative to the repository root. 
 input. Each run is a fresh process running `preprocess()`; its whole process tree (main +
 workers) is sampled for resident memory every 20 ms. Reported per worker count: documents,
 tokens, the preprocessing time measured inside the run (excluding interpreter start-up and
-imports), tokens/s, the wall time of the whole command, the CPU time of all its processes, the peak
-summed RSS of the tree and the peak RSS of the main process. The runs must produce byte-identical files.
-"""
+imports), tokens/s, the wall time of the whole command, the CPU time of all its processes,
+the peak summed RSS of the tree and the peak RSS of the main process. Before each run, N busy
+processes probe how many CPUs they actually get (the machine may be shared). The runs must
+produce byte-identical files."""
 
 from __future__ import annotations
 
@@ -58,6 +59,23 @@ def _rss(process: psutil.Process) -> tuple[int, int]:
 def _cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
+
+
+def _spin(seconds: float) -> float:
+    """Busy-loop for ``seconds`` of wall time; return the CPU time it got."""
+    cpu_start, end = time.process_time(), time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+    return time.process_time() - cpu_start
+
+
+def available_cpus(processes: int, seconds: float = 2.0) -> float:
+    """How many CPUs ``processes`` busy processes get right now (other jobs may share them)."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        pool.map(_spin, [0.05] * processes, chunksize=1)  # workers started before measuring
+        return sum(pool.map(_spin, [seconds] * processes, chunksize=1)) / seconds
 
 
 def _measure(input_dir: str, tokenizer: str, prefix: str, workers: int) -> dict:
@@ -143,17 +161,22 @@ def main() -> None:
                   f"{report.lines:,} lines in {report.seconds:.1f} s")
         results = []
         for workers in args.workers:
-            runs = [_measure(str(input_dir), tokenizer, f"{scratch}/out{workers}", workers)
-                    for _ in range(args.repeat)]
+            runs = []
+            for _ in range(args.repeat):
+                free = available_cpus(workers)
+                runs.append({**_measure(str(input_dir), tokenizer, f"{scratch}/out{workers}",
+                                        workers), "cpus_free_before": free})
             results.append(min(runs, key=lambda r: r["seconds"]))
         if args.verify:
             _verify(str(input_dir), tokenizer, f"{scratch}/out{args.workers[0]}")
 
-    print("\n| workers | documents | tokens | preprocess s | tokens/s | wall s (with start-up)"
-          " | CPU s (all processes) | peak RSS, all processes | peak RSS, main process |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| workers | CPUs free before | documents | tokens | preprocess s | tokens/s | wall s "
+          "(with start-up) | CPU s (all processes) | peak RSS, all processes | peak RSS, main "
+          "process |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['workers']} | {r['documents']:,} | {r['tokens']:,} | {r['seconds']:.1f} | "
+        print(f"| {r['workers']} | {r['cpus_free_before']:.2f} of {r['workers']} | "
+              f"{r['documents']:,} | {r['tokens']:,} | {r['seconds']:.1f} | "
               f"{r['tokens_per_s']:,.0f} | {r['wall']:.1f} | {r['cpu']:.1f} | "
               f"{r['tree_peak_rss'] / 2**20:,.0f} MiB | {r['main_peak_rss'] / 2**20:,.0f} MiB |")
     identical = len({r["sha256"] for r in results}) == 1

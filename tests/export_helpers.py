@@ -33,16 +33,23 @@ def variant_config(name: str, vocab_size: int = TOKENIZER_VOCAB, **overrides):
     return tiny_config(**settings)
 
 
+# The settings `ztt tokenizer train` uses: no Unicode normalisation, whitespace kept as is,
+# digits split, so that decode(encode(text)) == text.
+LOSSLESS = dict(normalization_rule_name="identity", remove_extra_whitespaces=False,
+                allow_whitespace_only_pieces=True, split_digits=True)
+
+
 def train_sentencepiece(directory: Path, model_type: str = "bpe",
-                        vocab_size: int = TOKENIZER_VOCAB) -> Path:
-    """A SentencePiece model with byte fallback and the project's fixed special ids."""
+                        vocab_size: int = TOKENIZER_VOCAB, lossless: bool = True) -> Path:
+    """A SentencePiece model with byte fallback and the project's fixed special ids
+    (``lossless=False``: SentencePiece's default normaliser instead)."""
     import sentencepiece as spm
 
-    prefix = directory / f"sp_{model_type}"
+    prefix = directory / f"sp_{model_type}{'' if lossless else '_nfkc'}"
     spm.SentencePieceTrainer.train(
         input=",".join(str(p) for p in sorted(CORPUS.glob("*.txt"))), model_prefix=str(prefix),
         vocab_size=vocab_size, model_type=model_type, byte_fallback=True,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=3, minloglevel=2)
+        unk_id=0, bos_id=1, eos_id=2, pad_id=3, minloglevel=2, **(LOSSLESS if lossless else {}))
     return prefix.with_suffix(".model")
 
 

@@ -98,19 +98,21 @@ def test_export_directory_is_complete(seeded, tmp_path, tokenizer_model):
     assert len([k for k in tensors if k.startswith("model.zero_keys.")]) == config.num_applications
 
 
-@pytest.mark.parametrize("model_type", ["bpe", "unigram"])
-def test_tokenizer_round_trips_with_sentencepiece_ids(seeded, tmp_path, model_type):
+@pytest.mark.parametrize("model_type,lossless", [("bpe", True), ("unigram", True), ("bpe", False),
+                                                 ("unigram", False)])
+def test_tokenizer_round_trips_with_sentencepiece_ids(seeded, tmp_path, model_type, lossless):
     import sentencepiece as spm
     from transformers import AutoTokenizer
 
-    tokenizer_model = train_sentencepiece(tmp_path, model_type)
+    tokenizer_model = train_sentencepiece(tmp_path, model_type, lossless=lossless)
     _, _, path = build_and_export("ztt-gqa", tmp_path / "export", tokenizer_model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     processor = spm.SentencePieceProcessor(model_file=str(tokenizer_model))
 
     texts = list(hf_export.TOKENIZER_PROBES) + [
         "Ωμέγα ₿ 𝄞 ꙮ — ǅ ﬁ ½ ①",  # rare characters: byte fallback in a 1000-piece vocabulary
-        " ", "", "\n\n\n", "a  b   c    d",
+        " ", "", "\n\n\n", "a  b   c    d", "    indented\n        code", "x  \n  y",
+        "digits 1234567890 and 3.14159", "a\u00a0non-breaking space",
     ]
     for file in sorted(CORPUS.glob("*.txt")):
         paragraphs = [p for p in file.read_text(encoding="utf-8").split("\n\n") if p.strip()]
@@ -242,3 +244,36 @@ def test_cli_reports_a_missing_checkpoint(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "nowhere" in err and "does not exist" in err
     assert not (tmp_path / "out").exists()
+
+
+SELF_CONTAINED_CHECK = r"""
+import sys
+
+class Block:  # the export must not need this project, megatron-core or DeepSpeed
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("megatron", "megatron_ztt", "deepspeed"):
+            raise ImportError(f"the export imported {name}")
+
+sys.meta_path.insert(0, Block())
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
+ids = tokenizer("Once upon a time", return_tensors="pt")
+out = model.generate(**ids, max_new_tokens=3, do_sample=False, exit_threshold=0.0)
+print("cycles", model.mean_cycles_used, out.shape[1] - ids["input_ids"].shape[1])
+"""
+
+
+def test_export_runs_with_only_torch_and_transformers(seeded, tmp_path, tokenizer_model):
+    import os
+    import subprocess
+    import sys
+
+    _, _, path = build_and_export("ztt-gqa", tmp_path / "export", tokenizer_model)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", SELF_CONTAINED_CHECK, str(path)], env=env,
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "cycles 1.0 3" in result.stdout

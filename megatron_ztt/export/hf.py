@@ -380,8 +380,13 @@ def load_checkpoint_state(checkpoint: str | os.PathLike):
         raise ExportError(f"checkpoint directory {path} does not exist")
     if not path.is_dir():
         raise ExportError(f"checkpoint {path} is not a directory")
-    from megatron_ztt.training.checkpoint import load_full_model_state
-
+    try:
+        from megatron_ztt.training.checkpoint import load_full_model_state
+    except ModuleNotFoundError as error:
+        if error.name != "megatron_ztt.training.checkpoint":
+            raise
+        raise ExportError("this installation cannot read training checkpoints "
+                          "(megatron_ztt.training.checkpoint is missing)") from error
     return load_full_model_state(path)
 
 

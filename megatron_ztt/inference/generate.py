@@ -102,6 +102,9 @@ def run(args: argparse.Namespace) -> int:
 
     from megatron_ztt.export.hf import ExportError
 
+    if args.max_new_tokens < 1:
+        print("ztt generate: error: --max-new-tokens must be >= 1", file=sys.stderr)
+        return 1
     torch.manual_seed(args.seed)
     try:
         with exported_model_dir(args.model) as directory:

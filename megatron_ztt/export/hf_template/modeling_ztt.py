@@ -350,6 +350,18 @@ class ZTTModel(ZTTPreTrainedModel):
             else:
                 layers.append(layer)
 
+    def _cycle_zero_attention(self, zero_sum, mode, real_tokens):
+        """A_c per token [b, q]: mean over the cycle's layers and heads; with mode "sequence"
+        also over the (non-padding) tokens of this call, shared by the sequence's tokens."""
+        share = zero_sum / (self.config.num_attention_heads * len(self.config.cycled_layers))
+        if mode == "token":
+            return share
+        if real_tokens is None:
+            return share.mean(dim=1, keepdim=True).expand_as(share)
+        mean = ((share * real_tokens).sum(dim=1, keepdim=True)
+                / real_tokens.sum(dim=1, keepdim=True).clamp(min=1.0))
+        return mean.expand_as(share)
+
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
                 inputs_embeds=None, use_cache=None, exit_threshold=None, exit_mode=None,
                 past_key_values=None, **kwargs) -> ZTTModelOutput:
@@ -423,15 +435,7 @@ class ZTTModel(ZTTPreTrainedModel):
             if exited is not None:
                 hidden = torch.where(exited[..., None], cycle_input, hidden)
             if decides_exit:
-                share = zero_sum / (config.num_attention_heads * len(config.cycled_layers))
-                if mode == "sequence":
-                    if real_tokens is None:
-                        share = share.mean(dim=1, keepdim=True)
-                    else:
-                        share = ((share * real_tokens).sum(dim=1, keepdim=True)
-                                 / real_tokens.sum(dim=1, keepdim=True).clamp(min=1.0))
-                    share = share.expand(batch, length)
-                leaving = share >= threshold
+                leaving = self._cycle_zero_attention(zero_sum, mode, real_tokens) >= threshold
                 if exited is not None:
                     leaving &= ~exited
                 if leaving.any():

@@ -83,7 +83,7 @@ def test_export_directory_is_complete(seeded, tmp_path, tokenizer_model):
     assert loaded.num_hidden_layers == config.num_applications  # one cache layer each
     generation = GenerationConfig.from_pretrained(path)
     assert (generation.bos_token_id, generation.eos_token_id, generation.pad_token_id) == (1, 2, 3)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
     assert (tokenizer.unk_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id,
             tokenizer.pad_token_id) == (0, 1, 2, 3)
 
@@ -106,7 +106,7 @@ def test_tokenizer_round_trips_with_sentencepiece_ids(seeded, tmp_path, model_ty
 
     tokenizer_model = train_sentencepiece(tmp_path, model_type, lossless=lossless)
     _, _, path = build_and_export("ztt-gqa", tmp_path / "export", tokenizer_model)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
     processor = spm.SentencePieceProcessor(model_file=str(tokenizer_model))
 
     texts = list(hf_export.TOKENIZER_PROBES) + [
@@ -259,7 +259,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
-tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=True)
 ids = tokenizer("Once upon a time", return_tensors="pt")
 out = model.generate(**ids, max_new_tokens=3, do_sample=False, exit_threshold=0.0)
 print("cycles", model.mean_cycles_used, out.shape[1] - ids["input_ids"].shape[1])

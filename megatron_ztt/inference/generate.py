@@ -52,7 +52,9 @@ def load(directory: str | os.PathLike, dtype: str = "auto"):
     torch_dtype = {"auto": "auto", "fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True,
                                                  dtype=torch_dtype)
-    tokenizer = AutoTokenizer.from_pretrained(directory)
+    # AutoTokenizer reads config.json first, which names the export's own code; without
+    # trust_remote_code transformers would stop and ask (the tokenizer itself is plain).
+    tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=True)
     return model.eval(), tokenizer
 
 

@@ -198,3 +198,14 @@ def test_cli_generate_reports_a_missing_model(tmp_path, capsys):
     code = main(["generate", "--model", str(tmp_path / "absent"), "--prompt", "x"])
     assert code == 1
     assert "absent" in capsys.readouterr().err
+
+
+def test_cli_generate_refuses_early_exit_without_zero_tokens(seeded, tmp_path, capsys):
+    from megatron_ztt.cli import main
+
+    _, _, path = build_and_export("head-tail-no-zero-token", tmp_path / "export",
+                                  train_sentencepiece(tmp_path))
+    code = main(["generate", "--model", str(path), "--prompt", "x", "--max-new-tokens", "2",
+                 "--exit-threshold", "0.5"])
+    assert code == 1
+    assert "zero tokens" in capsys.readouterr().err

@@ -114,9 +114,13 @@ def run(args: argparse.Namespace) -> int:
     except (ExportError, OSError, KeyError, ValueError) as error:
         print(f"ztt generate: error: cannot load {args.model}: {error}", file=sys.stderr)
         return 1
-    text, mean_cycles = generate_text(model, tokenizer, args.prompt, args.max_new_tokens,
-                                      args.exit_threshold, args.exit_mode, args.temperature,
-                                      args.top_k, args.top_p)
+    try:
+        text, mean_cycles = generate_text(model, tokenizer, args.prompt, args.max_new_tokens,
+                                          args.exit_threshold, args.exit_mode, args.temperature,
+                                          args.top_k, args.top_p)
+    except ValueError as error:  # e.g. an exit threshold for a model without zero tokens
+        print(f"ztt generate: error: {error}", file=sys.stderr)
+        return 1
     print(text)
     threshold = args.exit_threshold if args.exit_threshold is not None else model.config.exit_threshold
     mode = args.exit_mode or model.config.exit_mode

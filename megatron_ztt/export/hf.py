@@ -374,20 +374,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_checkpoint_state(checkpoint: str | os.PathLike):
-    """(ZTTConfig, canonical full state dict, tokenizer model path) from a training checkpoint."""
-    path = Path(checkpoint)
-    if not path.exists():
-        raise ExportError(f"checkpoint directory {path} does not exist")
-    if not path.is_dir():
-        raise ExportError(f"checkpoint {path} is not a directory")
+    """(ZTTConfig, canonical full state dict, tokenizer model path) from a training checkpoint
+    of any layout (tensor-parallel shards merged, pipeline stages united)."""
+    from megatron_ztt.training.checkpoint import CheckpointError, load_full_model_state
+
     try:
-        from megatron_ztt.training.checkpoint import load_full_model_state
-    except ModuleNotFoundError as error:
-        if error.name != "megatron_ztt.training.checkpoint":
-            raise
-        raise ExportError("this installation cannot read training checkpoints "
-                          "(megatron_ztt.training.checkpoint is missing)") from error
-    return load_full_model_state(path)
+        return load_full_model_state(str(checkpoint))
+    except CheckpointError as error:
+        raise ExportError(str(error)) from error
 
 
 def run(args: argparse.Namespace) -> int:

@@ -27,6 +27,8 @@ CONFIG = str(REPO / "launch" / "configs" / "tiny.yaml")
 def _env():
     env = dict(os.environ, ZTT_DEVICE="cpu", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
                PYTHONUNBUFFERED="1")
+    for launcher_variable in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(launcher_variable, None)  # set in this process by in-process tests
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     return env
 

@@ -35,7 +35,7 @@ torchrun --nproc-per-node "$NPROC" --master-port "$PORT" -m megatron_ztt.train \
     train.train_iters="$ITERS"
 
 step "4/6 evaluate the checkpoint: full depth and with early exit"
-ztt eval --checkpoint "$WORKDIR/run/checkpoints" --exit-threshold 0.15 0.25 | tee "$WORKDIR/eval.json"
+ztt eval --checkpoint "$WORKDIR/run/checkpoints" --exit-threshold 0.02 0.025 | tee "$WORKDIR/eval.json"
 
 step "5/6 export to a Hugging Face model directory"
 ztt export-hf --checkpoint "$WORKDIR/run/checkpoints" --output "$WORKDIR/hf" --dtype fp32
@@ -44,6 +44,6 @@ step "6/6 generate with transformers (trust_remote_code), full depth and with ea
 ztt generate --model "$WORKDIR/hf" --prompt "Alice was beginning to get very tired" \
     --max-new-tokens 60
 ztt generate --model "$WORKDIR/hf" --prompt "Alice was beginning to get very tired" \
-    --max-new-tokens 60 --exit-threshold 0.2 --exit-mode token
+    --max-new-tokens 60 --exit-threshold 0.02 --exit-mode token
 
 printf '\nDone. TensorBoard: tensorboard --logdir %s/run/tensorboard\n' "$WORKDIR"

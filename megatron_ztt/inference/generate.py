@@ -48,7 +48,9 @@ def load(directory: str | os.PathLike, dtype: str = "auto"):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
 
+    transformers_logging.disable_progress_bar()  # a bar for loading a local file is noise
     torch_dtype = {"auto": "auto", "fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True,
                                                  dtype=torch_dtype)

@@ -322,7 +322,8 @@ def _train(config: RunConfig, stop: StopRequest) -> TrainResult:
                     f"exiting")
                 break
         else:
-            if config.checkpoint.save_at_end and steps_done:
+            saved_already = state.iteration % config.checkpoint.interval == 0
+            if config.checkpoint.save_at_end and steps_done and not saved_already:
                 result.last_checkpoint = _save(engine, model, config, state, layout)
     finally:
         tb.close()

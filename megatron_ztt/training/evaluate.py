@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from typing import Dict, List, Optional
 
 import torch
@@ -119,6 +120,12 @@ def run(args: argparse.Namespace) -> int:
         load_full_state_dict(model, full_state)
         _, (_, valid_set, test_set) = build_tokenizer_and_data(config)
         dataset = valid_set if args.split == "valid" else test_set
+        if dataset is None:
+            print(f"error: the run's data has no {args.split} split (data.split "
+                  f"{config.data.split!r}, data.valid_blend {config.data.valid_blend}, "
+                  f"data.test_blend {config.data.test_blend}); pass e.g. "
+                  f"data.{args.split}_blend=[PREFIX]", file=sys.stderr, flush=True)
+            return 2
 
         def forward(batch, threshold):
             return model(batch["tokens"], batch["labels"], loss_mask=batch.get("loss_mask"),

@@ -30,8 +30,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from results_common import (DEFAULT_WORK, REPO, batches, init_single_process, load_model,
-                            relative, run_dir, validation_samples, write_json)
+from results_common import (DEFAULT_WORK, REPO, add_train_iters_argument, batches,
+                            init_single_process, load_model, relative, run_dir,
+                            validation_samples, write_json)
 
 
 @torch.no_grad()
@@ -120,8 +121,13 @@ def analyse_run(directory: Path, samples_count: int, quantiles: int, batch_size:
             # the same number of exits after each cycle, sequences chosen at random
             "random_exit_loss": float(share @ fixed_depth),
         })
+    # The premise of the exit rule: a sequence whose zero attention is high after cycle c
+    # gains little from the remaining cycles. Rank correlation of A_c with that gain
+    # (negative: the signal works; about 0: it carries no information about the gain).
+    gain_correlation = [spearman(za[:, c], loss[:, c] - loss[:, -1]) for c in range(cycles - 1)]
     return {
         "run_dir": relative(directory),
+        "spearman_zero_attention_vs_gain_of_remaining_cycles": gain_correlation,
         "iteration": json.loads((directory / "status.json").read_text())["iteration"],
         "sequences": len(samples), "tokens": len(samples) * model_config.seq_length,
         "num_cycles": cycles, "exit_loss_weights": model_config.exit_loss_weights,
@@ -135,6 +141,12 @@ def analyse_run(directory: Path, samples_count: int, quantiles: int, batch_size:
     }
 
 
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation (no ties expected in continuous values)."""
+    ranks_a, ranks_b = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ranks_a, ranks_b)[0, 1])
+
+
 def histogram(zero_attention: np.ndarray, bins: int = 40) -> dict:
     """Per-cycle histograms of the per-sequence A_c, on shared bin edges."""
     edges = np.histogram_bin_edges(zero_attention, bins=bins)
@@ -143,8 +155,26 @@ def histogram(zero_attention: np.ndarray, bins: int = 40) -> dict:
                                 for c in range(zero_attention.shape[1])]}
 
 
+def summary_table(report: dict) -> list:
+    lines = ["| variant | seed | loss, every sequence exits after cycle 1 / 2 / 3 | threshold "
+             "exit vs random exits, best point: Δ loss (mean cycles) | worst point | rank "
+             "correlation of A_c with the gain of the remaining cycles, c = 1 / 2 |",
+             "|---|---|---|---|---|---|"]
+    for name, runs in report["variants"].items():
+        for seed, run in runs.items():
+            deltas = [(p["loss"] - p["random_exit_loss"], p["mean_cycles"])
+                      for p in run["points"]]
+            best, worst = min(deltas), max(deltas)
+            fixed = " / ".join(f"{v:.4f}" for v in run["fixed_depth_loss"])
+            correlation = " / ".join(
+                f"{r:+.3f}" for r in run["spearman_zero_attention_vs_gain_of_remaining_cycles"])
+            lines.append(f"| {name} | {seed} | {fixed} | {best[0]:+.4f} ({best[1]:.2f}) | "
+                         f"{worst[0]:+.4f} ({worst[1]:.2f}) | {correlation} |")
+    return lines + [""]
+
+
 def markdown(report: dict) -> str:
-    lines = []
+    lines = summary_table(report)
     for name, runs in report["variants"].items():
         for seed, run in runs.items():
             lines.append(f"#### {name}, seed {seed} ({run['sequences']} held-out sequences, "
@@ -155,7 +185,12 @@ def markdown(report: dict) -> str:
                 zip(run["zero_attention_by_cycle"]["mean"],
                     run["zero_attention_by_cycle"]["std"])))
             lines.append(f"Fixed-depth loss (every sequence exits there): {fixed}.  ")
-            lines.append(f"Zero attention per sequence (mean ± sd): {za}.\n")
+            lines.append(f"Zero attention per sequence (mean ± sd): {za}.  ")
+            correlation = ", ".join(
+                f"A_{c + 1}: {r:+.3f}" for c, r in enumerate(
+                    run["spearman_zero_attention_vs_gain_of_remaining_cycles"]))
+            lines.append("Rank correlation of A_c with the loss a sequence gains from the "
+                         f"remaining cycles (negative = the exit signal works): {correlation}.\n")
             lines.append("| threshold | mean cycles | layer applications | loss | perplexity | "
                          "random exits, same cycles: loss | Δ (threshold − random) | "
                          "exits after cycle 1 / 2 / … |")
@@ -221,13 +256,14 @@ def plot(report: dict, output: Path, baselines: dict) -> None:
 
 
 def baseline_points(path: Path) -> dict:
-    """Full-depth losses of the trained baselines (bench/variants.py), for the plot."""
+    """Full-depth losses of the trained baselines within ZTT's compute range (bench/variants.py:
+    vanilla, head-tail cycling, vanilla with 8 layers; basic cycling runs 12 applications and
+    is left out of the plot), for the plot."""
     if not path.is_file():
         return {}
     variants = json.loads(path.read_text())["variants"]
     return {name: (v["layer_applications"], v["validation_loss_mean"])
-            for name, v in variants.items() if name in ("vanilla", "head_tail", "vanilla_8",
-                                                        "basic")}
+            for name, v in variants.items() if name in ("vanilla", "head_tail", "vanilla_8")}
 
 
 def main():
@@ -243,23 +279,36 @@ def main():
     parser.add_argument("--thresholds", type=float, nargs="+", default=None,
                         help="explicit thresholds instead of quantiles")
     parser.add_argument("--batch-size", type=int, default=8)
+    add_train_iters_argument(parser)
     parser.add_argument("--quick", action="store_true", help="64 sequences, 5 thresholds")
+    parser.add_argument("--report-only", action="store_true",
+                        help="no evaluation: redraw the table and plot from the JSON report")
     parser.add_argument("--out", type=Path, default=None,
                         help="report prefix (default: docs/results/early_exit)")
     args = parser.parse_args()
     if args.work is None:
         args.work = DEFAULT_WORK / "quick" if args.quick else DEFAULT_WORK
     if args.out is None:
-        args.out = args.work / "early_exit" if args.quick else REPO / "docs/results/early_exit"
+        name = f"early_exit_iters{args.train_iters}" if args.train_iters else "early_exit"
+        args.out = args.work / name if args.quick else REPO / "docs/results" / name
     if args.quick:
         args.samples, args.quantiles = min(args.samples, 64), min(args.quantiles, 5)
+    # the baselines trained with the same token budget (bench/variants.py's report)
+    baselines_file = args.out.parent / (f"variants_iters{args.train_iters}.json"
+                                        if args.train_iters else "variants.json")
+    if args.report_only:
+        report = json.loads(args.out.with_suffix(".json").read_text())
+        args.out.with_suffix(".md").write_text(markdown(report))
+        plot(report, args.out.with_suffix(".png"),
+             baseline_points(baselines_file))
+        return
     init_single_process()
 
     report = {"command": "python bench/early_exit.py " + " ".join(sys.argv[1:]),
               "threads": torch.get_num_threads(), "variants": {}}
     for name in args.variants:
         for seed in args.seeds:
-            directory = run_dir(args.work.resolve(), name, seed)
+            directory = run_dir(args.work.resolve(), name, seed, args.train_iters)
             if not (directory / "checkpoints").is_dir():
                 print(f"skipping {directory.name}: not trained", flush=True)
                 continue
@@ -287,7 +336,7 @@ def main():
     args.out.with_suffix(".md").write_text(table)
     print(table)
     plot(report, args.out.with_suffix(".png"),
-         baseline_points(args.out.parent / "variants.json"))
+         baseline_points(baselines_file))
 
 
 if __name__ == "__main__":

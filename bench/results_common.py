@@ -9,7 +9,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -72,8 +72,16 @@ def prepare_corpus(corpus: Path, work: Path, vocab_size: int, valid_books: int,
 
 
 # ----------------------------------------------------------------------------- runs
-def run_dir(work: Path, variant: str, seed: int) -> Path:
-    return work / "runs" / f"{variant}_seed{seed}"
+def run_dir(work: Path, variant: str, seed: int, train_iters: int | None = None) -> Path:
+    """A run's folder; runs with a train_iters other than base.yaml's carry it in the name."""
+    suffix = f"_iters{train_iters}" if train_iters else ""
+    return work / "runs" / f"{variant}_seed{seed}{suffix}"
+
+
+def add_train_iters_argument(parser) -> None:
+    parser.add_argument("--train-iters", type=int, default=None,
+                        help="a token budget other than base.yaml's: steps of 2,048 tokens "
+                        "(runs are kept apart: <variant>_seed<s>_iters<N>)")
 
 
 def is_completed(directory: Path) -> bool:
@@ -143,7 +151,3 @@ def relative(path: Path) -> str:
         return str(Path(path).resolve().relative_to(REPO))
     except ValueError:
         return str(path)
-
-
-def optional_float(value: Optional[str]) -> Optional[float]:
-    return None if value in (None, "none", "None") else float(value)

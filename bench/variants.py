@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import socket
@@ -35,7 +34,8 @@ from pathlib import Path
 import yaml
 
 from results_common import (BASE_CONFIG, DEFAULT_CORPUS, DEFAULT_WORK, REPO, VARIANT_CONFIGS,
-                            is_completed, prepare_corpus, relative, run_dir, write_json)
+                            add_train_iters_argument, is_completed, prepare_corpus, relative,
+                            run_dir, write_json)
 
 EQUAL_PARAMETERS = ["vanilla", "basic", "head_tail", "ztt", "ztt_exit"]
 EQUAL_COMPUTE = ["vanilla_8", "head_tail", "ztt", "ztt_exit"]
@@ -53,6 +53,8 @@ def training_command(args, variant: dict, seed: int, directory: Path, data: dict
                  f"data.valid_blend=[{relative(data['prefixes']['valid'])}]",
                  f"data.tokenizer={relative(data['tokenizer'])}",
                  f"train.seed={seed}"] + list(variant["overrides"]) + list(args.override)
+    if args.train_iters:
+        overrides.append(f"train.train_iters={args.train_iters}")
     if args.quick:
         overrides += ["train.train_iters=40", "train.warmup_iters=5", "eval.interval=20",
                       "eval.iters=1", "logging.interval=5"]
@@ -80,7 +82,7 @@ def run_logged(command: list, log_path: Path, env: dict) -> None:
 
 
 def train_and_evaluate(args, name: str, variant: dict, seed: int, data: dict, env: dict):
-    directory = run_dir(args.work, name, seed)
+    directory = run_dir(args.work, name, seed, args.train_iters)
     evaluation = directory / "eval.json"
     commands = {"train": training_command(args, variant, seed, directory, data),
                 "eval": evaluation_command(directory, args.eval_iters)}
@@ -128,7 +130,6 @@ def run_summary(directory: Path) -> dict:
     steps, train_loss = read_scalars(str(directory), "lm loss")
     valid_steps, valid_loss = read_scalars(str(directory), "lm loss validation")
     _, speed = read_scalars(str(directory), "tokens-per-sec")
-    _, mfu = read_scalars(str(directory), "mfu")
     tokens_per_step = config["train"]["global_batch_size"] * config["model"]["seq_length"]
     return {
         "run_dir": relative(directory),
@@ -140,7 +141,6 @@ def run_summary(directory: Path) -> dict:
         "final_train_loss": train_loss[-1],
         "train_seconds": status["seconds"],
         "median_tokens_per_sec": statistics.median(speed),
-        "median_mfu": statistics.median(mfu),
         "curve": {"tokens": [s * tokens_per_step for s in valid_steps], "validation_loss":
                   valid_loss},
         "train_curve": {"tokens": [s * tokens_per_step for s in steps], "loss": train_loss},
@@ -172,7 +172,7 @@ def build_report(args, variants: dict, names: list, data: dict, commands: dict) 
                         "variants_config": relative(VARIANT_CONFIGS / "variants.yaml")},
               "variants": {}}
     for name in names:
-        directories = [run_dir(args.work, name, seed) for seed in args.seeds]
+        directories = [run_dir(args.work, name, seed, args.train_iters) for seed in args.seeds]
         done = [d for d in directories if is_completed(d) and (d / "eval.json").is_file()]
         if not done:
             continue
@@ -205,6 +205,14 @@ def build_report(args, variants: dict, names: list, data: dict, commands: dict) 
     return report
 
 
+def spread(variant: dict, key: str, digits: int) -> str:
+    """mean ± sd over seeds (the mean alone for one seed)."""
+    mean = f"{variant[key + '_mean']:.{digits}f}"
+    if len(variant["seeds"]) < 2:
+        return mean
+    return f"{mean} ± {variant[key + '_std']:.{digits}f}"
+
+
 def markdown(report: dict) -> str:
     variants = report["variants"]
     lines = []
@@ -228,9 +236,8 @@ def markdown(report: dict) -> str:
                 f"| {name} | {v['layers']} | {v['cycles']} | {v['layer_applications']} | "
                 f"{v['parameters']['total']:,} | {v['parameters']['non_embedding']:,} | "
                 f"{v['training_flops_per_token'] / 1e9:.4f} | {v['train_tokens']:,} | "
-                f"{len(v['seeds'])} | {v['validation_loss_mean']:.4f} ± "
-                f"{v['validation_loss_std']:.4f} | {v['validation_perplexity_mean']:.2f} ± "
-                f"{v['validation_perplexity_std']:.2f} | {delta} |")
+                f"{len(v['seeds'])} | {spread(v, 'validation_loss', 4)} | "
+                f"{spread(v, 'validation_perplexity', 2)} | {delta} |")
         lines.append("")
 
     table("Equal parameters", EQUAL_PARAMETERS, "vanilla")
@@ -244,15 +251,15 @@ def markdown(report: dict) -> str:
                  for s in seeds]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append("### Training speed (2-process training runs, from TensorBoard)\n")
-    lines.append("| variant | median tokens/s (seed mean) | median MFU | wall seconds per run "
-                 "(mean) |")
+    lines.append("### Training runs: speed on the shared machine (from TensorBoard)\n")
+    lines.append("| variant | median tokens/s (mean over seeds) | training-loop seconds per run "
+                 "(mean) | final training loss (mean) |")
     lines.append("|---|---|---|---|")
     for name, v in variants.items():
         runs = list(v["runs"].values())
         lines.append(f"| {name} | {statistics.fmean(r['median_tokens_per_sec'] for r in runs):,.0f}"
-                     f" | {100 * statistics.fmean(r['median_mfu'] for r in runs):.1f}% | "
-                     f"{statistics.fmean(r['train_seconds'] for r in runs):.0f} |")
+                     f" | {statistics.fmean(r['train_seconds'] for r in runs):.0f} | "
+                     f"{statistics.fmean(r['final_train_loss'] for r in runs):.4f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -314,6 +321,7 @@ def main():
                         help="ztt eval batches of 8 sequences (64: 65,536 tokens)")
     parser.add_argument("--override", nargs="*", default=[],
                         help="extra dotted overrides for every run (changes the results!)")
+    add_train_iters_argument(parser)
     parser.add_argument("--quick", action="store_true", help="40 steps per run, smoke test")
     parser.add_argument("--report-only", action="store_true",
                         help="no training: rebuild the report from the finished runs")
@@ -324,7 +332,8 @@ def main():
         args.work = DEFAULT_WORK / "quick" if args.quick else DEFAULT_WORK
     args.work = args.work.resolve()
     if args.out is None:
-        args.out = (args.work / "variants") if args.quick else REPO / "docs/results/variants"
+        name = f"variants_iters{args.train_iters}" if args.train_iters else "variants"
+        args.out = (args.work / name) if args.quick else REPO / "docs/results" / name
     if args.quick:
         args.eval_iters = min(args.eval_iters, 4)
 
@@ -346,7 +355,7 @@ def main():
     for seed in args.seeds:  # seed by seed, so that a stopped sweep has whole seeds
         for name in names:
             if args.report_only:
-                directory = run_dir(args.work, name, seed)
+                directory = run_dir(args.work, name, seed, args.train_iters)
                 commands[(name, seed)] = {
                     "train": training_command(args, variants[name], seed, directory, data),
                     "eval": evaluation_command(directory, args.eval_iters)}

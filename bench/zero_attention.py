@@ -13,6 +13,7 @@ application (mean over heads, tokens and sequences; ``ZTTOutput.zero_attention``
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 from collections import defaultdict
@@ -20,8 +21,9 @@ from pathlib import Path
 
 import torch
 
-from results_common import (DEFAULT_WORK, REPO, batches, init_single_process, load_model,
-                            relative, run_dir, validation_samples, write_json)
+from results_common import (DEFAULT_WORK, REPO, add_train_iters_argument, batches,
+                            init_single_process, load_model, relative, run_dir,
+                            validation_samples, write_json)
 
 
 @torch.no_grad()
@@ -52,8 +54,9 @@ def statistics_of_run(directory: Path, samples_count: int, batch_size: int) -> d
         "validation_loss": loss / count,
         "applications": order,
         "zero_attention": {name: sums[name] / count for name in order},
-        "zero_attention_by_cycle": {c: v / count for c, v in sorted(cycle_means.items())},
-        "gate_by_cycle": {c: v / count for c, v in sorted(gates.items())},
+        # cycles as strings, the keys JSON gives back
+        "zero_attention_by_cycle": {str(c): v / count for c, v in sorted(cycle_means.items())},
+        "gate_by_cycle": {str(c): v / count for c, v in sorted(gates.items())},
         "layers": model_config.num_layers, "num_cycles": model_config.num_cycles,
         "gate": model_config.gate, "exit_loss_weights": model_config.exit_loss_weights,
     }
@@ -87,30 +90,31 @@ def markdown(report: dict) -> str:
         runs = report["variants"][name]
         first = next(iter(runs.values()))
         cycles = first["num_cycles"]
+        several = len(summary["seeds"]) > 1
+
+        def show(stat):
+            return f"{stat['mean']:.4f} ± {stat['std']:.4f}" if several else f"{stat['mean']:.4f}"
+
         middle = sorted({int(a.split("layer")[1]) for a in first["applications"]
                          if a.startswith("cycle")})
-        lines.append(f"#### {name} (mean ± sd over seeds {', '.join(map(str, summary['seeds']))};"
-                     f" {first['sequences']} held-out sequences, {first['tokens']:,} tokens "
-                     f"each)\n")
+        seeds = ", ".join(map(str, summary["seeds"]))
+        what = f"mean ± sd over seeds {seeds}" if several else f"seed {seeds}"
+        lines.append(f"#### {name} ({what}; {first['sequences']} held-out sequences, "
+                     f"{first['tokens']:,} tokens each)\n")
         lines.append("| | " + " | ".join(f"cycle {c}" for c in range(1, cycles + 1)) + " |")
         lines.append("|---|" + "---|" * cycles)
         for layer in middle:
-            cells = []
-            for c in range(1, cycles + 1):
-                s = summary["zero_attention"][f"cycle{c}_layer{layer}"]
-                cells.append(f"{s['mean']:.4f} ± {s['std']:.4f}")
+            cells = [show(summary["zero_attention"][f"cycle{c}_layer{layer}"])
+                     for c in range(1, cycles + 1)]
             lines.append(f"| zero attention, layer {layer} | " + " | ".join(cells) + " |")
-        cells = [f"{summary['zero_attention_by_cycle'][c]['mean']:.4f} ± "
-                 f"{summary['zero_attention_by_cycle'][c]['std']:.4f}"
-                 for c in range(1, cycles + 1)]
+        cells = [show(summary["zero_attention_by_cycle"][str(c)]) for c in range(1, cycles + 1)]
         lines.append("| zero attention, cycle mean A_c | " + " | ".join(cells) + " |")
         if summary["gate_by_cycle"]:
-            cells = [f"{summary['gate_by_cycle'][c]['mean']:.4f} ± "
-                     f"{summary['gate_by_cycle'][c]['std']:.4f}" for c in range(1, cycles + 1)]
+            cells = [show(summary["gate_by_cycle"][str(c)]) for c in range(1, cycles + 1)]
             lines.append("| gate g_c (mean over tokens) | " + " | ".join(cells) + " |")
-        head, tail = summary["zero_attention"]["head"], summary["zero_attention"]["tail"]
-        lines.append(f"\nHead layer (runs once): zero attention {head['mean']:.4f} ± "
-                     f"{head['std']:.4f}; tail layer: {tail['mean']:.4f} ± {tail['std']:.4f}.\n")
+        lines.append(f"\nHead layer (runs once): zero attention "
+                     f"{show(summary['zero_attention']['head'])}; tail layer: "
+                     f"{show(summary['zero_attention']['tail'])}.\n")
     return "\n".join(lines)
 
 
@@ -135,7 +139,7 @@ def plot(report: dict, output: Path) -> None:
             left.errorbar(x, [s["mean"] for s in stats], yerr=[s["std"] for s in stats],
                           color=color, marker=marker, capsize=3,
                           label=f"{name}: layer {layer}")
-        stats = [summary["zero_attention_by_cycle"][c] for c in x]
+        stats = [summary["zero_attention_by_cycle"][str(c)] for c in x]
         left.errorbar(x, [s["mean"] for s in stats], yerr=[s["std"] for s in stats],
                       color=color, linestyle="--", capsize=3, label=f"{name}: cycle mean A_c")
         for position, key in ((0, "head"), (cycles + 1, "tail")):
@@ -145,8 +149,8 @@ def plot(report: dict, output: Path) -> None:
         left.set_xticks(range(cycles + 2), ["head\n(layer 1)"] + [f"cycle {c}" for c in x]
                         + [f"tail\n(layer {summary['layers']})"])
         if summary["gate_by_cycle"]:
-            right.errorbar(x, [summary["gate_by_cycle"][c]["mean"] for c in x],
-                           yerr=[summary["gate_by_cycle"][c]["std"] for c in x],
+            right.errorbar(x, [summary["gate_by_cycle"][str(c)]["mean"] for c in x],
+                           yerr=[summary["gate_by_cycle"][str(c)]["std"] for c in x],
                            color=color, marker="o", capsize=3, label=name)
             right.set_xticks(x)
     left.set_xlabel("where in the forward pass (head and tail: stars)")
@@ -172,24 +176,32 @@ def main():
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--samples", type=int, default=512, help="held-out sequences")
     parser.add_argument("--batch-size", type=int, default=8)
+    add_train_iters_argument(parser)
     parser.add_argument("--quick", action="store_true", help="64 sequences")
+    parser.add_argument("--report-only", action="store_true",
+                        help="no evaluation: redraw the table and plot from the JSON report")
     parser.add_argument("--out", type=Path, default=None,
                         help="report prefix (default: docs/results/zero_attention)")
     args = parser.parse_args()
     if args.work is None:
         args.work = DEFAULT_WORK / "quick" if args.quick else DEFAULT_WORK
     if args.out is None:
-        args.out = (args.work / "zero_attention" if args.quick
-                    else REPO / "docs/results/zero_attention")
+        name = f"zero_attention_iters{args.train_iters}" if args.train_iters else "zero_attention"
+        args.out = args.work / name if args.quick else REPO / "docs/results" / name
     if args.quick:
         args.samples = min(args.samples, 64)
+    if args.report_only:
+        report = json.loads(args.out.with_suffix(".json").read_text())
+        args.out.with_suffix(".md").write_text(markdown(report))
+        plot(report, args.out.with_suffix(".png"))
+        return
     init_single_process()
 
     report = {"command": "python bench/zero_attention.py " + " ".join(sys.argv[1:]),
               "variants": {}, "summary": {}}
     for name in args.variants:
         for seed in args.seeds:
-            directory = run_dir(args.work.resolve(), name, seed)
+            directory = run_dir(args.work.resolve(), name, seed, args.train_iters)
             if not (directory / "checkpoints").is_dir():
                 print(f"skipping {directory.name}: not trained", flush=True)
                 continue

@@ -7,8 +7,8 @@ megatron-core's ``BlendedMegatronDatasetBuilder`` + ``GPTDataset`` do the work: 
 split (``cfg.split``, by document count), the seeded shuffle, the blend of several prefixes in
 the asked proportions, and the index cache (``cfg.cache_dir``), built by rank 0 and read by
 the others. With ``cfg.valid_blend`` / ``cfg.test_blend`` each split reads its own data
-instead (held-out files; megatron-core's ``blend_per_split``). Before handing over, this module checks what megatron-core would report unclearly
-or not at all:
+instead (held-out files; megatron-core's ``blend_per_split``). Before handing over, this
+module checks what megatron-core would report unclearly or not at all:
 
 - each ``.bin/.idx`` pair is complete and consistent (:func:`validate_indexed_dataset`);
 - the token ids were made by the configured tokenizer (:func:`verify_tokenizer_matches`);
@@ -307,8 +307,8 @@ def build_datasets(
     ``num_samples`` is the number of samples each split must provide (a split cycles through
     its documents as many epochs as needed). A split whose ``cfg.split`` share is 0 comes back
     as None; so does, with per-split blends (``cfg.valid_blend`` / ``cfg.test_blend``), a
-    split that has no blend. ``is_built_on_rank`` (default: every rank) is megatron-core's hook for building
-    only where data is consumed; rank 0 always builds the index cache first.
+    split that has no blend. ``is_built_on_rank`` (default: every rank) is megatron-core's
+    hook for building only where data is consumed; rank 0 always builds the index cache first.
     """
     if not torch.distributed.is_initialized():
         raise DataError("build_datasets needs torch.distributed to be initialised first "

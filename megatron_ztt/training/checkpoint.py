@@ -127,7 +127,9 @@ def save(engine, model: torch.nn.Module, config, state: TrainingState, layout: D
     engine.save_checkpoint(root, tag=tag, client_state={}, save_latest=False)
     _save_atomic(extra_rank_state, os.path.join(tag_dir, f"rank_state_{rank:05d}.pt"))
     specs = [None] * dist.get_world_size()
-    dist.all_gather_object(specs, partition_spec(model))
+    local_spec = (model.canonical_partition_spec() if hasattr(model, "canonical_partition_spec")
+                  else partition_spec(model))
+    dist.all_gather_object(specs, local_spec)
     dist.barrier()
     if rank == 0:
         merged_spec = {}

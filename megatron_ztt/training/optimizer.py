@@ -73,5 +73,8 @@ def deepspeed_config(config: RunConfig, world_size: int) -> Dict:
         "wall_clock_breakdown": False,
     }
     if config.parallel.pipeline > 1:
-        ds["pipeline"] = {"activation_checkpoint_interval": 0}
+        # DeepSpeed's partitioned send/recv passes gradients for the first tensor of a stage's
+        # output only; our stages pass several (cycle input, exit states), so send them whole.
+        ds["pipeline"] = {"activation_checkpoint_interval": 0, "pipe_partitioned": False,
+                          "grad_partitioned": False}
     return ds

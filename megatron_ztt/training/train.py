@@ -92,6 +92,8 @@ def build_engine(config: RunConfig):
 
         model = ZTTModel(config.model)
         mpu = MegatronMPU
+    if config.train.init_weights:
+        load_initial_weights(model, config.train.init_weights)
     model.to(runtime.current_device())
     engine, _, _, _ = deepspeed.initialize(
         model=model,
@@ -102,6 +104,21 @@ def build_engine(config: RunConfig):
             optimizer, lr_multiplier(config)),
     )
     return engine, model
+
+
+def load_initial_weights(model, path: str) -> None:
+    """Full weights (a checkpoint of any layout, or a .pt state dict) into this rank's part."""
+    from megatron_ztt.parallel.sharding import load_full_state_dict
+
+    if os.path.isfile(path):
+        full = torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        _, full, _ = ckpt.load_full_model_state(path)
+    if hasattr(model, "load_canonical_state_dict"):  # a pipeline stage
+        model.load_canonical_state_dict(full)
+    else:
+        load_full_state_dict(model, full)
+    log(f"initialised the weights from {path}")
 
 
 def layout_of(config: RunConfig) -> Dict[str, int]:

@@ -268,6 +268,7 @@ def _train(config: RunConfig, stop: StopRequest) -> TrainResult:
     window: Dict[str, List[float]] = {}
     window_time, window_steps, run_start = 0.0, 0, time.perf_counter()
     steps_done = 0
+    step_times: List[float] = []
 
     try:
         while state.iteration < config.train.train_iters:
@@ -286,6 +287,7 @@ def _train(config: RunConfig, stop: StopRequest) -> TrainResult:
                                                     iteration, collect)
             runtime.synchronize()
             elapsed = time.perf_counter() - start
+            step_times.append(elapsed)
             state.iteration = iteration
             state.consumed_train_samples += config.train.global_batch_size
             steps_done += 1
@@ -347,14 +349,26 @@ def _train(config: RunConfig, stop: StopRequest) -> TrainResult:
 
     result.iteration = state.iteration
     result.skipped_steps = state.skipped_steps
+    per_rank = [None] * world
+    dist.all_gather_object(per_rank, {"peak_memory_bytes": runtime.peak_memory_bytes(),
+                                      "optimizer_state_bytes": result.optimizer_state_bytes})
     if dist.get_rank() == 0:
         status = {"state": result.state, "iteration": state.iteration,
-                  "seconds": round(time.perf_counter() - run_start, 1)}
+                  "skipped_steps": state.skipped_steps,
+                  "seconds": round(time.perf_counter() - run_start, 1),
+                  "train_step_seconds_median": _median(step_times),
+                  "peak_memory_bytes_per_rank": [r["peak_memory_bytes"] for r in per_rank],
+                  "optimizer_state_bytes_per_rank": [r["optimizer_state_bytes"]
+                                                     for r in per_rank]}
         if result.signal:
             status["signal"] = result.signal
         with open(os.path.join(config.run.dir, "status.json"), "w") as f:
             json.dump(status, f)
     return result
+
+
+def _median(values: List[float]) -> Optional[float]:
+    return round(sorted(values)[len(values) // 2], 4) if values else None
 
 
 def _save(engine, model, config, state, layout) -> str:

@@ -244,3 +244,35 @@ def test_torchrun_sh_dry_run(config):
         assert flag in argv
     assert argv[-6:] == ["-m", "megatron_ztt.train", "--config", config, "train.lr=1e-3",
                          "train.load=auto"]
+
+
+def test_launch_execs_the_planned_srun_with_the_job_environment(config, tmp_path):
+    """Inside an allocation (faked: SLURM's variables and an srun that records what it got)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "srun.txt"
+    (bin_dir / "srun").write_text(f'#!/bin/bash\n{{ printf "%s\\n" "$@"; echo ---; env; }} > {record}\n')
+    (bin_dir / "srun").chmod(0o755)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "777",
+           "SLURM_JOB_NUM_NODES": "2", "SLURM_TASKS_PER_NODE": "4(x2)", "SLURM_CPUS_PER_TASK": "3",
+           "RANK": "5", "LOCAL_RANK": "1"}  # leftovers of a torchrun shell must not leak
+    result = run([sys.executable, PLAN, "launch", "--hosts", "n1,n2", "--python", "python",
+                  config, "train.lr=1e-3"], env=env)
+    assert result.returncode == 0, result.stderr
+    printed = next(l for l in result.stdout.splitlines() if "srun " in l and not l.startswith("["))
+    job_env, planned = split_env(shlex.split(printed))
+    argv, _, environ = record.read_text().partition("---\n")
+    assert argv.splitlines() == planned[1:]
+    assert "--ntasks=8" in planned and "--cpus-per-task=3" in planned
+    got = dict(line.split("=", 1) for line in environ.splitlines() if "=" in line)
+    assert {k: got[k] for k in job_env} == job_env == {
+        "MASTER_ADDR": "n1", "MASTER_PORT": str(20000 + 777), "WORLD_SIZE": "8",
+        "LOCAL_WORLD_SIZE": "4"}
+    assert "RANK" not in got and "LOCAL_RANK" not in got
+
+    env["MASTER_PORT"] = "nope"
+    result = run([sys.executable, PLAN, "launch", "--hosts", "n1,n2", config], env=env)
+    assert result.returncode == 2 and "master port must be a positive integer" in result.stderr
+    result = run([sys.executable, PLAN, "launch", "--hosts", "n1", config],
+                 env={**env, "MASTER_PORT": "1234"})
+    assert result.returncode == 2 and "SLURM_JOB_NUM_NODES=2" in result.stderr

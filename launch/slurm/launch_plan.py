@@ -131,7 +131,7 @@ def _positive(value, name: str) -> int:
     return number
 
 
-def choose_port(master_port: Optional[int], job_id: Optional[str]):
+def choose_port(master_port, job_id: Optional[str]):
     """(port, how it was chosen). Without MASTER_PORT, a port per job so that two jobs sharing
     a node do not collide: 20000 + job id % 20000."""
     if master_port is not None:
@@ -149,9 +149,7 @@ def choose_port(master_port: Optional[int], job_id: Optional[str]):
 class Task:
     rank: int
     local_rank: int
-    node_rank: int
-    host: str
-    env: Dict[str, str]  # what the launcher gives this process (srun: SLURM_*, torchrun: RANK...)
+    env: Dict[str, str]  # the variables this process starts with that place it in the job
 
 
 @dataclass
@@ -180,9 +178,9 @@ class Plan:
 
 
 def build_plan(hosts: List[str], procs_per_node: int, config: str, overrides: List[str],
-               launcher: str = "srun", master_port: Optional[int] = None,
+               launcher: str = "srun", master_port=None,
                job_id: Optional[str] = None, python: str = "python",
-               cpus_per_task: Optional[int] = None,
+               cpus_per_task=None,
                shutdown_timeout: int = 600) -> Plan:
     if launcher not in LAUNCHERS:
         raise PlanError(f"launcher must be one of {', '.join(LAUNCHERS)}, got {launcher!r}")
@@ -214,7 +212,7 @@ def build_plan(hosts: List[str], procs_per_node: int, config: str, overrides: Li
             node = NodePlan(node_rank, host, train)
             for local in range(procs_per_node):
                 rank = node_rank * procs_per_node + local
-                node.tasks.append(Task(rank, local, node_rank, host, {
+                node.tasks.append(Task(rank, local, {
                     "SLURM_NODEID": str(node_rank), "SLURM_PROCID": str(rank),
                     "SLURM_LOCALID": str(local), "RANK": str(rank), "LOCAL_RANK": str(local),
                     **job_env}))
@@ -235,7 +233,7 @@ def build_plan(hosts: List[str], procs_per_node: int, config: str, overrides: Li
             g = group_rank[host]
             for local in range(procs_per_node):
                 rank = g * procs_per_node + local
-                node.tasks.append(Task(rank, local, node_rank, host, {
+                node.tasks.append(Task(rank, local, {
                     "RANK": str(rank), "LOCAL_RANK": str(local), "WORLD_SIZE": str(world),
                     "GROUP_RANK": str(g), "LOCAL_WORLD_SIZE": str(procs_per_node)}))
             nodes.append(node)
@@ -332,7 +330,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     _common(dry)
     launch = sub.add_parser("launch", help="inside an allocation: print the plan, exec srun")
     launch.add_argument("--hosts", required=True, help="comma-separated, in SLURM's order")
-    launch.add_argument("--dry-run", action="store_true", help="print only")
     _common(launch)
     run_dir = sub.add_parser("run-dir", help="print run.dir of CONFIG + overrides (validates)")
     run_dir.add_argument("config")
@@ -361,13 +358,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             procs = (_positive(env["PROCS_PER_NODE"], "PROCS_PER_NODE")
                      if env.get("PROCS_PER_NODE") else tasks_per_node(env))
             job_id = env.get("SLURM_JOB_ID")
-            cpus = args.cpus_per_task or (int(env["SLURM_CPUS_PER_TASK"])
-                                          if env.get("SLURM_CPUS_PER_TASK") else None)
+            cpus = args.cpus_per_task or env.get("SLURM_CPUS_PER_TASK") or None
             if env.get("SLURM_JOB_NUM_NODES") and int(env["SLURM_JOB_NUM_NODES"]) != len(hosts):
                 raise PlanError(f"{len(hosts)} hosts given but SLURM_JOB_NUM_NODES="
                                 f"{env['SLURM_JOB_NUM_NODES']}")
-            if port is None and env.get("MASTER_PORT"):
-                port = _positive(env["MASTER_PORT"], "MASTER_PORT")
+            if port is None:
+                port = env.get("MASTER_PORT") or None
         plan = build_plan(hosts, procs, args.config, overrides, launcher=args.launcher,
                           master_port=port, job_id=job_id, python=args.python, cpus_per_task=cpus,
                           shutdown_timeout=args.shutdown_timeout)
@@ -375,7 +371,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"launch_plan: error: {error}", file=sys.stderr)
         return 2
     print(describe(plan), flush=True)
-    if args.action == "dry-run" or args.dry_run:
+    if args.action == "dry-run":
         return 0
     env = dict(os.environ)
     for name in TORCHRUN_VARIABLES:

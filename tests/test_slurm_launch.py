@@ -94,13 +94,15 @@ def test_time_limit_signal_checkpoints_requeues_resumes(slurm_cluster, tiny_data
     wait_for_text(slurm_cluster, job, log, r"^resumed from checkpoint[^\0]*^iteration ", 300,
                   "iterations after the resume")
     by_start = starts(read(log))
+    first = losses(by_start[0])
+    assert first[-1][1] < first[0][1] - 0.5, first  # the first start trained: a falling loss
     interrupted = assert_requeued_and_resumed(by_start[0], by_start[1])
     assert (run_dir / "checkpoints" / "latest").exists()
     assert status["iteration"] == interrupted
 
     # A user's scancel ends the job for good: no requeue.
     slurm_cluster.run(["scancel", job])
-    info = slurm_cluster.wait_for_end(job, 120)
+    slurm_cluster.wait_for_end(job, 120)
     time.sleep(3)
     info = slurm_cluster.job(job)
     assert info["JobState"] == "CANCELLED" and info["Restarts"] == "1", info

@@ -32,3 +32,25 @@ def seeded(single_process):
     from megatron_ztt.parallel import runtime
 
     runtime.seed_everything(1234)
+
+
+@pytest.fixture(scope="session")
+def sample_data(tmp_path_factory):
+    """The bundled sample corpus, tokenised: (dataset prefix, tokenizer .model path).
+
+    Each book is cut into ~40-line documents so that every split gets some."""
+    from megatron_ztt.data.preprocess import preprocess
+    from megatron_ztt.data.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("sample_data")
+    docs = root / "docs"
+    docs.mkdir()
+    for book in sorted(SAMPLE_CORPUS.glob("*.txt"))[:4]:
+        lines = book.read_text(encoding="utf-8").splitlines(keepends=True)
+        for i in range(0, len(lines), 40):
+            (docs / f"{book.stem}_{i:05d}.txt").write_text("".join(lines[i:i + 40]),
+                                                          encoding="utf-8")
+    train_tokenizer([str(docs)], 512, str(root / "tokenizer"))
+    preprocess([str(docs)], str(root / "tokenizer.model"), str(root / "sample"),
+               append_eod=True, progress=False)
+    return str(root / "sample"), str(root / "tokenizer.model")

@@ -18,7 +18,7 @@ import torch
 import torch.multiprocessing as mp
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -52,7 +52,7 @@ def run_distributed(fn, world_size=1, tensor_parallel=1, pipeline_parallel=1, se
                     args=(), timeout=600):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [
         ctx.Process(target=_entry, args=(r, world_size, port, tensor_parallel, pipeline_parallel,
                                           seed, fn, args, queue))

@@ -1,6 +1,8 @@
 """Train/valid/test datasets through megatron-core, and the checks made before building them."""
 
 import hashlib
+import json
+import os
 import shutil
 import struct
 
@@ -42,7 +44,7 @@ def corpus(tmp_path_factory):
         lines = []
         for book in group:
             paragraphs = book.read_text(encoding="utf-8-sig").split("\n\n")
-            lines += [D.json.dumps({"text": p}) for p in paragraphs if p.strip()]
+            lines += [json.dumps({"text": p}) for p in paragraphs if p.strip()]
         (root / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
         preprocess([str(root / f"{name}.jsonl")], model, str(root / name), append_eod=True,
                    progress=False)
@@ -177,7 +179,7 @@ def _corrupt(prefix, case):
         open(bin_, "ab").write(b"\0\0")
         return bin_, "longer than its index"
     if case == "bin missing":
-        D.os.remove(bin_)
+        os.remove(bin_)
         return bin_, "missing"
     if case == "idx truncated":
         data = data[:-8]
@@ -230,7 +232,7 @@ def test_same_size_corruption_is_found_by_checksum_or_token_range(corpus, tmp_pa
     cfg = D.DataConfig(blend=[prefix], split="90,5,5", verify_checksums=True)
     with pytest.raises(D.DataError, match="corrupted"):
         D.build_datasets(cfg, corpus["tokenizer"], SEQ, 1, (10, 1, 1))
-    D.os.remove(prefix + ".tokenizer.json")  # without the sidecar the ids are range-checked
+    os.remove(prefix + ".tokenizer.json")  # without the sidecar the ids are range-checked
     with pytest.raises(D.DataError, match="token id 65535 is outside the vocabulary"):
         D.verify_tokenizer_matches([prefix], corpus["tokenizer"])
 
@@ -253,7 +255,7 @@ def test_a_different_tokenizer_is_refused(corpus, tmp_path):
 
     # files without a sidecar (made elsewhere): the token ids must fit the vocabulary
     bare = _copy_prefix(corpus["A"], tmp_path / "bare")
-    D.os.remove(bare + ".tokenizer.json")
+    os.remove(bare + ".tokenizer.json")
     D.verify_tokenizer_matches([bare], corpus["tokenizer"])
     largest = int(np.fromfile(bare + ".bin", dtype=np.uint16).max())
     assert largest >= smaller.vocab_size

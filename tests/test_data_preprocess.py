@@ -67,6 +67,32 @@ def test_txt_round_trip_equals_sentencepiece_per_document(model, tmp_path, capsy
         "books.bin", "books.idx", "books.tokenizer.json"]
 
 
+def test_long_documents_with_awkward_line_starts_match_whole_document_encoding(model, tmp_path):
+    # Long documents are encoded piecewise (cut after newlines); the result must not differ
+    # from encoding the whole text, whatever follows the cuts.
+    line_starts = ["", " ", "  ", "\t", "\r\n", "\n", "😀", "é", "—", "1234", "▁", " \n"]
+    lines = [f"{line_starts[i % len(line_starts)]}line {i} of a long document, ünïcödé 😀"
+             for i in range(3000)]
+    text = "\n".join(lines) + "\n\n  trailing spaces  "
+    assert len(text) > 20 * pp.PIECE_CHARS
+    (tmp_path / "long.txt").write_text(text, encoding="utf-8")
+    assert pp.continuation_model(open(model, "rb").read()) is not None  # piecewise path taken
+    pp.preprocess([str(tmp_path / "long.txt")], model, str(tmp_path / "long"), progress=False)
+    sp = spm.SentencePieceProcessor(model_file=model)
+    assert _read_back(tmp_path / "long")[1] == [sp.encode(text)]
+
+
+def test_unigram_models_are_encoded_whole_and_round_trip(tmp_path):
+    unigram = train_tokenizer([str(SAMPLE_CORPUS)], 1500, str(tmp_path / "uni"),
+                              model_type="unigram", input_sentence_size=4000).model_path
+    assert pp.continuation_model(open(unigram, "rb").read()) is None
+    pp.preprocess([str(SAMPLE_CORPUS)], unigram, str(tmp_path / "books"), progress=False)
+    sp = spm.SentencePieceProcessor(model_file=unigram)
+    books = sorted(SAMPLE_CORPUS.glob("*.txt"))
+    assert _read_back(tmp_path / "books")[1] == [
+        sp.encode(p.read_text(encoding="utf-8-sig")) for p in books]
+
+
 def test_jsonl_and_gz_round_trip_with_json_key_and_empty_documents(model, paragraphs, tmp_path,
                                                                    capsys):
     first, second = paragraphs[:300], paragraphs[300:600]

@@ -68,30 +68,96 @@ class PreprocessReport:
     def summary(self) -> str:
         rate = self.tokens / self.seconds if self.seconds > 0 else float("nan")
         lines = [
-            f"wrote {self.output_prefix}.bin/.idx ({self.dtype}): {self.documents:,} documents, "
-            f"{self.tokens:,} tokens, skipped {self.skipped:,} ({self.skipped_empty:,} empty, "
-            f"{self.skipped_invalid:,} unreadable), {self.seconds:.1f} s "
-            f"({rate:,.0f} tokens/s, {self.workers} worker(s))"
+            f"wrote {self.output_prefix}.bin, .idx and {SIDECAR_SUFFIX} ({self.dtype} tokens): "
+            f"{self.documents:,} documents, {self.tokens:,} tokens, skipped {self.skipped:,} "
+            f"({self.skipped_empty:,} empty, {self.skipped_invalid:,} unreadable) in "
+            f"{self.seconds:.1f} s ({rate:,.0f} tokens/s, {self.workers} worker(s))"
         ]
         lines += [f"  skipped: {problem}" for problem in self.problems]
+        if self.skipped_invalid > len(self.problems):
+            lines.append(f"  ... and {self.skipped_invalid - len(self.problems):,} more")
         return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------- worker processes
 
+# Long documents are encoded in pieces of about this many characters, cut after a newline.
+PIECE_CHARS = 4096
+
+
+def continuation_model(model_proto: bytes) -> bytes | None:
+    """The model without its dummy prefix, for encoding a document piece by piece; or None.
+
+    SentencePiece encodes a whole book several times slower, and with hundreds of MB of
+    memory, than the same text in pieces. Piecewise encoding is exact when no piece can span
+    the cut: for a BPE model with no vocabulary piece containing a newline, a newline is a
+    symbol no merge touches, so the text on either side is merged independently. The first
+    piece is encoded as usual, the following ones without the dummy prefix ("▁") that
+    SentencePiece adds only at the start of the text. The identity normaliser and kept
+    whitespace (what `ztt tokenizer train` sets) make normalisation piecewise-exact too. For
+    any other model (unigram, whose lattice decoding differs at the cut) this returns None and
+    documents are encoded whole.
+    """
+    try:
+        from sentencepiece import sentencepiece_model_pb2
+    except ImportError:  # protobuf missing: correct, only slower
+        return None
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model_proto)
+    normalizer = proto.normalizer_spec
+    exact = (
+        proto.trainer_spec.model_type == sentencepiece_model_pb2.TrainerSpec.BPE
+        and normalizer.name == "identity"
+        and not normalizer.remove_extra_whitespaces
+        and not proto.trainer_spec.treat_whitespace_as_suffix
+        and not any("\n" in piece.piece for piece in proto.pieces)
+    )
+    if not exact:
+        return None
+    normalizer.add_dummy_prefix = False
+    return proto.SerializeToString()
+
+
+def _pieces(text: str) -> list[str]:
+    pieces, start = [], 0
+    while start < len(text):
+        cut = text.find("\n", start + PIECE_CHARS)
+        end = len(text) if cut < 0 else cut + 1
+        pieces.append(text[start:end])
+        start = end
+    return pieces
+
+
 _worker_state: dict = {}
 
 
-def _init_encoder(model_proto: bytes, eod: int | None, dtype_name: str) -> None:
+def _init_encoder(model_proto: bytes, continuation_proto: bytes | None, eod: int | None,
+                  dtype_name: str) -> None:
     _worker_state["sp"] = spm.SentencePieceProcessor(model_proto=model_proto)
+    _worker_state["continuation"] = (
+        spm.SentencePieceProcessor(model_proto=continuation_proto) if continuation_proto else None
+    )
     _worker_state["eod"] = eod
     _worker_state["dtype"] = np.dtype(dtype_name)
 
 
+def encode_document(text: str) -> list[int]:
+    """SentencePiece's encoding of the whole ``text`` (piecewise when that is exact)."""
+    sp, continuation = _worker_state["sp"], _worker_state["continuation"]
+    if continuation is None or len(text) <= PIECE_CHARS:
+        return sp.encode(text)
+    first, *rest = _pieces(text)
+    ids = sp.encode(first)
+    for piece_ids in continuation.encode(rest):
+        ids.extend(piece_ids)
+    return ids
+
+
 def _encode_batch(texts: list[str]) -> list[np.ndarray]:
-    sp, eod, dtype = _worker_state["sp"], _worker_state["eod"], _worker_state["dtype"]
+    eod, dtype = _worker_state["eod"], _worker_state["dtype"]
     encoded = []
-    for ids in sp.encode(texts):
+    for text in texts:
+        ids = encode_document(text)
         if eod is not None:
             ids.append(eod)
         encoded.append(np.asarray(ids, dtype=dtype))
@@ -198,7 +264,8 @@ def preprocess(
     try:
         builder = IndexedDatasetBuilder(str(temporary["bin"]), dtype=dtype.type)
         for encoded in _encode_in_order(
-            _batches(documents), workers, (tokenizer.model_proto, eod, dtype.name)
+            _batches(documents), workers,
+            (tokenizer.model_proto, continuation_model(tokenizer.model_proto), eod, dtype.name),
         ):
             for ids in encoded:
                 builder.add_document(ids, [len(ids)])

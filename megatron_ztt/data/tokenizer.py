@@ -63,8 +63,8 @@ class TrainReport:
     model_type: str
     vocab_size: int
     files: int
-    lines: int  # non-blank lines offered to SentencePiece
-    sampled: int  # lines SentencePiece kept (its reservoir sample)
+    lines: int  # non-blank lines read
+    sampled: int  # lines trained on (the seeded sample)
     documents: int
     skipped_empty: int
     skipped_invalid: int
@@ -251,6 +251,10 @@ def run(args: argparse.Namespace) -> int:
 
 class ZTTTokenizer(MegatronTokenizerBase):
     """A trained SentencePiece model, with the interface megatron-core's datasets expect.
+
+    The base class is ``MegatronTokenizerBase``, the type ``GPTDatasetConfig.tokenizer`` names:
+    in megatron-core 0.16 ``MegatronTokenizer`` is only a factory (its constructor raises) and
+    the older ``MegatronLegacyTokenizer`` logs a deprecation warning.
 
     ``unique_identifiers`` (read by megatron-core to key its index cache) holds the model's
     sha256 rather than its path, so the cache stays valid when the files move and is rebuilt

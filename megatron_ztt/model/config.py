@@ -161,22 +161,22 @@ class ZTTConfig:
         """Fail early, naming the setting, if the model cannot be split this way."""
 
         def fail(message):
-            raise ConfigError(f"parallel layout (tensor_parallel={tensor_parallel}, "
-                              f"pipeline_parallel={pipeline_parallel}): {message}")
+            raise ConfigError(f"parallel layout (parallel.tensor={tensor_parallel}, "
+                              f"parallel.pipeline={pipeline_parallel}): {message}")
 
         if tensor_parallel < 1 or pipeline_parallel < 1:
             fail("sizes must be >= 1")
         if self.num_attention_heads % tensor_parallel:
             fail(f"model.num_attention_heads ({self.num_attention_heads}) is not divisible by "
-                 f"tensor_parallel")
+                 f"parallel.tensor")
         if self.query_groups % tensor_parallel:
             fail(f"model.num_query_groups ({self.query_groups}) is not divisible by "
-                 f"tensor_parallel (zero tokens are split over ranks by key/value group)")
+                 f"parallel.tensor (zero tokens are split over ranks by key/value group)")
         if self.ffn_size % tensor_parallel:
-            fail(f"the FFN size ({self.ffn_size}) is not divisible by tensor_parallel")
+            fail(f"the FFN size ({self.ffn_size}) is not divisible by parallel.tensor")
         if self.padded_vocab_size % tensor_parallel:
             fail(f"the padded vocabulary ({self.padded_vocab_size}) is not divisible by "
-                 f"tensor_parallel; raise model.make_vocab_size_divisible_by")
+                 f"parallel.tensor; raise model.make_vocab_size_divisible_by")
         if pipeline_parallel > self.num_applications:
             fail(f"more pipeline stages than layer applications ({self.num_applications})")
 

@@ -120,7 +120,8 @@ def read_launch_env(environ: dict | None = None) -> LaunchEnv:
             master_port=int(env.get("MASTER_PORT", 29500)),
             source="slurm",
         )
-    return LaunchEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or _free_port(), "single")
+    # One process on its own: a fresh port, never one left in the environment by a parent.
+    return LaunchEnv(0, 1, 0, "127.0.0.1", _free_port(), "single")
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,8 @@ def init_distributed(layout: ParallelLayout = ParallelLayout(), seed: int = 1234
     configure_deepspeed_accelerator()
     launch = read_launch_env()
     layout.data(launch.world_size)  # fail early, naming the layout
+    # DeepSpeed reads LOCAL_RANK itself; under srun or as a single process nobody sets it.
+    os.environ.setdefault("LOCAL_RANK", str(launch.local_rank))
     if use_cuda():
         torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
     if not dist.is_initialized():

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any, List, Optional
+from typing import List, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from megatron_ztt.data.datasets import DataConfig
 from megatron_ztt.model.config import ConfigError, ZTTConfig
 
 
@@ -23,17 +24,6 @@ from megatron_ztt.model.config import ConfigError, ZTTConfig
 class RunSection:
     dir: str = "runs/default"  # checkpoints/, tensorboard/ and status.json go here
     name: str = "ztt"
-
-
-@dataclass
-class DataSection:
-    # One prefix, or weights and prefixes: [0.7, prefixA, 0.3, prefixB]
-    blend: List[Any] = field(default_factory=list)
-    split: str = "98,1,1"
-    tokenizer: str = ""  # SentencePiece .model
-    cache_dir: Optional[str] = None
-    num_workers: int = 0
-    eod_mask_loss: bool = False
 
 
 @dataclass
@@ -90,7 +80,7 @@ class LoggingSection:
 class RunConfig:
     run: RunSection = field(default_factory=RunSection)
     model: ZTTConfig = field(default_factory=ZTTConfig)
-    data: DataSection = field(default_factory=DataSection)
+    data: DataConfig = field(default_factory=lambda: DataConfig(blend=[]))
     parallel: ParallelSection = field(default_factory=ParallelSection)
     train: TrainSection = field(default_factory=TrainSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)

@@ -102,3 +102,26 @@ def console_line(iteration: int, total: int, values: Dict[str, float], seconds_l
         parts.append(f"mfu {100 * values['mfu']:.1f}%")
     parts.append(f"ETA {eta}")
     return " | ".join(parts)
+
+
+def optimizer_state_bytes(optimizer) -> int:
+    """Bytes of optimizer state held by this rank: moments plus fp32 master copies.
+
+    Works for DeepSpeed's ZeRO optimizers (which wrap a torch optimizer over this rank's flat
+    partition) and for plain torch optimizers.
+    """
+    seen, total = set(), 0
+
+    def count(tensor):
+        nonlocal total
+        if torch.is_tensor(tensor) and id(tensor) not in seen:
+            seen.add(id(tensor))
+            total += tensor.numel() * tensor.element_size()
+
+    inner = getattr(optimizer, "optimizer", optimizer)
+    for state in inner.state.values():
+        for value in state.values():
+            count(value)
+    for partition in getattr(optimizer, "single_partition_of_fp32_groups", []) or []:
+        count(partition)
+    return total

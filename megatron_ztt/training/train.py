@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -26,7 +27,8 @@ from megatron_ztt.parallel import runtime
 from megatron_ztt.training import checkpoint as ckpt
 from megatron_ztt.training.config import RunConfig, load_config
 from megatron_ztt.training.metrics import (TensorBoardLogger, console_line, metric_keys,
-                                           model_flops_per_token, reduce_means)
+                                           model_flops_per_token, optimizer_state_bytes,
+                                           reduce_means)
 from megatron_ztt.training.signals import StopRequest
 
 
@@ -41,6 +43,7 @@ class TrainResult:
     signal: Optional[str] = None
     losses: Dict[int, float] = field(default_factory=dict)  # iteration -> global-batch lm loss
     skipped_steps: int = 0
+    optimizer_state_bytes: int = 0  # on this rank, after the first step
     last_checkpoint: Optional[str] = None
     validation: Dict[int, Dict[str, float]] = field(default_factory=dict)
 
@@ -198,6 +201,18 @@ def train_step(engine, batches, config: RunConfig, accumulation: int, iteration:
 
 # --------------------------------------------------------------------------- the loop
 def train(config: RunConfig) -> TrainResult:
+    """Run (or resume) the training that ``config`` describes, on every rank."""
+    # the layout must fit the processes launched: fail before starting them talking
+    config.gradient_accumulation_steps(runtime.read_launch_env().world_size)
+    # from the start, so that a signal during start-up also ends in a clean stop
+    stop = StopRequest().install()
+    try:
+        return _train(config, stop)
+    finally:
+        stop.uninstall()
+
+
+def _train(config: RunConfig, stop: StopRequest) -> TrainResult:
     from megatron_ztt.training.evaluate import validate
 
     runtime.init_distributed(runtime.ParallelLayout(config.parallel.tensor,
@@ -229,7 +244,6 @@ def train(config: RunConfig) -> TrainResult:
         os.makedirs(config.run.dir, exist_ok=True)
         with open(os.path.join(config.run.dir, "config.json"), "w") as f:
             json.dump(config.to_dict(), f, indent=2)
-    stop = StopRequest().install()
     keys = metric_keys(config.model)
     tokens_per_step = config.train.global_batch_size * config.model.seq_length
     flops_per_step = model_flops_per_token(config.model, config.model.seq_length) * tokens_per_step
@@ -243,6 +257,7 @@ def train(config: RunConfig) -> TrainResult:
             iteration = state.iteration + 1
             collect = iteration % config.logging.interval == 0
             start = time.perf_counter()
+            learning_rate = engine.get_lr()[0]  # the rate this step uses
             engine.train()
             if pipelined:
                 from megatron_ztt.parallel.pipeline import pipeline_train_step
@@ -257,6 +272,10 @@ def train(config: RunConfig) -> TrainResult:
             state.iteration = iteration
             state.consumed_train_samples += config.train.global_batch_size
             steps_done += 1
+            if steps_done == 1:
+                result.optimizer_state_bytes = optimizer_state_bytes(engine.optimizer)
+                log(f"optimizer state on rank 0: "
+                    f"{result.optimizer_state_bytes / 2**20:.2f} MiB")
             if skipped:
                 state.skipped_steps += 1
                 log(f"iteration {iteration}: non-finite loss, optimizer step skipped "
@@ -274,7 +293,7 @@ def train(config: RunConfig) -> TrainResult:
                 values = {k: sum(v) / len(v) for k, v in window.items()}
                 values.update(stats)
                 step_time = window_time / window_steps
-                values["learning-rate"] = engine.get_lr()[0]
+                values["learning-rate"] = learning_rate
                 grad_norm = engine.get_global_grad_norm()
                 if grad_norm is not None and math.isfinite(float(grad_norm)):
                     values["grad-norm"] = float(grad_norm)
@@ -306,7 +325,6 @@ def train(config: RunConfig) -> TrainResult:
             if config.checkpoint.save_at_end and steps_done:
                 result.last_checkpoint = _save(engine, model, config, state, layout)
     finally:
-        stop.uninstall()
         tb.close()
 
     result.iteration = state.iteration
@@ -335,11 +353,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = load_config(args.config, args.overrides)
+    from megatron_ztt.data.datasets import DataError
+    from megatron_ztt.data.tokenizer import TokenizerError
+
     try:
+        config = load_config(args.config, args.overrides)
         train(config)
+    except (ConfigError, ckpt.CheckpointError, DataError, TokenizerError) as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 2
     except NonFiniteLossError as error:
-        log(f"error: {error}")
+        print(f"error: {error}", file=sys.stderr, flush=True)
         return 3
     finally:
         runtime.shutdown_distributed()

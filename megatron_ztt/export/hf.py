@@ -1,0 +1,396 @@
+"""Export a trained ZTT to a Hugging Face model directory (``ztt export-hf``).
+
+    ztt export-hf --checkpoint CKPT_DIR --output OUT_DIR [--dtype bf16|fp32]
+
+Input is the *canonical full state dict*: every parameter as one full tensor, named as in
+``gather_full_state_dict(ZTTModel)``. Tensor-parallel shards are merged before this module
+sees them; a pipeline-parallel checkpoint is the union of its stages' state dicts
+(:func:`merge_stage_states`), where the shared middle weights appear once per stage that
+holds them and must agree. The result loads with
+``AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True)``:
+
+    OUT_DIR/config.json                     model_type "ztt", auto_map -> the two .py files
+    OUT_DIR/configuration_ztt.py, modeling_ztt.py
+    OUT_DIR/model.safetensors               (model-0000k-of-0000n.safetensors + index if large)
+    OUT_DIR/generation_config.json
+    OUT_DIR/tokenizer.json, tokenizer_config.json, ...   (AutoTokenizer)
+
+Everything is written into a hidden sibling directory that is renamed into place at the end,
+so OUT_DIR either does not exist or is complete; an existing OUT_DIR is replaced only with
+``--overwrite`` and only once the new export is complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Dict, Iterable, Mapping, Optional, Tuple
+
+import torch
+
+from megatron_ztt.model.config import ZTTConfig
+from megatron_ztt.model.plan import application_plan
+
+TEMPLATE_DIR = Path(__file__).resolve().parent / "hf_template"
+TEMPLATE_FILES = ("configuration_ztt.py", "modeling_ztt.py")
+AUTO_MAP = {
+    "AutoConfig": "configuration_ztt.ZTTConfig",
+    "AutoModelForCausalLM": "modeling_ztt.ZTTForCausalLM",
+}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+# The project's tokenizer convention; used for the ids when no tokenizer is exported.
+DEFAULT_SPECIAL_IDS = {"unk": 0, "bos": 1, "eos": 2, "pad": 3}
+# Encoded by SentencePiece and by the exported tokenizer at export time: every id must agree.
+# Non-ASCII scripts, emoji and control characters push a small vocabulary into byte fallback.
+TOKENIZER_PROBES = (
+    "The quick brown fox jumps over the lazy dog.",
+    "  Leading spaces,   runs of spaces, and trailing ones.  ",
+    "Tabs\tand\nnew lines\n\nstay.",
+    "Ünïcödé café, naïve façade — “quotes” … and 1,234.56 numbers!",
+    "日本語のテキスト、中文文本，한국어 텍스트, Ελληνικά, русский текст, עברית, العربية",
+    "Emoji 🙂🚀👍🏽 and symbols ∑∫√∞ ≤ ≥ ≠ € £ ¥ © ®",
+    "Control \x07 bell and \u200b zero-width space and \ufeff BOM.",
+)
+
+
+class ExportError(RuntimeError):
+    """The export cannot be done as asked; the message says why and what to change."""
+
+
+# --------------------------------------------------------------------------- state dicts
+def expected_canonical_shapes(config: ZTTConfig) -> Dict[str, Tuple[int, ...]]:
+    """Name -> shape of every tensor a complete canonical full state dict holds."""
+    d, ffn = config.hidden_size, config.ffn_size
+    heads, groups, head_dim = config.num_attention_heads, config.query_groups, config.head_dim
+    fc1_rows = 2 * ffn if config.activation == "swiglu" else ffn
+    norm_parts = ("weight", "bias") if config.normalization == "LayerNorm" else ("weight",)
+    shapes = {"embedding.word_embeddings.weight": (config.padded_vocab_size, d)}
+    for i in range(config.num_layers):
+        prefix = f"layers.{i}."
+        for norm in ("input_layernorm", "pre_mlp_layernorm"):
+            for part in norm_parts:
+                shapes[f"{prefix}{norm}.{part}"] = (d,)
+        shapes[prefix + "self_attention.linear_qkv.weight"] = ((heads + 2 * groups) * head_dim, d)
+        shapes[prefix + "self_attention.linear_proj.weight"] = (d, heads * head_dim)
+        shapes[prefix + "mlp.linear_fc1.weight"] = (fc1_rows, d)
+        shapes[prefix + "mlp.linear_fc2.weight"] = (d, ffn)
+    if config.zero_token:
+        for app in application_plan(config):
+            shapes[f"zero_token_pool.keys.{app.name}"] = (groups, head_dim)
+    if config.gate:
+        for c in range(config.num_cycles):
+            shapes[f"gates.{c}.weight"] = (d,)
+            shapes[f"gates.{c}.bias"] = (1,)
+    for part in norm_parts:
+        shapes[f"output_head.final_norm.{part}"] = (d,)
+    if not config.tie_embeddings:
+        shapes["output_head.output_layer.weight"] = (config.padded_vocab_size, d)
+    return shapes
+
+
+def check_full_state(config: ZTTConfig, full_state: Mapping[str, torch.Tensor]) -> None:
+    """Fail, naming the tensors, unless ``full_state`` is exactly one complete model."""
+    expected = expected_canonical_shapes(config)
+    missing = sorted(set(expected) - set(full_state))
+    unexpected = sorted(set(full_state) - set(expected))
+    if missing or unexpected:
+        raise ExportError(
+            f"the checkpoint's state does not match the model config: {len(missing)} tensors "
+            f"missing {missing[:6]}{' ...' if len(missing) > 6 else ''}, {len(unexpected)} "
+            f"unexpected {unexpected[:6]}{' ...' if len(unexpected) > 6 else ''} (a partial "
+            f"checkpoint, a missing pipeline stage, or unmerged tensor-parallel shards?)")
+    wrong = [f"{name}: {tuple(full_state[name].shape)} instead of {shape}"
+             for name, shape in expected.items() if tuple(full_state[name].shape) != shape]
+    if wrong:
+        raise ExportError("tensor shapes do not match the model config (unmerged tensor-parallel "
+                          "shards?): " + "; ".join(wrong[:6]))
+
+
+def merge_stage_states(stage_states: Iterable[Mapping[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    """Union of pipeline stages' full state dicts, keeping one copy of each shared tensor.
+
+    The middle layers (and the tied embedding) live on every stage that runs them; their copies
+    must be identical, or the checkpoint is not one model.
+    """
+    merged: Dict[str, torch.Tensor] = {}
+    for stage, state in enumerate(stage_states):
+        for name, tensor in state.items():
+            if name not in merged:
+                merged[name] = tensor
+            elif not torch.equal(merged[name], tensor):
+                diff = (merged[name].float() - tensor.float()).abs().max().item()
+                raise ExportError(f"{name}: the copy on pipeline stage {stage} differs from an "
+                                  f"earlier stage's (max abs diff {diff:g}); shared weights "
+                                  f"must be identical on every stage")
+    return merged
+
+
+def to_hf_state(config: ZTTConfig, full_state: Mapping[str, torch.Tensor],
+                dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+    """Canonical (Megatron) names and layouts -> the exported model's.
+
+    Megatron fuses Q, K and V into one weight whose rows are grouped per key/value group
+    ([q rows of the group's heads, k rows, v rows] for each group); SwiGLU's fc1 stacks the
+    gate rows over the up rows. Vocabulary padding rows are dropped.
+    """
+    check_full_state(config, full_state)
+    heads, groups, head_dim = config.num_attention_heads, config.query_groups, config.head_dim
+    per_group = heads // groups
+    vocab = config.vocab_size
+    out: Dict[str, torch.Tensor] = {
+        "model.embed_tokens.weight": full_state["embedding.word_embeddings.weight"][:vocab]}
+    for i in range(config.num_layers):
+        src, dst = f"layers.{i}.", f"model.layers.{i}."
+        for name, tensor in full_state.items():
+            if name.startswith(src + "input_layernorm."):
+                out[dst + name[len(src):]] = tensor
+            elif name.startswith(src + "pre_mlp_layernorm."):
+                out[dst + "post_attention_layernorm." + name.rsplit(".", 1)[1]] = tensor
+        qkv = full_state[src + "self_attention.linear_qkv.weight"]
+        qkv = qkv.view(groups, (per_group + 2) * head_dim, config.hidden_size)
+        q_rows = per_group * head_dim
+        out[dst + "self_attn.q_proj.weight"] = qkv[:, :q_rows].reshape(-1, config.hidden_size)
+        out[dst + "self_attn.k_proj.weight"] = qkv[:, q_rows:q_rows + head_dim].reshape(
+            -1, config.hidden_size)
+        out[dst + "self_attn.v_proj.weight"] = qkv[:, q_rows + head_dim:].reshape(
+            -1, config.hidden_size)
+        out[dst + "self_attn.o_proj.weight"] = full_state[src + "self_attention.linear_proj.weight"]
+        fc1 = full_state[src + "mlp.linear_fc1.weight"]
+        if config.activation == "swiglu":
+            out[dst + "mlp.gate_proj.weight"], out[dst + "mlp.up_proj.weight"] = fc1.chunk(2, dim=0)
+        else:
+            out[dst + "mlp.up_proj.weight"] = fc1
+        out[dst + "mlp.down_proj.weight"] = full_state[src + "mlp.linear_fc2.weight"]
+    for name, tensor in full_state.items():
+        if name.startswith("zero_token_pool.keys."):
+            out["model.zero_keys." + name[len("zero_token_pool.keys."):]] = tensor
+        elif name.startswith("gates."):
+            out["model." + name] = tensor
+        elif name.startswith("output_head.final_norm."):
+            out["model.norm." + name.rsplit(".", 1)[1]] = tensor
+    if not config.tie_embeddings:
+        out["lm_head.weight"] = full_state["output_head.output_layer.weight"][:vocab]
+    # Own, contiguous storage per tensor: safetensors refuses tensors that share memory.
+    return {name: tensor.detach().to("cpu", dtype).clone().contiguous()
+            for name, tensor in out.items()}
+
+
+# --------------------------------------------------------------------------- config, tokenizer
+def hf_config(config: ZTTConfig, special_ids: Mapping[str, Optional[int]], dtype: torch.dtype):
+    """The exported directory's ZTTConfig (the template class, a transformers config)."""
+    from megatron_ztt.export.hf_template.configuration_ztt import ZTTConfig as HFZTTConfig
+
+    exported = HFZTTConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.ffn_size,
+        num_layers=config.num_layers,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.query_groups,
+        num_cycles=config.num_cycles,
+        cycle_mode=config.cycle_mode,
+        zero_token=config.zero_token,
+        gate=config.gate,
+        normalization=config.normalization,
+        norm_eps=config.norm_epsilon,
+        activation=config.activation,
+        rope_theta=config.rotary_base,
+        max_position_embeddings=config.seq_length,
+        gate_bias_init=config.gate_bias_init,
+        exit_threshold=config.exit_threshold,
+        initializer_range=config.init_std,
+        tie_word_embeddings=config.tie_embeddings,
+        bos_token_id=special_ids.get("bos"),
+        eos_token_id=special_ids.get("eos"),
+        pad_token_id=special_ids.get("pad"),
+        architectures=["ZTTForCausalLM"],
+        dtype=dtype,
+    )
+    exported.auto_map = dict(AUTO_MAP)
+    return exported
+
+
+def build_hf_tokenizer(tokenizer_model: str | os.PathLike):
+    """SentencePiece model -> a transformers fast tokenizer with the same ids, and its special ids.
+
+    Not ``LlamaTokenizer(vocab_file=...)``: transformers 5 ignores the file there. The
+    SentencePiece model's own pieces, merges and normalizer settings are converted into a
+    ``tokenizers`` object (byte fallback included), then checked against SentencePiece's encode.
+    """
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import SpmConverter
+
+    path = Path(tokenizer_model)
+    if not path.is_file():
+        raise ExportError(f"tokenizer model {path} not found")
+    proto = sentencepiece_model_pb2.ModelProto()
+    try:
+        proto.ParseFromString(path.read_bytes())
+    except Exception as error:  # noqa: BLE001 - protobuf raises its own DecodeError
+        raise ExportError(f"{path} is not a SentencePiece model: {error}") from error
+    model_type = proto.trainer_spec.model_type
+    if model_type == sentencepiece_model_pb2.TrainerSpec.BPE:
+        vocab = {piece.piece: i for i, piece in enumerate(proto.pieces)}
+    elif model_type == sentencepiece_model_pb2.TrainerSpec.UNIGRAM:
+        vocab = [(piece.piece, piece.score) for piece in proto.pieces]
+    else:
+        raise ExportError(f"{path}: only BPE and unigram SentencePiece models can be exported, "
+                          f"this one is {sentencepiece_model_pb2.TrainerSpec.ModelType.Name(model_type)}")
+    backend = SpmConverter.build_tokenizer_from_spm_proto(proto, vocab)
+    spec = proto.trainer_spec
+    special_ids = {"unk": spec.unk_id, "bos": spec.bos_id, "eos": spec.eos_id, "pad": spec.pad_id}
+    special_ids = {role: i if i >= 0 else None for role, i in special_ids.items()}
+    tokens = {f"{role}_token": proto.pieces[i].piece for role, i in special_ids.items() if i is not None}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **tokens)
+
+    processor = spm.SentencePieceProcessor(model_file=str(path))
+    for role, i in special_ids.items():
+        if i is not None and getattr(tokenizer, f"{role}_token_id") != i:
+            raise ExportError(f"{path}: the exported tokenizer maps the {role} token to id "
+                              f"{getattr(tokenizer, f'{role}_token_id')}, SentencePiece to {i}")
+    for text in TOKENIZER_PROBES:
+        expected = processor.encode(text)
+        got = tokenizer(text)["input_ids"]
+        if got != expected:
+            raise ExportError(f"{path}: the converted tokenizer encodes {text!r} as {got[:16]}..., "
+                              f"SentencePiece as {expected[:16]}...; refusing to export a tokenizer "
+                              f"with different ids")
+    return tokenizer, special_ids, len(proto.pieces)
+
+
+# --------------------------------------------------------------------------- writing
+def _check_against_template(hf_state: Mapping[str, torch.Tensor], exported_config) -> None:
+    """The converted names and shapes must be exactly what the exported model class expects."""
+    from megatron_ztt.export.hf_template.modeling_ztt import ZTTForCausalLM
+
+    with torch.device("meta"):
+        model = ZTTForCausalLM(exported_config)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    if exported_config.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+    got = {name: tuple(t.shape) for name, t in hf_state.items()}
+    if expected != got:
+        differ = sorted(set(expected.items()) ^ set(got.items()))
+        raise ExportError(f"converted weights do not fit the exported model class: {differ[:8]}")
+
+
+def _write_weights(hf_state: Dict[str, torch.Tensor], directory: Path, max_shard_size) -> None:
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    split = split_torch_state_dict_into_shards(
+        hf_state, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size)
+    for filename, names in split.filename_to_tensors.items():
+        save_file({name: hf_state[name] for name in names}, str(directory / filename),
+                  metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size()
+                                                for t in hf_state.values())},
+                 "weight_map": split.tensor_to_filename}
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _move_into_place(staging: Path, output: Path) -> None:
+    """Rename the finished export to ``output``; an old ``output`` goes only after that."""
+    if not output.exists():
+        os.rename(staging, output)
+        return
+    retired = Path(tempfile.mkdtemp(prefix=f".{output.name}.replaced-", dir=output.parent))
+    os.rename(output, retired / output.name)
+    try:
+        os.rename(staging, output)
+    except BaseException:
+        os.rename(retired / output.name, output)
+        raise
+    finally:
+        shutil.rmtree(retired, ignore_errors=True)
+
+
+def export_hf(config: ZTTConfig, full_state: Mapping[str, torch.Tensor],
+              tokenizer_model: str | os.PathLike | None, output_dir: str | os.PathLike,
+              dtype: str | torch.dtype = "bf16", *, overwrite: bool = False,
+              max_shard_size: int | str = "5GB") -> Path:
+    """Write a Hugging Face model directory; returns its path.
+
+    ``full_state``: canonical full state dict (see the module docstring). ``tokenizer_model``:
+    the run's SentencePiece ``.model``; None writes the weights without a tokenizer (benchmarks,
+    tests), with the project's special ids. ``dtype``: "bf16", "fp32" or a torch dtype.
+    """
+    torch_dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    if torch_dtype not in DTYPES.values():
+        raise ExportError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    output = Path(output_dir).absolute()
+    if output.exists() and not overwrite:
+        raise ExportError(f"{output} already exists; choose another --output or pass --overwrite")
+
+    tokenizer, special_ids = None, dict(DEFAULT_SPECIAL_IDS)
+    if tokenizer_model is not None:
+        tokenizer, special_ids, pieces = build_hf_tokenizer(tokenizer_model)
+        if pieces != config.vocab_size:
+            raise ExportError(f"model.vocab_size is {config.vocab_size} but the tokenizer "
+                              f"{tokenizer_model} has {pieces} pieces")
+    exported_config = hf_config(config, special_ids, torch_dtype)
+    hf_state = to_hf_state(config, full_state, torch_dtype)
+    _check_against_template(hf_state, exported_config)
+
+    from transformers import GenerationConfig
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    try:
+        exported_config.save_pretrained(staging)
+        GenerationConfig(bos_token_id=special_ids.get("bos"), eos_token_id=special_ids.get("eos"),
+                         pad_token_id=special_ids.get("pad")).save_pretrained(staging)
+        for name in TEMPLATE_FILES:
+            shutil.copyfile(TEMPLATE_DIR / name, staging / name)
+        _write_weights(hf_state, staging, max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        _move_into_place(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output
+
+
+# --------------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True,
+                        help="training checkpoint directory (any TP/PP/ZeRO layout)")
+    parser.add_argument("--output", required=True, help="model directory to create")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
+                        help="dtype of the exported weights (default: bf16)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing output directory once the new export is complete")
+    parser.add_argument("--max-shard-size", default="5GB",
+                        help="split model.safetensors into shards of at most this size")
+
+
+def load_checkpoint_state(checkpoint: str | os.PathLike):
+    """(ZTTConfig, canonical full state dict, tokenizer model path) from a training checkpoint
+    of any layout (tensor-parallel shards merged, pipeline stages united)."""
+    from megatron_ztt.training.checkpoint import CheckpointError, load_full_model_state
+
+    try:
+        return load_full_model_state(str(checkpoint))
+    except CheckpointError as error:
+        raise ExportError(str(error)) from error
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config, full_state, tokenizer_model = load_checkpoint_state(args.checkpoint)
+        path = export_hf(config, full_state, tokenizer_model, args.output, args.dtype,
+                         overwrite=args.overwrite, max_shard_size=args.max_shard_size)
+    except (ExportError, FileNotFoundError, KeyError, ValueError) as error:
+        print(f"ztt export-hf: error: {error}", file=sys.stderr)
+        return 1
+    print(f"exported {args.checkpoint} -> {path}")
+    return 0

@@ -1,0 +1,515 @@
+"""Zero Token Transformer (ZTT) for Hugging Face transformers.
+
+This file ships inside every exported model directory and needs only torch and transformers.
+
+    x = embed(tokens)
+    x = head(x)                                  # cycle_mode "head_tail" (layer 1, once)
+    for c in 1..C:                               # every cycle reuses the middle layers' weights
+        y = middle_c(x)                          # layers 2..L-1, with cycle c's zero keys
+        x = x + g_c * (y - x)                    # g_c = sigmoid(w_c . rmsnorm(y) + b_c), per token
+        stop cycling if A_c >= exit_threshold    # A_c: mean zero attention of the cycle
+    logits = lm_head(norm(tail(x)))              # layer L, once
+
+Zero token: every layer application has its own key ``k_z`` (one per key/value group, never
+rotated) whose value is all zeros, visible to every query. It adds nothing to the output; the
+share of attention it takes (the *zero attention*) says how little the layer wants to change
+the token. The keys of all applications are ``model.zero_keys[<application name>]``.
+
+Key/value cache: one cache layer per layer application (head, every cycle of every middle
+layer, tail), i.e. ``config.num_hidden_layers`` of them. Each cache layer holds its
+application's zero key in row 0 (:class:`ZeroTokenCacheLayer`), so a decoding step is one
+plain SDPA call per application.
+
+Early exit (``exit_threshold``, from the config or per call / per ``generate``):
+after cycle c < C the zero attention of the cycle's middle layers is averaged over heads and
+layers, per token. ``exit_mode="sequence"`` averages it further over the tokens of the
+forward call (the prompt at prefill, the new token at each decoding step) and stops the whole
+sequence; ``exit_mode="token"`` stops each token on its own. A token that stops after cycle c
+keeps its state from cycle c, runs the tail, and -- because later tokens that do run deeper
+still attend to it -- gets the key/values of its last computed cycle (same layer) written into
+the cache entries of the cycles it skipped. Outputs carry ``cycles_used`` per token; after
+``generate`` the model holds ``generation_cycles_used`` [batch, new tokens] and
+``mean_cycles_used``.
+"""
+
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import ModelOutput
+
+from .configuration_ztt import ZTTConfig
+
+try:  # transformers' init helpers skip weights that were loaded from a checkpoint
+    from transformers import initialization as init
+except ImportError:  # pragma: no cover - older transformers
+    from torch.nn import init
+
+# transformers 5.x renamed the cache argument from `past_key_values` to `cache`; take either.
+_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+# --------------------------------------------------------------------------- the unrolled depth
+class Application(NamedTuple):
+    """One run of one distinct layer. ``cycle`` is None for the head and the tail."""
+
+    index: int  # position in the unrolled sequence = index of its cache layer
+    layer: int  # 0-based distinct layer
+    cycle: Optional[int]  # 0-based
+    starts_cycle: bool
+    ends_cycle: bool
+    name: str  # key of its zero token: "head", "tail", "cycle{c}_layer{l}" (1-based)
+
+
+def application_plan(config: ZTTConfig):
+    plan = []
+
+    def add(layer, cycle, starts=False, ends=False):
+        if cycle is None:
+            name = "head" if layer == 0 else "tail"
+        else:
+            name = f"cycle{cycle + 1}_layer{layer + 1}"
+        plan.append(Application(len(plan), layer, cycle, starts, ends, name))
+
+    if config.cycle_mode == "head_tail":
+        add(0, None)
+    cycled = config.cycled_layers
+    for cycle in range(config.num_cycles):
+        for position, layer in enumerate(cycled):
+            add(layer, cycle, position == 0, position == len(cycled) - 1)
+    if config.cycle_mode == "head_tail":
+        add(config.num_layers - 1, None)
+    return plan
+
+
+# --------------------------------------------------------------------------- rotary embedding
+def rotary_cos_sin(position_ids, head_dim, base, dtype):
+    """cos/sin [batch, 1, seq, head_dim], rotate-half layout (as Megatron and Llama)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32,
+                                            device=position_ids.device) / head_dim))
+    freqs = position_ids[..., None].float() * inv_freq
+    angles = torch.cat([freqs, freqs], dim=-1)[:, None]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x, cos, sin):
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+# --------------------------------------------------------------------------- cache and attention
+class ZeroTokenCacheLayer(DynamicLayer):
+    """A DynamicLayer whose row 0 is the application's zero key, with a zero value.
+
+    Keeping the zero key in the cache spares every decoding step a concatenation of the whole
+    cache; ``get_seq_length`` still counts tokens only.
+    """
+
+    def __init__(self, zero_key: torch.Tensor):
+        super().__init__()
+        self.zero_key = zero_key.detach()  # [key/value groups, head_dim]
+
+    def lazy_initialization(self, key_states, value_states, *args, **kwargs):
+        super().lazy_initialization(key_states, value_states)
+        batch, groups, _, head_dim = key_states.shape
+        self.keys = self.zero_key.to(key_states.dtype)[None, :, None, :].expand(
+            batch, groups, 1, head_dim).contiguous()
+        self.values = value_states.new_zeros(batch, groups, 1, value_states.shape[-1])
+
+    def get_seq_length(self) -> int:
+        if not self.is_initialized or self.keys is None:
+            return 0
+        return self.keys.shape[-2] - 1
+
+
+class AttentionLayout:
+    """How the queries of one forward call see the keys; the same for every application.
+
+    - ``prefill``: no earlier tokens, no padding. With a zero token, a dummy query is put next
+      to the zero key, which turns "every query sees k_z and the keys up to itself" into a
+      square causal mask, so SDPA's fused causal kernel applies.
+    - ``decode``: one new token per row, no padding: it sees every key, no mask at all.
+    - ``masked``: anything else (padding, several new tokens after a cache): a boolean mask.
+    """
+
+    def __init__(self, kind, zero_token, mask=None):
+        self.kind, self.zero_token, self.mask = kind, zero_token, mask
+
+    @classmethod
+    def build(cls, attention_mask, past, length, zero_token, device):
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        if not padded and past == 0:
+            return cls("prefill", zero_token)
+        if not padded and length == 1:
+            return cls("decode", zero_token)
+        total = past + length
+        key_pos = torch.arange(total, device=device)
+        query_pos = torch.arange(past, total, device=device)
+        allowed = (key_pos[None, :] <= query_pos[:, None])[None, None]  # [1, 1, q, total]
+        if padded:
+            allowed = allowed & attention_mask[:, None, None, :].bool()
+            if not zero_token:  # a left-pad query would see no key at all: let it see itself
+                allowed = allowed | (key_pos[None, :] == query_pos[:, None])
+        if zero_token:
+            allowed = torch.cat([allowed.new_ones(*allowed.shape[:-1], 1), allowed], dim=-1)
+        return cls("masked", zero_token, allowed)
+
+    def attend(self, query, keys, values, scale, zero_attention=False):
+        """-> (output [b, heads, q, d], zero attention [b, heads, q] or None)."""
+        gqa = query.shape[1] != keys.shape[1]
+        causal = self.kind == "prefill"
+        if causal and self.zero_token:
+            query = torch.cat([query.new_zeros(*query.shape[:2], 1, query.shape[-1]), query], dim=2)
+        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=self.mask,
+                                             is_causal=causal, scale=scale, enable_gqa=gqa)
+        probs = None
+        if zero_attention:
+            # The zero key's softmax weight, through the same kernel with a one-hot value, so
+            # that no [q, keys] score matrix is kept.
+            indicator = keys.new_zeros(*keys.shape[:-1], 1)
+            indicator[:, :, 0] = 1
+            probs = F.scaled_dot_product_attention(query, keys, indicator, attn_mask=self.mask,
+                                                   is_causal=causal, scale=scale,
+                                                   enable_gqa=gqa)[..., 0]
+        if causal and self.zero_token:
+            out = out[:, :, 1:]
+            probs = None if probs is None else probs[:, :, 1:]
+        return out, probs
+
+
+class ZTTAttention(nn.Module):
+    def __init__(self, config: ZTTConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scale = self.head_dim ** -0.5
+        width = config.hidden_size
+        self.q_proj = nn.Linear(width, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(width, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(width, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, width, bias=False)
+
+    def forward(self, hidden, cos, sin, layout, zero_key=None, cache=None, cache_index=None,
+                kv_fill=None, zero_attention=False):
+        """-> (output, (key, value) of this call's tokens, zero attention [b, heads, q] or None).
+
+        ``kv_fill`` = (exited [b, 1, q, 1], key, value): tokens that left the cycles take these
+        key/values (their last computed cycle's) instead of freshly computed ones.
+        """
+        batch, length, _ = hidden.shape
+        query = self.q_proj(hidden).view(batch, length, self.num_heads, self.head_dim)
+        key = self.k_proj(hidden).view(batch, length, self.num_kv_heads, self.head_dim)
+        value = self.v_proj(hidden).view(batch, length, self.num_kv_heads, self.head_dim)
+        query = apply_rotary(query.transpose(1, 2), cos, sin)
+        key = apply_rotary(key.transpose(1, 2), cos, sin)
+        value = value.transpose(1, 2)
+        if kv_fill is not None:
+            exited, last_key, last_value = kv_fill
+            key = torch.where(exited, last_key, key)
+            value = torch.where(exited, last_value, value)
+        if cache is not None:
+            keys, values = cache.update(key, value, cache_index)
+        elif zero_key is not None:
+            zero_row = zero_key.to(key.dtype)[None, :, None, :].expand(batch, -1, 1, -1)
+            keys = torch.cat([zero_row, key], dim=2)
+            values = torch.cat([value.new_zeros(batch, value.shape[1], 1, value.shape[-1]), value], dim=2)
+        else:
+            keys, values = key, value
+        out, probs = layout.attend(query, keys, values, self.scale, zero_attention)
+        out = out.transpose(1, 2).reshape(batch, length, -1)
+        return self.o_proj(out), (key, value), probs
+
+
+# --------------------------------------------------------------------------- blocks
+def make_norm(config: ZTTConfig) -> nn.Module:
+    if config.normalization == "LayerNorm":
+        return nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+    return nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
+
+
+class ZTTMLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)); GeLU: down(gelu(up(x)))."""
+
+    def __init__(self, config: ZTTConfig):
+        super().__init__()
+        self.swiglu = config.activation == "swiglu"
+        if self.swiglu:
+            self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        if self.swiglu:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.gelu(self.up_proj(x)))
+
+
+class ZTTDecoderLayer(nn.Module):
+    """Pre-norm transformer layer: x + attn(norm(x)), then + mlp(norm(.))."""
+
+    def __init__(self, config: ZTTConfig):
+        super().__init__()
+        self.input_layernorm = make_norm(config)
+        self.self_attn = ZTTAttention(config)
+        self.post_attention_layernorm = make_norm(config)
+        self.mlp = ZTTMLP(config)
+
+    def forward(self, hidden, **attention_args):
+        attended, key_value, zero_attention = self.self_attn(self.input_layernorm(hidden),
+                                                             **attention_args)
+        hidden = hidden + attended
+        hidden = hidden + self.mlp(self.post_attention_layernorm(hidden))
+        return hidden, key_value, zero_attention
+
+
+class ZTTCycleGate(nn.Module):
+    """x_next = x + g * (y - x), g = sigmoid(w . rmsnorm(y) + b): one scalar per token."""
+
+    def __init__(self, config: ZTTConfig):
+        super().__init__()
+        self.eps = config.norm_eps
+        self.weight = nn.Parameter(torch.zeros(config.hidden_size))
+        self.bias = nn.Parameter(torch.zeros(1))
+
+    def forward(self, cycle_input, cycle_output):
+        normed = F.rms_norm(cycle_output, (cycle_output.shape[-1],), eps=self.eps)
+        gate = torch.sigmoid(normed @ self.weight + self.bias).unsqueeze(-1)
+        return cycle_input + gate * (cycle_output - cycle_input)
+
+
+# --------------------------------------------------------------------------- models
+@dataclass
+class ZTTModelOutput(ModelOutput):
+    last_hidden_state: Optional[torch.FloatTensor] = None
+    cache: Optional[Cache] = None
+    cycles_used: Optional[torch.LongTensor] = None  # [batch, tokens of this call]
+
+
+@dataclass
+class ZTTCausalLMOutput(CausalLMOutputWithPast):
+    cycles_used: Optional[torch.LongTensor] = None  # [batch, tokens of this call]
+
+
+class ZTTPreTrainedModel(PreTrainedModel):
+    config: ZTTConfig
+    config_class = ZTTConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["ZTTDecoderLayer"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, ZTTCycleGate):  # starts (almost) fully open
+            init.zeros_(module.weight)
+            init.constant_(module.bias, self.config.gate_bias_init)
+        elif isinstance(module, ZTTModel) and module.zero_keys is not None:
+            for key in module.zero_keys.values():
+                init.normal_(key, mean=0.0, std=self.config.initializer_range)
+
+
+class ZTTModel(ZTTPreTrainedModel):
+    def __init__(self, config: ZTTConfig):
+        super().__init__(config)
+        self.plan = application_plan(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(ZTTDecoderLayer(config) for _ in range(config.num_layers))
+        self.zero_keys = nn.ParameterDict(
+            {app.name: nn.Parameter(torch.zeros(config.num_key_value_heads, config.head_dim))
+             for app in self.plan}) if config.zero_token else None
+        self.gates = nn.ModuleList(
+            ZTTCycleGate(config) for _ in range(config.num_cycles)) if config.gate else None
+        self.norm = make_norm(config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def _adopt_cache(self, cache: Cache) -> None:
+        """Give every application a cache layer that holds its zero key in row 0."""
+        layers = cache.layers
+        for app in self.plan:
+            present = app.index < len(layers)
+            if present and isinstance(layers[app.index], ZeroTokenCacheLayer):
+                continue
+            if present and layers[app.index].get_seq_length() > 0:
+                raise ValueError(f"cache layer {app.index} already holds keys without this "
+                                 f"model's zero token; pass a fresh cache")
+            layer = ZeroTokenCacheLayer(self.zero_keys[app.name])
+            if present:
+                layers[app.index] = layer
+            else:
+                layers.append(layer)
+
+    def _cycle_zero_attention(self, zero_sum, mode, real_tokens):
+        """A_c per token [b, q]: mean over the cycle's layers and heads; with mode "sequence"
+        also over the (non-padding) tokens of this call, shared by the sequence's tokens."""
+        share = zero_sum / (self.config.num_attention_heads * len(self.config.cycled_layers))
+        if mode == "token":
+            return share
+        if real_tokens is None:
+            return share.mean(dim=1, keepdim=True).expand_as(share)
+        mean = ((share * real_tokens).sum(dim=1, keepdim=True)
+                / real_tokens.sum(dim=1, keepdim=True).clamp(min=1.0))
+        return mean.expand_as(share)
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
+                inputs_embeds=None, use_cache=None, exit_threshold=None, exit_mode=None,
+                past_key_values=None, **kwargs) -> ZTTModelOutput:
+        config = self.config
+        cache = cache if cache is not None else past_key_values
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        batch, length = hidden.shape[:2]
+        device = hidden.device
+        if use_cache is None:
+            use_cache = config.use_cache and not self.training
+        if use_cache and cache is None:
+            cache = DynamicCache(config=config)
+        if cache is not None and config.zero_token:
+            self._adopt_cache(cache)
+        past = cache.get_seq_length() if cache is not None else 0
+        if attention_mask is not None:
+            if attention_mask.dim() != 2 or attention_mask.shape[1] != past + length:
+                raise ValueError(f"attention_mask must be [batch, cached + new tokens] = "
+                                 f"[{batch}, {past + length}], got {tuple(attention_mask.shape)}")
+        if position_ids is None:
+            if attention_mask is not None:  # left padding: count real tokens only
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
+            else:
+                position_ids = torch.arange(past, past + length, device=device)[None]
+        cos, sin = rotary_cos_sin(position_ids, config.head_dim, config.rope_theta, hidden.dtype)
+        layout = AttentionLayout.build(attention_mask, past, length, config.zero_token, device)
+
+        threshold = config.exit_threshold if exit_threshold is None else exit_threshold
+        mode = exit_mode or config.exit_mode
+        if threshold is not None and not config.zero_token:
+            raise ValueError("early exit reads the zero attention: this model has no zero tokens")
+        if mode not in ("sequence", "token"):
+            raise ValueError(f"exit_mode must be 'sequence' or 'token', got {mode!r}")
+        real_tokens = None
+        if attention_mask is not None and mode == "sequence":
+            real_tokens = attention_mask[:, -length:].to(torch.float32)
+
+        num_cycles = config.num_cycles
+        cycles_used = torch.full((batch, length), num_cycles, dtype=torch.long, device=device)
+        exited = None  # [b, q] bool: tokens that left the cycles early
+        all_exited = False
+        last_key_value = {}  # middle layer -> its (key, value) from each token's last cycle
+        zero_sum = None
+        cycle_input = hidden
+        for app in self.plan:
+            cycling = app.cycle is not None
+            if app.starts_cycle:
+                cycle_input, zero_sum = hidden, 0.0
+            if cycling and all_exited:  # nothing left to compute; the cache still needs rows
+                if cache is not None:
+                    cache.update(*last_key_value[app.layer], app.index)
+                continue
+            decides_exit = threshold is not None and cycling and app.cycle < num_cycles - 1
+            kv_fill = None
+            if exited is not None and cycling:
+                kv_fill = (exited[:, None, :, None], *last_key_value[app.layer])
+            hidden, key_value, zero_attention = self.layers[app.layer](
+                hidden, cos=cos, sin=sin, layout=layout,
+                zero_key=self.zero_keys[app.name] if self.zero_keys is not None else None,
+                cache=cache, cache_index=app.index, kv_fill=kv_fill, zero_attention=decides_exit)
+            if threshold is not None and cycling:
+                last_key_value[app.layer] = key_value
+            if decides_exit:
+                zero_sum = zero_sum + zero_attention.float().sum(dim=1)  # over heads: [b, q]
+            if not app.ends_cycle:
+                continue
+            if self.gates is not None:
+                hidden = self.gates[app.cycle](cycle_input, hidden)
+            if exited is not None:
+                hidden = torch.where(exited[..., None], cycle_input, hidden)
+            if decides_exit:
+                leaving = self._cycle_zero_attention(zero_sum, mode, real_tokens) >= threshold
+                if exited is not None:
+                    leaving &= ~exited
+                if leaving.any():
+                    cycles_used[leaving] = app.cycle + 1
+                    exited = leaving if exited is None else exited | leaving
+                    all_exited = bool(exited.all())
+        return ZTTModelOutput(last_hidden_state=self.norm(hidden), cache=cache,
+                              cycles_used=cycles_used)
+
+
+class ZTTForCausalLM(ZTTPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: ZTTConfig):
+        super().__init__(config)
+        self.model = ZTTModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self._cycle_log = None  # filled during generate()
+        self.generation_cycles_used = None  # [batch, new tokens] after generate()
+        self.mean_cycles_used = None
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0,
+                exit_threshold=None, exit_mode=None, past_key_values=None, **kwargs):
+        for unsupported in ("output_attentions", "output_hidden_states"):
+            if kwargs.get(unsupported):
+                raise NotImplementedError(f"ZTTForCausalLM does not return {unsupported[7:]}")
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                         position_ids=position_ids, cache=cache, inputs_embeds=inputs_embeds,
+                         use_cache=use_cache, exit_threshold=exit_threshold,
+                         exit_mode=exit_mode, past_key_values=past_key_values)
+        hidden = out.last_hidden_state
+        if isinstance(logits_to_keep, int):
+            hidden = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+        else:
+            hidden = hidden[:, logits_to_keep]
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels,
+                                      vocab_size=self.config.vocab_size)
+        if self._cycle_log is not None:  # the last position is the one that predicts
+            self._cycle_log.append(out.cycles_used[:, -1])
+        return ZTTCausalLMOutput(loss=loss, logits=logits, cycles_used=out.cycles_used,
+                                 **{_CACHE_FIELD: out.cache})
+
+    def generate(self, *args, **kwargs):
+        """transformers' generate; also records the cycles each new token used.
+
+        Early-exit settings pass through as keyword arguments:
+        ``generate(ids, exit_threshold=0.5, exit_mode="token")``.
+        """
+        self._cycle_log = []
+        try:
+            output = super().generate(*args, **kwargs)
+        finally:
+            log, self._cycle_log = self._cycle_log, None
+        self.generation_cycles_used = torch.stack(log, dim=1) if log else None
+        self.mean_cycles_used = (float(self.generation_cycles_used.float().mean())
+                                 if log else None)
+        return output
+
+
+__all__ = ["ZTTForCausalLM", "ZTTModel", "ZTTPreTrainedModel"]

@@ -1,0 +1,129 @@
+"""Generate text from an exported model or a training checkpoint (``ztt generate``).
+
+    ztt generate --model DIR --prompt "Once upon a time" [--max-new-tokens 64]
+                 [--exit-threshold 0.4] [--exit-mode sequence|token] [--temperature 0.8]
+
+DIR is either a Hugging Face export (``ztt export-hf``) or a training checkpoint, which is
+exported (fp32) into a temporary directory first, through the same code. The continuation goes
+to stdout; the mean number of cycles each new token ran goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def is_exported_model(path: Path) -> bool:
+    config = path / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return json.loads(config.read_text()).get("model_type") == "ztt"
+    except (OSError, ValueError):
+        return False
+
+
+@contextmanager
+def exported_model_dir(model: str | os.PathLike):
+    """Yield a directory that ``from_pretrained`` can load: ``model`` itself or a temporary export."""
+    path = Path(model)
+    if is_exported_model(path):
+        yield path
+        return
+    from megatron_ztt.export.hf import export_hf, load_checkpoint_state
+
+    config, full_state, tokenizer_model = load_checkpoint_state(path)
+    with tempfile.TemporaryDirectory(prefix="ztt-generate-") as scratch:
+        yield export_hf(config, full_state, tokenizer_model, Path(scratch) / "model", "fp32")
+
+
+def load(directory: str | os.PathLike, dtype: str = "auto"):
+    """(model, tokenizer) from an exported directory, without touching the network."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = {"auto": "auto", "fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True,
+                                                 dtype=torch_dtype)
+    # AutoTokenizer reads config.json first, which names the export's own code; without
+    # trust_remote_code transformers would stop and ask (the tokenizer itself is plain).
+    tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=True)
+    return model.eval(), tokenizer
+
+
+def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64,
+                  exit_threshold: float | None = None, exit_mode: str | None = None,
+                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None):
+    """-> (continuation, mean cycles per new token). temperature 0 is greedy decoding."""
+    import torch
+
+    inputs = tokenizer(prompt, return_tensors="pt")
+    sampling = temperature > 0
+    options = dict(max_new_tokens=max_new_tokens, do_sample=sampling,
+                   pad_token_id=tokenizer.pad_token_id)
+    if sampling:
+        options.update(temperature=temperature, top_k=top_k, top_p=top_p)
+    if exit_threshold is not None:
+        options["exit_threshold"] = exit_threshold
+    if exit_mode is not None:
+        options["exit_mode"] = exit_mode
+    with torch.no_grad():
+        output = model.generate(**inputs, **options)
+    new_tokens = output[0, inputs["input_ids"].shape[1]:]
+    return tokenizer.decode(new_tokens, skip_special_tokens=True), model.mean_cycles_used
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True,
+                        help="exported model directory, or a training checkpoint directory")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--exit-threshold", type=float, default=None,
+                        help="stop cycling once a cycle's mean zero attention reaches this "
+                             "(default: the model config's; 'inf' runs every cycle)")
+    parser.add_argument("--exit-mode", choices=("sequence", "token"), default=None,
+                        help="early-exit decision per sequence (default) or per token")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="sampling temperature; 0 decodes greedily (default)")
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+    parser.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="compute dtype (default: the exported weights' dtype)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from megatron_ztt.export.hf import ExportError
+
+    if args.max_new_tokens < 1:
+        print("ztt generate: error: --max-new-tokens must be >= 1", file=sys.stderr)
+        return 1
+    torch.manual_seed(args.seed)
+    try:
+        with exported_model_dir(args.model) as directory:
+            model, tokenizer = load(directory, args.dtype)
+    except (ExportError, OSError, KeyError, ValueError) as error:
+        print(f"ztt generate: error: cannot load {args.model}: {error}", file=sys.stderr)
+        return 1
+    try:
+        text, mean_cycles = generate_text(model, tokenizer, args.prompt, args.max_new_tokens,
+                                          args.exit_threshold, args.exit_mode, args.temperature,
+                                          args.top_k, args.top_p)
+    except ValueError as error:  # e.g. an exit threshold for a model without zero tokens
+        print(f"ztt generate: error: {error}", file=sys.stderr)
+        return 1
+    print(text)
+    threshold = args.exit_threshold if args.exit_threshold is not None else model.config.exit_threshold
+    mode = args.exit_mode or model.config.exit_mode
+    print(f"mean cycles used: {mean_cycles:.2f} of {model.config.num_cycles} per new token "
+          f"(exit threshold {threshold}, exit mode {mode})", file=sys.stderr)
+    return 0

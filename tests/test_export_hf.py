@@ -1,0 +1,279 @@
+"""Hugging Face export: logits equal the training model's, the directory is complete and
+loadable, the tokenizer keeps SentencePiece's ids, and bad input or an interruption leaves no
+half-written output."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from export_helpers import (CORPUS, VARIANTS, build_and_export, load_export,
+                            safetensors_tensors, train_sentencepiece, variant_config)
+from megatron_ztt.export import hf as hf_export
+from megatron_ztt.export.hf import ExportError, export_hf, merge_stage_states
+from model_helpers import batch
+
+MAX_ABS_DIFF = 1e-4
+
+
+@pytest.fixture(scope="module")
+def tokenizer_model(tmp_path_factory):
+    return train_sentencepiece(tmp_path_factory.mktemp("sentencepiece"))
+
+
+def test_exported_plan_matches_training_plan():
+    from megatron_ztt.export.hf_template.modeling_ztt import application_plan as exported_plan
+    from megatron_ztt.export.hf import hf_config
+    from megatron_ztt.model.plan import application_plan
+
+    for name in VARIANTS:
+        config = variant_config(name)
+        exported = exported_plan(hf_config(config, {}, torch.float32))
+        training = application_plan(config)
+        assert [(a.index, a.layer, a.cycle, a.starts_cycle, a.ends_cycle, a.name)
+                for a in exported] == [(a.index, a.layer, a.cycle, a.starts_cycle, a.ends_cycle,
+                                        a.name) for a in training], name
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_exported_logits_match_training_model(seeded, tmp_path, name):
+    model, config, path = build_and_export(name, tmp_path / "export")
+    exported = load_export(path)
+    ids, _ = batch(config, size=3)
+    with torch.no_grad():
+        expected = model(ids).logits
+        without_cache = exported(ids, use_cache=False).logits
+        with_cache = exported(ids, use_cache=True).logits  # prefill through the cache layers
+    assert without_cache.shape == (3, config.seq_length, config.vocab_size)
+    for got in (without_cache, with_cache):
+        diff = (got - expected).abs().max().item()
+        assert diff <= MAX_ABS_DIFF, f"{name}: max abs diff {diff}"
+
+
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_exported_early_exit_matches_training_model(seeded, tmp_path, use_cache):
+    model, config, path = build_and_export("ztt-gqa", tmp_path / "export")
+    exported = load_export(path)
+    ids, _ = batch(config, size=4)
+    with torch.no_grad():
+        first_cycle = model(ids).zero_attention_by_cycle(model.plan)[1].item()
+        # the batch mean: some sequences stop after cycle 1, others go on
+        expected = model(ids, exit_threshold=first_cycle)
+        got = exported(ids, exit_threshold=first_cycle, exit_mode="sequence", use_cache=use_cache)
+    assert expected.cycles_used.min() == 1 and expected.cycles_used.max() > 1
+    assert torch.equal(got.cycles_used, expected.cycles_used[:, None].expand_as(ids))
+    assert (got.logits - expected.logits).abs().max().item() <= MAX_ABS_DIFF
+
+
+def test_export_directory_is_complete(seeded, tmp_path, tokenizer_model):
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    model, config, path = build_and_export("ztt-gqa", tmp_path / "export", tokenizer_model)
+    files = {p.name for p in path.iterdir()}
+    assert {"config.json", "configuration_ztt.py", "modeling_ztt.py", "model.safetensors",
+            "generation_config.json", "tokenizer.json", "tokenizer_config.json"} <= files
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no staging leftovers
+
+    raw = json.loads((path / "config.json").read_text())
+    assert raw["model_type"] == "ztt"
+    assert raw["auto_map"] == {"AutoConfig": "configuration_ztt.ZTTConfig",
+                               "AutoModelForCausalLM": "modeling_ztt.ZTTForCausalLM"}
+    loaded = AutoConfig.from_pretrained(path, trust_remote_code=True)
+    assert loaded.num_hidden_layers == config.num_applications  # one cache layer each
+    generation = GenerationConfig.from_pretrained(path)
+    assert (generation.bos_token_id, generation.eos_token_id, generation.pad_token_id) == (1, 2, 3)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+    assert (tokenizer.unk_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id,
+            tokenizer.pad_token_id) == (0, 1, 2, 3)
+
+    tensors = safetensors_tensors(path)
+    # the vocabulary padding rows are gone, the tied output layer is not duplicated
+    assert config.padded_vocab_size > config.vocab_size
+    assert tensors["model.embed_tokens.weight"].shape == (config.vocab_size, config.hidden_size)
+    assert "lm_head.weight" not in tensors
+    # one copy of each distinct layer, one zero key per application
+    assert {k.split(".")[2] for k in tensors if k.startswith("model.layers.")} == {
+        str(i) for i in range(config.num_layers)}
+    assert len([k for k in tensors if k.startswith("model.zero_keys.")]) == config.num_applications
+
+
+@pytest.mark.parametrize("model_type,lossless", [("bpe", True), ("unigram", True), ("bpe", False),
+                                                 ("unigram", False)])
+def test_tokenizer_round_trips_with_sentencepiece_ids(seeded, tmp_path, model_type, lossless):
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    tokenizer_model = train_sentencepiece(tmp_path, model_type, lossless=lossless)
+    _, _, path = build_and_export("ztt-gqa", tmp_path / "export", tokenizer_model)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+    processor = spm.SentencePieceProcessor(model_file=str(tokenizer_model))
+
+    texts = list(hf_export.TOKENIZER_PROBES) + [
+        "Ωμέγα ₿ 𝄞 ꙮ — ǅ ﬁ ½ ①",  # rare characters: byte fallback in a 1000-piece vocabulary
+        " ", "", "\n\n\n", "a  b   c    d", "    indented\n        code", "x  \n  y",
+        "digits 1234567890 and 3.14159", "a\u00a0non-breaking space",
+    ]
+    for file in sorted(CORPUS.glob("*.txt")):
+        paragraphs = [p for p in file.read_text(encoding="utf-8").split("\n\n") if p.strip()]
+        texts += paragraphs[5:45]
+    byte_pieces = {processor.piece_to_id(f"<0x{b:02X}>") for b in range(256)}
+    used_byte_fallback = False
+    for text in texts:
+        expected = processor.encode(text)
+        got = tokenizer(text)["input_ids"]
+        assert got == expected, f"{model_type}: {text[:60]!r}"
+        assert tokenizer.decode(got) == processor.decode(expected), f"{model_type}: {text[:60]!r}"
+        used_byte_fallback |= bool(byte_pieces & set(expected))
+    assert used_byte_fallback
+
+
+def test_bf16_export_loads_in_bf16(seeded, tmp_path):
+    model, config, path = build_and_export("ztt-gqa", tmp_path / "export", dtype="bf16")
+    assert json.loads((path / "config.json").read_text())["dtype"] == "bfloat16"
+    assert {t.dtype for t in safetensors_tensors(path).values()} == {torch.bfloat16}
+    exported = load_export(path, dtype="auto")
+    assert exported.dtype == torch.bfloat16
+    ids, _ = batch(config, size=2)
+    with torch.no_grad():
+        expected = model(ids).logits
+        got = exported(ids).logits.float()
+    assert (got - expected).abs().max().item() < 0.1 * expected.abs().max().item()
+
+
+def test_large_export_is_sharded(seeded, tmp_path):
+    model, config, whole = build_and_export("ztt-gqa", tmp_path / "whole")
+    from megatron_ztt.parallel.sharding import gather_full_state_dict
+
+    sharded = export_hf(config, gather_full_state_dict(model), None, tmp_path / "sharded", "fp32",
+                        max_shard_size="60KB")
+    shards = sorted(p.name for p in sharded.glob("*.safetensors"))
+    assert len(shards) > 1 and (sharded / "model.safetensors.index.json").is_file()
+    assert all(torch.equal(t, safetensors_tensors(whole)[n])
+               for n, t in safetensors_tensors(sharded).items())
+    ids, _ = batch(config, size=2)
+    with torch.no_grad():
+        assert torch.equal(load_export(sharded)(ids).logits, load_export(whole)(ids).logits)
+
+
+def _file_bytes(directory: Path) -> dict:
+    return {p.name: p.read_bytes() for p in directory.iterdir()}
+
+
+def test_interrupted_export_leaves_no_output(seeded, tmp_path, monkeypatch):
+    model, config, first = build_and_export("ztt-gqa", tmp_path / "first")
+    from megatron_ztt.parallel.sharding import gather_full_state_dict
+
+    state = gather_full_state_dict(model)
+    real_write = hf_export._write_weights
+
+    def write_then_die(hf_state, directory, max_shard_size):
+        real_write(hf_state, directory, max_shard_size)
+        raise KeyboardInterrupt  # e.g. Ctrl-C or a killed job after some files are written
+
+    monkeypatch.setattr(hf_export, "_write_weights", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        export_hf(config, state, None, tmp_path / "second", "fp32")
+    assert not (tmp_path / "second").exists()
+
+    before = _file_bytes(first)
+    with pytest.raises(KeyboardInterrupt):
+        export_hf(config, state, None, first, "bf16", overwrite=True)
+    assert _file_bytes(first) == before  # the old export is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["first"]
+
+
+def test_existing_output_is_replaced_only_when_asked(seeded, tmp_path):
+    model, config, path = build_and_export("ztt-gqa", tmp_path / "export")
+    from megatron_ztt.parallel.sharding import gather_full_state_dict
+
+    state = gather_full_state_dict(model)
+    with pytest.raises(ExportError, match="already exists"):
+        export_hf(config, state, None, path, "bf16")
+    export_hf(config, state, None, path, "bf16", overwrite=True)
+    assert json.loads((path / "config.json").read_text())["dtype"] == "bfloat16"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
+def test_incomplete_or_unmerged_state_is_rejected(seeded, tmp_path):
+    from megatron_ztt.model.ztt import ZTTModel
+    from megatron_ztt.parallel.sharding import gather_full_state_dict
+
+    config = variant_config("ztt-gqa")
+    state = gather_full_state_dict(ZTTModel(config))
+    partial = {k: v for k, v in state.items() if k != "zero_token_pool.keys.cycle2_layer3"}
+    with pytest.raises(ExportError, match="cycle2_layer3"):
+        export_hf(config, partial, None, tmp_path / "out", "fp32")
+    one_shard = dict(state)
+    name = "layers.1.mlp.linear_fc1.weight"
+    one_shard[name] = state[name].chunk(2)[0]  # what one of two tensor-parallel ranks holds
+    with pytest.raises(ExportError, match=name):
+        export_hf(config, one_shard, None, tmp_path / "out", "fp32")
+    assert not (tmp_path / "out").exists()
+
+
+def test_tokenizer_must_match_the_vocabulary(seeded, tmp_path, tokenizer_model):
+    from megatron_ztt.model.ztt import ZTTModel
+    from megatron_ztt.parallel.sharding import gather_full_state_dict
+
+    config = variant_config("ztt-gqa", vocab_size=900)
+    with pytest.raises(ExportError, match="1000 pieces"):
+        export_hf(config, gather_full_state_dict(ZTTModel(config)), tokenizer_model,
+                  tmp_path / "out", "fp32")
+    assert not (tmp_path / "out").exists()
+
+
+def test_pipeline_stages_merge_into_one_copy():
+    shared = torch.arange(6.0)
+    stage0 = {"embedding.word_embeddings.weight": torch.ones(2), "layers.1.w": shared.clone()}
+    stage1 = {"layers.1.w": shared.clone(), "output_head.final_norm.weight": torch.zeros(2)}
+    merged = merge_stage_states([stage0, stage1])
+    assert sorted(merged) == ["embedding.word_embeddings.weight", "layers.1.w",
+                              "output_head.final_norm.weight"]
+    drifted = {"layers.1.w": shared + 1e-3}
+    with pytest.raises(ExportError, match="layers.1.w.*stage 1"):
+        merge_stage_states([stage0, drifted])
+
+
+def test_cli_reports_a_missing_checkpoint(tmp_path, capsys):
+    from megatron_ztt.cli import main
+
+    code = main(["export-hf", "--checkpoint", str(tmp_path / "nowhere"),
+                 "--output", str(tmp_path / "out")])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "nowhere" in err and "does not exist" in err
+    assert not (tmp_path / "out").exists()
+
+
+SELF_CONTAINED_CHECK = r"""
+import sys
+
+class Block:  # the export must not need this project, megatron-core or DeepSpeed
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("megatron", "megatron_ztt", "deepspeed"):
+            raise ImportError(f"the export imported {name}")
+
+sys.meta_path.insert(0, Block())
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=True)
+ids = tokenizer("Once upon a time", return_tensors="pt")
+out = model.generate(**ids, max_new_tokens=3, do_sample=False, exit_threshold=0.0)
+print("cycles", model.mean_cycles_used, out.shape[1] - ids["input_ids"].shape[1])
+"""
+
+
+def test_export_runs_with_only_torch_and_transformers(seeded, tmp_path, tokenizer_model):
+    import os
+    import subprocess
+    import sys
+
+    _, _, path = build_and_export("ztt-gqa", tmp_path / "export", tokenizer_model)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", SELF_CONTAINED_CHECK, str(path)], env=env,
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "cycles 1.0 3" in result.stdout

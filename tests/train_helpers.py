@@ -1,0 +1,19 @@
+"""A micro training configuration for the training tests."""
+
+from megatron_ztt.training.config import load_config
+
+
+def micro_config(data, run_dir, *overrides):
+    prefix, tokenizer = data
+    base = [
+        f"run.dir={run_dir}", f"data.blend=[{prefix}]", f"data.tokenizer={tokenizer}",
+        "data.split=90,5,5",
+        "model.vocab_size=512", "model.hidden_size=32", "model.num_layers=3",
+        "model.num_attention_heads=4", "model.num_query_groups=2", "model.seq_length=32",
+        "model.num_cycles=2", "model.make_vocab_size_divisible_by=64",
+        "model.exit_loss_weights=[0.5,1.0]",
+        "train.micro_batch_size=2", "train.global_batch_size=8", "train.train_iters=4",
+        "train.lr=1e-2", "train.min_lr=1e-3", "train.warmup_iters=1",
+        "checkpoint.interval=1000", "eval.interval=1000", "eval.iters=1", "logging.interval=2",
+    ]
+    return load_config(None, base + list(overrides))

@@ -11,10 +11,11 @@
 Two launchers (``--launcher``, or the LAUNCHER variable in train.sbatch):
 
 ``srun`` (default)
-    srun starts one task per GPU (per process on CPU) on every node. Each task sets
-    RANK=$SLURM_PROCID and LOCAL_RANK=$SLURM_LOCALID and execs ``python -m megatron_ztt.train``;
-    WORLD_SIZE, MASTER_ADDR (first host of the allocation) and MASTER_PORT (from the job id)
-    are exported by this helper. Block distribution: node i holds ranks i*P .. i*P+P-1.
+    srun starts one task per GPU (per process on CPU) on every node, each a plain
+    ``python -m megatron_ztt.train``. The training's runtime (``read_launch_env``) takes rank,
+    world size and local rank from SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID, and the
+    rendezvous from MASTER_ADDR (first host of the allocation) and MASTER_PORT (from the job
+    id), which this helper exports. Block distribution: node i holds ranks i*P .. i*P+P-1.
     SLURM's signals (``--signal=USR1@T``) reach every training process directly.
 
 ``torchrun``
@@ -43,10 +44,8 @@ TRAIN_MODULE = "megatron_ztt.train"
 DEFAULT_PORT = 29500
 LAUNCHERS = ("srun", "torchrun")
 TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
-# What every srun task runs before the training: SLURM's numbering as torch.distributed's
-# variables (DeepSpeed insists on LOCAL_RANK), then exec, so the task *is* the python process.
-SRUN_TASK = 'export RANK="$SLURM_PROCID" LOCAL_RANK="$SLURM_LOCALID"; exec "$@"'
-# torchrun's variables must not leak from the submitting shell into the job.
+# torchrun's variables must not leak from the submitting shell into the job: the runtime
+# prefers RANK/WORLD_SIZE over SLURM's numbering.
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK")
 
 
@@ -199,23 +198,19 @@ def build_plan(hosts: List[str], procs_per_node: int, config: str, overrides: Li
     nodes: List[NodePlan] = []
 
     if launcher == "srun":
-        # RANK/LOCAL_RANK differ per task, so each task sets them from SLURM's numbering just
-        # before it becomes the training process (exec: signals reach python directly).
-        job_env.update(WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(procs_per_node))
         srun = ["srun", f"--nodes={num_nodes}", f"--ntasks={world}",
                 f"--ntasks-per-node={procs_per_node}", "--distribution=block",
                 "--kill-on-bad-exit=1"]
         if cpus_per_task:
             srun.append(f"--cpus-per-task={cpus_per_task}")
-        srun += ["bash", "-c", SRUN_TASK, "ztt-task", *train]
+        srun += train
         for node_rank, host in enumerate(hosts):
             node = NodePlan(node_rank, host, train)
             for local in range(procs_per_node):
                 rank = node_rank * procs_per_node + local
                 node.tasks.append(Task(rank, local, {
                     "SLURM_NODEID": str(node_rank), "SLURM_PROCID": str(rank),
-                    "SLURM_LOCALID": str(local), "RANK": str(rank), "LOCAL_RANK": str(local),
-                    **job_env}))
+                    "SLURM_LOCALID": str(local), "SLURM_NTASKS": str(world), **job_env}))
             nodes.append(node)
     else:
         agent = [python, "-m", "torch.distributed.run", f"--nnodes={num_nodes}",

@@ -70,13 +70,13 @@ exec > >(tee -i -a "$log") 2>&1
 printf '%q ' "${cmd[@]}"
 echo
 rm -f "$RUN_DIR/status.json"  # written afresh by this run
-"${cmd[@]}" &
+# torchrun gets a session of its own, so that Ctrl-C reaches only this script, which turns it
+# into SIGTERM (the training saves on SIGTERM and SIGUSR1, not on SIGINT). SIGUSR1 and SIGTERM
+# sent to this script go to torchrun as they are; torchrun passes them to its workers.
+setsid "${cmd[@]}" &
 pid=$!
-# SIGUSR1/SIGTERM sent to this script go to torchrun, which passes them to the workers.
-# Ctrl-C reaches torchrun from the terminal already; here it only must not end the script.
 trap 'kill -s USR1 "$pid" 2>/dev/null || true' USR1
-trap 'kill -s TERM "$pid" 2>/dev/null || true' TERM
-trap ':' INT
+trap 'kill -s TERM "$pid" 2>/dev/null || true' TERM INT
 while :; do
     rc=0
     wait "$pid" || rc=$?

@@ -92,6 +92,15 @@ def build_engine(config: RunConfig):
 
         model = ZTTModel(config.model)
         mpu = MegatronMPU
+        if config.parallel.zero_stage == 3:
+            # ZeRO-3 gathers a parameter only around its own module's forward: the output head
+            # reads the embedding's weight and each layer its applications' zero keys.
+            register = deepspeed.zero.register_external_parameter
+            if config.model.tie_embeddings:
+                register(model.output_head, model.embedding.weight)
+            if model.zero_token_pool is not None:
+                for app in model.plan:
+                    register(model.layers[app.layer], model.zero_token_pool[app.name])
     if config.train.init_weights:
         load_initial_weights(model, config.train.init_weights)
     model.to(runtime.current_device())

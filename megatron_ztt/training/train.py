@@ -199,8 +199,8 @@ def train_step(engine, batches, config: RunConfig, accumulation: int, iteration:
             nonfinite = True
             if config.train.nonfinite_loss == "stop":
                 raise NonFiniteLossError(
-                    f"iteration {iteration}: non-finite loss ({loss.item()} on rank "
-                    f"{dist.get_rank()}, micro batch {micro}); stopping as "
+                    f"iteration {iteration}: non-finite loss in micro batch {micro} (rank "
+                    f"{dist.get_rank()}'s loss: {loss.item()}); stopping as "
                     f"train.nonfinite_loss=stop asks. The last checkpoint is unchanged.")
             # Make sure every rank's gradients are non-finite, so that the ZeRO optimizer's
             # overflow check skips this whole step on all of them.

@@ -263,6 +263,9 @@ def _train(config: RunConfig, stop: StopRequest) -> TrainResult:
             f"on rank 0; layout {layout}")
 
     batches = TrainingBatches(train_set, config, state.consumed_train_samples)
+    validating = config.eval.iters > 0 and valid_set is not None
+    if config.eval.iters > 0 and valid_set is None:
+        log("the data has no validation split (data.split gives it no share): no validation")
     # every metric is reduced over all ranks first, so rank 0 can write them all
     tb = TensorBoardLogger(config.tensorboard_dir,
                            config.logging.tensorboard and dist.get_rank() == 0)
@@ -334,7 +337,7 @@ def _train(config: RunConfig, stop: StopRequest) -> TrainResult:
                 tb.scalars(values, iteration)
                 window, window_time, window_steps = {}, 0.0, 0
 
-            if iteration % config.eval.interval == 0 and config.eval.iters > 0:
+            if iteration % config.eval.interval == 0 and validating:
                 metrics = validate(engine, valid_set, config, pipelined)
                 result.validation[iteration] = metrics
                 log(f"validation at iteration {iteration}: " + " | ".join(

@@ -66,7 +66,12 @@ def _parallel_worker(rank, data, root):
     iters = f"train.train_iters={ITERS}"
     run("dp2_zero1", iters, "parallel.zero_stage=1", "eval.interval=3",
         "eval.exit_thresholds=[0.3]")
-    run("dp2_zero2", iters, "parallel.zero_stage=2")
+    run("dp2_zero2", iters, "parallel.zero_stage=2", "checkpoint.interval=2",
+        "checkpoint.keep_last=2")
+    out["kept_checkpoints"] = sorted(os.listdir(f"{root}/dp2_zero2/checkpoints"))
+    run("dp2_zero3", iters, "parallel.zero_stage=3")
+    out["zero3_weights"] = {k: v.shape for k, v in _final_weights(f"{root}/dp2_zero3").items()}
+    run("dp2_bf16", iters, "train.precision=bf16")
     run("tp2", iters, "parallel.tensor=2")
 
     # exact resume: 3 steps, stop, 3 more from the checkpoint
@@ -144,9 +149,23 @@ def test_layouts_follow_the_single_process_losses(runs):
     assert ref[ITERS] < ref[1], "the loss should fall"
     # same global batch: ZeRO-2, DP=2 (ZeRO-1 and -2) and TP=2 follow the DP=1 losses
     assert _close(reference["zero2"]["losses"], ref), (reference["zero2"]["losses"], ref)
-    for name in ("dp2_zero1", "dp2_zero2", "tp2"):
+    for name in ("dp2_zero1", "dp2_zero2", "dp2_zero3", "tp2"):
         assert _close(got[name]["losses"], ref), (name, got[name]["losses"], ref)
     assert ranks[1]["dp2_zero1"]["losses"] == got["dp2_zero1"]["losses"]
+    # bf16 follows the fp32 run to bf16 precision
+    assert _close(got["dp2_bf16"]["losses"], ref, tol=3e-2), (got["dp2_bf16"]["losses"], ref)
+
+
+@pytest.mark.slow
+def test_checkpoints_keep_the_last_n_and_zero3_weights_are_complete(runs):
+    _, ranks, _ = runs
+    got = ranks[0]
+    assert [n for n in got["kept_checkpoints"] if n.startswith("iter_")] == [
+        "iter_0000004", "iter_0000006"]
+    assert "latest" in got["kept_checkpoints"]
+    shapes = got["zero3_weights"]
+    assert shapes["embedding.word_embeddings.weight"] == (512, 32)
+    assert all(0 not in shape for shape in shapes.values())
 
 
 @pytest.mark.slow

@@ -95,17 +95,19 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(sample_data, tmp_path):
         assert row["perplexity"] == pytest.approx(2.718281828 ** row["loss"], rel=1e-6)
 
 
-@pytest.mark.parametrize("override,named", [
-    ("train.lrr=1", "train.lrr"),
-    ("train.lr=fast", "train.lr"),
-    ("model.num_cycles=0", "model.num_cycles"),
-    ("parallel.tensor=3", "parallel.tensor"),
-    ("parallel.zero_stage=5", "parallel.zero_stage"),
+@pytest.mark.parametrize("overrides,named", [
+    (["train.lrr=1"], "train.lrr"),
+    (["train.lr=fast"], "train.lr"),
+    (["model.num_cycles=0"], "model.num_cycles"),
+    (["parallel.tensor=3"], "parallel.tensor"),
+    (["parallel.zero_stage=5"], "parallel.zero_stage"),
+    (["parallel.pipeline=2", "parallel.zero_stage=2"], "parallel.zero_stage"),
+    (["parallel.pipeline=9", "parallel.zero_stage=1"], "more pipeline stages than layer applications"),
 ])
-def test_bad_settings_fail_at_start_naming_the_key(sample_data, tmp_path, override, named):
+def test_bad_settings_fail_at_start_naming_the_key(sample_data, tmp_path, overrides, named):
     result = subprocess.run(
         [sys.executable, "-m", "megatron_ztt.train", "--config", CONFIG,
-         *_data_args(sample_data, tmp_path), *MICRO, override],
+         *_data_args(sample_data, tmp_path), *MICRO, *overrides],
         capture_output=True, text=True, env=_env(), timeout=300)
     assert result.returncode == 2, result.stderr[-2000:]
     assert named in result.stderr

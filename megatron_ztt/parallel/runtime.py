@@ -159,6 +159,11 @@ def init_distributed(layout: ParallelLayout = ParallelLayout(), seed: int = 1234
             world_size=launch.world_size,
             timeout=timedelta(minutes=timeout_minutes),
         )
+    # DeepSpeed's own communication layer (its pipeline module builds groups through it)
+    # wraps the process group that now exists.
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=backend(), auto_mpi_discovery=False)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(

@@ -51,6 +51,11 @@ def deepspeed_model_file(tensor_rank: int) -> str:
     return f"mp_rank_{tensor_rank:02d}_model_states.pt"
 
 
+# ZeRO-3 partitions the weights, so DeepSpeed's model files hold no usable tensors; each
+# checkpoint then also gets the gathered weights in one file.
+ZERO3_MODEL_FILE = "ztt_zero3_full_model.pt"
+
+
 def _write_atomic(path: str, text: str) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
@@ -125,9 +130,13 @@ def save(engine, model: torch.nn.Module, config, state: TrainingState, layout: D
     os.makedirs(tag_dir, exist_ok=True)
     dist.barrier()
     engine.save_checkpoint(root, tag=tag, client_state={}, save_latest=False)
+    if layout.get("zero_stage") == 3:
+        engine.save_16bit_model(tag_dir, ZERO3_MODEL_FILE)
     _save_atomic(extra_rank_state, os.path.join(tag_dir, f"rank_state_{rank:05d}.pt"))
     specs = [None] * dist.get_world_size()
-    dist.all_gather_object(specs, partition_spec(model))
+    local_spec = (model.canonical_partition_spec() if hasattr(model, "canonical_partition_spec")
+                  else partition_spec(model))
+    dist.all_gather_object(specs, local_spec)
     dist.barrier()
     if rank == 0:
         merged_spec = {}
@@ -212,6 +221,15 @@ def load_full_model_state(path: str) -> Tuple[ZTTConfig, Dict[str, torch.Tensor]
     config = config_from_dict(meta["config"])
     tp, pp = meta["layout"]["tensor"], meta["layout"]["pipeline"]
     spec = {k: tuple(v) for k, v in meta["partition_spec"].items()}
+
+    if meta["layout"].get("zero_stage") == 3:
+        path = os.path.join(tag_dir, ZERO3_MODEL_FILE)
+        if not os.path.isfile(path):
+            raise CheckpointError(f"checkpoint {tag_dir} is missing {ZERO3_MODEL_FILE}")
+        full = torch.load(path, map_location="cpu", weights_only=True)
+        tokenizer = os.path.join(tag_dir, meta["tokenizer"]) if meta.get("tokenizer") else None
+        return config.model, {k: v for k, v in full.items() if not k.endswith("_extra_state")}, \
+            tokenizer
 
     full: Dict[str, torch.Tensor] = {}
     for stage in range(pp):

@@ -53,6 +53,9 @@ class TrainSection:
     precision: str = "fp32"  # fp32 | bf16
     nonfinite_loss: str = "skip"  # skip the optimizer step | stop the run
     load: Optional[str] = None  # None: fresh; "auto": latest in run.dir if any; or a path
+    # Start a new run from these weights (a checkpoint of any layout, or a .pt file holding
+    # a full state dict under ZTTModel's names); the optimizer starts fresh.
+    init_weights: Optional[str] = None
 
 
 @dataclass

@@ -65,7 +65,10 @@ def deepspeed_config(config: RunConfig, world_size: int) -> Dict:
                 "torch_adam": not runtime.use_cuda(),
             },
         },
-        "zero_optimization": {"stage": config.parallel.zero_stage},
+        "zero_optimization": {"stage": config.parallel.zero_stage,
+                              # ZeRO-3 partitions the weights themselves: gather them for the
+                              # full model file each checkpoint also gets (export, eval)
+                              "stage3_gather_16bit_weights_on_model_save": True},
         # DeepSpeed's ZeRO optimizer skips a step whose gradients are not finite; with bf16
         # that check must be asked for.
         "bf16": {"enabled": train.precision == "bf16", "check_grad_overflow": True},
@@ -73,5 +76,8 @@ def deepspeed_config(config: RunConfig, world_size: int) -> Dict:
         "wall_clock_breakdown": False,
     }
     if config.parallel.pipeline > 1:
-        ds["pipeline"] = {"activation_checkpoint_interval": 0}
+        # DeepSpeed's partitioned send/recv passes gradients for the first tensor of a stage's
+        # output only; our stages pass several (cycle input, exit states), so send them whole.
+        ds["pipeline"] = {"activation_checkpoint_interval": 0, "pipe_partitioned": False,
+                          "grad_partitioned": False}
     return ds

@@ -92,6 +92,17 @@ def build_engine(config: RunConfig):
 
         model = ZTTModel(config.model)
         mpu = MegatronMPU
+        if config.parallel.zero_stage == 3:
+            # ZeRO-3 gathers a parameter only around its own module's forward: the output head
+            # reads the embedding's weight and each layer its applications' zero keys.
+            register = deepspeed.zero.register_external_parameter
+            if config.model.tie_embeddings:
+                register(model.output_head, model.embedding.weight)
+            if model.zero_token_pool is not None:
+                for app in model.plan:
+                    register(model.layers[app.layer], model.zero_token_pool[app.name])
+    if config.train.init_weights:
+        load_initial_weights(model, config.train.init_weights)
     model.to(runtime.current_device())
     engine, _, _, _ = deepspeed.initialize(
         model=model,
@@ -102,6 +113,21 @@ def build_engine(config: RunConfig):
             optimizer, lr_multiplier(config)),
     )
     return engine, model
+
+
+def load_initial_weights(model, path: str) -> None:
+    """Full weights (a checkpoint of any layout, or a .pt state dict) into this rank's part."""
+    from megatron_ztt.parallel.sharding import load_full_state_dict
+
+    if os.path.isfile(path):
+        full = torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        _, full, _ = ckpt.load_full_model_state(path)
+    if hasattr(model, "load_canonical_state_dict"):  # a pipeline stage
+        model.load_canonical_state_dict(full)
+    else:
+        load_full_state_dict(model, full)
+    log(f"initialised the weights from {path}")
 
 
 def layout_of(config: RunConfig) -> Dict[str, int]:
@@ -173,8 +199,8 @@ def train_step(engine, batches, config: RunConfig, accumulation: int, iteration:
             nonfinite = True
             if config.train.nonfinite_loss == "stop":
                 raise NonFiniteLossError(
-                    f"iteration {iteration}: non-finite loss ({loss.item()} on rank "
-                    f"{dist.get_rank()}, micro batch {micro}); stopping as "
+                    f"iteration {iteration}: non-finite loss in micro batch {micro} (rank "
+                    f"{dist.get_rank()}'s loss: {loss.item()}); stopping as "
                     f"train.nonfinite_loss=stop asks. The last checkpoint is unchanged.")
             # Make sure every rank's gradients are non-finite, so that the ZeRO optimizer's
             # overflow check skips this whole step on all of them.
@@ -237,6 +263,9 @@ def _train(config: RunConfig, stop: StopRequest) -> TrainResult:
             f"on rank 0; layout {layout}")
 
     batches = TrainingBatches(train_set, config, state.consumed_train_samples)
+    validating = config.eval.iters > 0 and valid_set is not None
+    if config.eval.iters > 0 and valid_set is None:
+        log("the data has no validation split (data.split gives it no share): no validation")
     # every metric is reduced over all ranks first, so rank 0 can write them all
     tb = TensorBoardLogger(config.tensorboard_dir,
                            config.logging.tensorboard and dist.get_rank() == 0)
@@ -251,6 +280,7 @@ def _train(config: RunConfig, stop: StopRequest) -> TrainResult:
     window: Dict[str, List[float]] = {}
     window_time, window_steps, run_start = 0.0, 0, time.perf_counter()
     steps_done = 0
+    step_times: List[float] = []
 
     try:
         while state.iteration < config.train.train_iters:
@@ -269,6 +299,7 @@ def _train(config: RunConfig, stop: StopRequest) -> TrainResult:
                                                     iteration, collect)
             runtime.synchronize()
             elapsed = time.perf_counter() - start
+            step_times.append(elapsed)
             state.iteration = iteration
             state.consumed_train_samples += config.train.global_batch_size
             steps_done += 1
@@ -306,7 +337,7 @@ def _train(config: RunConfig, stop: StopRequest) -> TrainResult:
                 tb.scalars(values, iteration)
                 window, window_time, window_steps = {}, 0.0, 0
 
-            if iteration % config.eval.interval == 0 and config.eval.iters > 0:
+            if iteration % config.eval.interval == 0 and validating:
                 metrics = validate(engine, valid_set, config, pipelined)
                 result.validation[iteration] = metrics
                 log(f"validation at iteration {iteration}: " + " | ".join(
@@ -330,14 +361,26 @@ def _train(config: RunConfig, stop: StopRequest) -> TrainResult:
 
     result.iteration = state.iteration
     result.skipped_steps = state.skipped_steps
+    per_rank = [None] * world
+    dist.all_gather_object(per_rank, {"peak_memory_bytes": runtime.peak_memory_bytes(),
+                                      "optimizer_state_bytes": result.optimizer_state_bytes})
     if dist.get_rank() == 0:
         status = {"state": result.state, "iteration": state.iteration,
-                  "seconds": round(time.perf_counter() - run_start, 1)}
+                  "skipped_steps": state.skipped_steps,
+                  "seconds": round(time.perf_counter() - run_start, 1),
+                  "train_step_seconds_median": _median(step_times),
+                  "peak_memory_bytes_per_rank": [r["peak_memory_bytes"] for r in per_rank],
+                  "optimizer_state_bytes_per_rank": [r["optimizer_state_bytes"]
+                                                     for r in per_rank]}
         if result.signal:
             status["signal"] = result.signal
         with open(os.path.join(config.run.dir, "status.json"), "w") as f:
             json.dump(status, f)
     return result
+
+
+def _median(values: List[float]) -> Optional[float]:
+    return round(sorted(values)[len(values) // 2], 4) if values else None
 
 
 def _save(engine, model, config, state, layout) -> str:

@@ -1,0 +1,69 @@
+"""Shared by the launcher tests: the tiny run's data, made by the project's own tools, and
+readers for the training's console lines."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "launch" / "configs" / "tiny.yaml"
+SAMPLE = REPO / "data" / "sample"
+
+ITERATION = re.compile(r"^iteration\s+(\d+)/\s*(\d+) \| loss ([0-9.]+)", re.M)
+SAVED = re.compile(r"^saved checkpoint iteration (\d+) to (\S+)", re.M)
+RESUMED = re.compile(r"^resumed from checkpoint iteration (\d+)", re.M)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """Overrides that point launch/configs/tiny.yaml at a tokenizer and .bin/.idx files built
+    from the bundled sample corpus, plus settings that keep a launcher test short."""
+    out = tmp_path_factory.mktemp("tiny-data")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    for argv in (
+        ["tokenizer", "train", "--input", str(SAMPLE), "--vocab-size", "2048",
+         "--output", str(out / "tok")],
+        ["preprocess", "--input", str(SAMPLE), "--tokenizer", str(out / "tok.model"),
+         "--output-prefix", str(out / "sample"), "--append-eod", "--no-progress"],
+    ):
+        result = subprocess.run([sys.executable, "-m", "megatron_ztt.cli", *argv], env=env,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+    return [f"data.blend=[{out / 'sample'}]", f"data.tokenizer={out / 'tok.model'}",
+            # no validation passes in the way, a console line every 2 steps
+            "eval.interval=1000", "eval.iters=1", "logging.interval=2"]
+
+
+def losses(text: str):
+    """[(iteration, loss)] from the console lines."""
+    return [(int(m.group(1)), float(m.group(3))) for m in ITERATION.finditer(text)]
+
+
+def saved(text: str):
+    return [int(m.group(1)) for m in SAVED.finditer(text)]
+
+
+def assert_interrupted_then_resumed(first: str, second: str) -> int:
+    """First run: training, a checkpoint at the signal. Second run: resumes there and carries
+    on with the next iterations and losses, not from scratch. Returns the iteration."""
+    before = losses(first)
+    assert before, first
+    interrupted = saved(first)[-1]
+    assert re.search(rf"received SIGUSR1: checkpoint saved at iteration {interrupted}\b", first)
+    resumed = RESUMED.search(second)
+    assert resumed and int(resumed.group(1)) == interrupted, second
+    after = losses(second)
+    assert after, second
+    # iterations continue where the checkpoint left off (a console line every 2 steps)
+    assert interrupted < after[0][0] <= interrupted + 2
+    assert [i for i, _ in after] == sorted(i for i, _ in after)
+    # and so do the losses: far below where the run started
+    start_loss, last_loss = before[0][1], before[-1][1]
+    assert after[0][1] < start_loss - 0.5 * (start_loss - last_loss), (before, after)
+    return interrupted

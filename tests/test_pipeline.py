@@ -1,0 +1,154 @@
+"""Pipeline parallelism across cycles, on real gloo processes: PP=2 and PP=2 x TP=2 follow
+PP=1, the shared middle layers stay identical on every stage, each stage holds only its own
+zero keys, resume is exact, and the export reads a pipeline checkpoint."""
+
+import math
+import os
+
+import pytest
+import torch
+
+from distributed import run_distributed
+from train_helpers import micro_config
+
+STEPS = 4
+# C=3 cycles of 2 middle layers: 8 applications, so a cycle spans the stage boundary
+PIPE = ["model.num_layers=4", "model.num_cycles=3", "model.exit_loss_weights=[0.3,0.3,1.0]"]
+
+
+def _initial_weights(rank, data, path):
+    from megatron_ztt.model.ztt import ZTTModel
+    from megatron_ztt.parallel.sharding import gather_full_state_dict
+
+    config = micro_config(data, "unused", *PIPE)
+    torch.save(gather_full_state_dict(ZTTModel(config.model)), path)
+
+
+def _train_runs(rank, data, root, weights, runs):
+    from megatron_ztt.training.train import train
+
+    out = {}
+    for name, overrides in runs:
+        result = train(micro_config(data, f"{root}/{name}", *PIPE, f"train.init_weights={weights}",
+                                    f"train.lr_decay_iters={STEPS}", *overrides))
+        out[name] = result.losses
+    return out
+
+
+def _stage_files(run_dir):
+    from megatron_ztt.training.checkpoint import resolve, stage_file
+
+    tag_dir = os.path.join(*resolve(os.path.join(run_dir, "checkpoints")))
+    return [torch.load(os.path.join(tag_dir, stage_file(s, 0)), weights_only=True)
+            for s in (0, 1)]
+
+
+def _training_model_logits(rank, config, state):
+    from megatron_ztt.model.ztt import ZTTModel
+    from megatron_ztt.parallel.sharding import load_full_state_dict
+
+    model = ZTTModel(config).eval()
+    load_full_state_dict(model, state)  # strict: the merged stages are the whole model
+    ids = torch.arange(config.seq_length).remainder(config.vocab_size)[None]
+    with torch.no_grad():
+        return ids, model(ids).logits
+
+
+@pytest.fixture(scope="module")
+def pipeline_runs(sample_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    weights = str(root / "initial.pt")
+    run_distributed(_initial_weights, world_size=1, args=(sample_data, weights))
+    steps = f"train.train_iters={STEPS}"
+    (single,) = run_distributed(_train_runs, world_size=1, args=(
+        sample_data, str(root), weights,
+        [("pp1", [steps]), ("pp1_frozen", ["train.train_iters=1", "train.lr=0", "train.min_lr=0"])]))
+    pipe = run_distributed(_train_runs, world_size=2, args=(
+        sample_data, str(root), weights,
+        [("pp2", [steps, "parallel.pipeline=2"]),
+         ("pp2_resume", ["train.train_iters=2", "parallel.pipeline=2"]),
+         ("pp2_resume", [steps, "parallel.pipeline=2", "train.load=auto"]),
+         ("pp2_frozen", ["train.train_iters=1", "train.lr=0", "train.min_lr=0",
+                         "parallel.pipeline=2"])]))
+    pipe_tensor = run_distributed(_train_runs, world_size=4, args=(
+        sample_data, str(root), weights,
+        [("pp2_tp2", [steps, "parallel.pipeline=2", "parallel.tensor=2"])]))
+    return single, pipe, pipe_tensor, root
+
+
+def _assert_same(losses, reference, what, tol=5e-5):
+    assert sorted(losses) == sorted(reference), what
+    for it, value in reference.items():
+        assert math.isclose(losses[it], value, rel_tol=tol, abs_tol=tol), (what, losses, reference)
+
+
+@pytest.mark.slow
+def test_pipeline_layouts_follow_single_stage_losses(pipeline_runs):
+    single, pipe, pipe_tensor, _ = pipeline_runs
+    reference = single["pp1"]
+    assert reference[STEPS] < reference[1]
+    _assert_same(pipe[0]["pp2"], reference, "PP=2")
+    _assert_same(pipe[1]["pp2"], reference, "PP=2 (last stage)")
+    _assert_same(pipe_tensor[0]["pp2_tp2"], reference, "PP=2 x TP=2")
+
+
+@pytest.mark.slow
+def test_shared_layers_stay_identical_and_zero_keys_stay_local(pipeline_runs):
+    *_, root = pipeline_runs
+    first, second = _stage_files(root / "pp2")
+    shared = sorted(set(first) & set(second))
+    # the middle layers (2 and 3, 0-based 1 and 2) run on both stages
+    assert any(name.startswith("layers.1.") for name in shared)
+    assert any(name.startswith("layers.2.") for name in shared)
+    for name in shared:
+        assert torch.equal(first[name], second[name]), f"replicas of {name} differ"
+    keys = [{n.split(".")[-1] for n in stage if n.startswith("zero_token_pool.")}
+            for stage in (first, second)]
+    assert keys[0] and keys[1] and not keys[0] & keys[1]
+    assert "head" in keys[0] and "tail" in keys[1]
+    assert len(keys[0] | keys[1]) == 8  # every application's key, exactly once
+    gates = [{n.split(".")[1] for n in stage if n.startswith("gates.")} for stage in (first, second)]
+    assert not gates[0] & gates[1] and len(gates[0] | gates[1]) == 3
+
+
+@pytest.mark.slow
+def test_pipeline_resume_continues_with_the_same_losses(pipeline_runs):
+    _, pipe, _, _ = pipeline_runs
+    resumed, straight = pipe[0]["pp2_resume"], pipe[0]["pp2"]
+    assert sorted(resumed) == [3, 4]
+    _assert_same(resumed, {i: straight[i] for i in (3, 4)}, "resumed", tol=1e-6)
+
+
+@pytest.mark.slow
+def test_export_reads_pipeline_checkpoints(pipeline_runs, tmp_path):
+    from megatron_ztt.export.hf import export_hf
+    from megatron_ztt.training.checkpoint import load_full_model_state
+    from export_helpers import safetensors_tensors
+
+    *_, root = pipeline_runs
+    # the same weights (lr 0) saved by PP=1 and PP=2 export to identical files
+    exports = {}
+    for name in ("pp1_frozen", "pp2_frozen"):
+        config, state, tokenizer = load_full_model_state(str(root / name / "checkpoints"))
+        exports[name] = safetensors_tensors(export_hf(config, state, tokenizer,
+                                                      tmp_path / name, "fp32"))
+    assert exports["pp1_frozen"].keys() == exports["pp2_frozen"].keys()
+    for key, tensor in exports["pp1_frozen"].items():
+        assert torch.equal(tensor, exports["pp2_frozen"][key]), key
+
+
+@pytest.mark.slow
+def test_exported_pipeline_checkpoint_has_the_training_models_logits(pipeline_runs, tmp_path):
+    from megatron_ztt.export.hf import export_hf
+    from megatron_ztt.training.checkpoint import load_full_model_state
+    from export_helpers import load_export
+
+    *_, root = pipeline_runs
+    config, state, tokenizer = load_full_model_state(str(root / "pp2" / "checkpoints"))
+
+    ((ids, expected),) = run_distributed(_training_model_logits, world_size=1,
+                                         args=(config, state))
+    exported = load_export(export_hf(config, state, tokenizer, tmp_path / "hf", "fp32"))
+    with torch.no_grad():
+        got = exported(ids).logits
+    assert (got - expected).abs().max().item() <= 1e-4

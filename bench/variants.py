@@ -37,8 +37,8 @@ from results_common import (BASE_CONFIG, DEFAULT_CORPUS, DEFAULT_WORK, REPO, VAR
                             add_train_iters_argument, is_completed, prepare_corpus, relative,
                             run_dir, write_json)
 
-EQUAL_PARAMETERS = ["vanilla", "basic", "head_tail", "ztt", "ztt_exit"]
-EQUAL_COMPUTE = ["vanilla_8", "head_tail", "ztt", "ztt_exit"]
+EQUAL_PARAMETERS = ["vanilla", "basic", "head_tail", "ztt", "head_tail_exit", "ztt_exit"]
+EQUAL_COMPUTE = ["vanilla_8", "head_tail", "ztt", "head_tail_exit", "ztt_exit"]
 
 
 def free_port() -> int:
@@ -67,7 +67,8 @@ def training_command(args, variant: dict, seed: int, directory: Path, data: dict
 
 def evaluation_command(directory: Path, iters: int) -> list:
     return [sys.executable, "-m", "megatron_ztt.cli", "eval",
-            "--checkpoint", relative(directory / "checkpoints"), "--iters", str(iters)]
+            "--checkpoint", relative(directory / "checkpoints"), "--iters", str(iters),
+            "--output", relative(directory / "eval.json")]
 
 
 def run_logged(command: list, log_path: Path, env: dict) -> None:
@@ -100,7 +101,6 @@ def train_and_evaluate(args, name: str, variant: dict, seed: int, data: dict, en
     output = subprocess.run(commands["eval"], cwd=REPO, env=env, capture_output=True, text=True)
     if output.returncode:
         raise SystemExit(f"ztt eval failed for {directory}:\n{output.stderr[-3000:]}")
-    evaluation.write_text(output.stdout)
     return commands
 
 
@@ -172,15 +172,17 @@ def build_report(args, variants: dict, names: list, data: dict, commands: dict) 
                         "variants_config": relative(VARIANT_CONFIGS / "variants.yaml")},
               "variants": {}}
     for name in names:
-        directories = [run_dir(args.work, name, seed, args.train_iters) for seed in args.seeds]
-        done = [d for d in directories if is_completed(d) and (d / "eval.json").is_file()]
+        directories = {seed: run_dir(args.work, name, seed, args.train_iters)
+                       for seed in args.seeds}
+        done = {seed: d for seed, d in directories.items()
+                if is_completed(d) and (d / "eval.json").is_file()}
         if not done:
             continue
         config = load_config(str(BASE_CONFIG), [
             "data.blend=[unused]", "data.tokenizer=unused"] + list(variants[name]["overrides"])
             + list(args.override))
         model_config: ZTTConfig = config.model
-        runs = {int(d.name.rsplit("seed", 1)[1]): run_summary(d) for d in done}
+        runs = {seed: run_summary(d) for seed, d in done.items()}
         losses = [r["validation_loss"] for r in runs.values()]
         loss_mean, loss_std = mean_std(losses)
         ppl_mean, ppl_std = mean_std([r["validation_perplexity"] for r in runs.values()])

@@ -92,6 +92,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iters", type=int, default=None,
                         help="validation batches (default: the run's eval.iters)")
     parser.add_argument("--split", choices=["valid", "test"], default="valid")
+    parser.add_argument("--output", default=None,
+                        help="also write the JSON report to this file (written whole or not "
+                        "at all; unlike stdout, nothing a library prints can get into it)")
     parser.add_argument("overrides", nargs="*",
                         help="dotted overrides of the saved run config, e.g. data.blend=[PREFIX]")
 
@@ -139,11 +142,15 @@ def run(args: argparse.Namespace) -> int:
             results.append({"exit_threshold": threshold, "loss": values["loss"],
                             "perplexity": math.exp(min(values["loss"], 50.0)),
                             "mean_cycles": values["mean_cycles"]})
-        print(json.dumps({"checkpoint": f"{root}/{tag}", "iteration": meta["iteration"],
-                          "split": args.split,
-                          "tokens": config.eval.iters * config.train.micro_batch_size
-                          * model_config.seq_length,
-                          "num_cycles": model_config.num_cycles, "results": results}, indent=2))
+        report = json.dumps({"checkpoint": f"{root}/{tag}", "iteration": meta["iteration"],
+                             "split": args.split,
+                             "tokens": config.eval.iters * config.train.micro_batch_size
+                             * model_config.seq_length,
+                             "num_cycles": model_config.num_cycles, "results": results},
+                            indent=2)
+        print(report)
+        if args.output:
+            ckpt.write_text_atomic(args.output, report + "\n")
     finally:
         runtime.shutdown_distributed()
     return 0

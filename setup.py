@@ -22,9 +22,10 @@ setup(
         "transformers>=5.0,<6",
         "tokenizers",
         "safetensors",
+        "matplotlib",  # ztt plot
     ],
     extras_require={
-        "dev": ["pytest", "pytest-timeout", "matplotlib"],
+        "dev": ["pytest", "pytest-timeout"],
     },
     entry_points={"console_scripts": ["ztt=megatron_ztt.cli:main"]},
 )

@@ -1,11 +1,23 @@
-"""Forward+backward step time: ZTT (L=4, C=3: 8 layer applications) against a plain
-megatron-core transformer of 8 layers and the same width, in one run.
+"""Forward+backward step time, tokens/s and MFU: ZTT (L layers, C cycles: 2 + C(L-2) layer
+applications) against a plain megatron-core transformer with as many layers as ZTT has layer
+applications, the same width, in one process, timed in turn.
 
     python bench/model_step_time.py [--hidden 256 --seq 256 --batch 4 --steps 10]
+    python bench/model_step_time.py --preset results --out docs/results/training_speed.json
 
 The baseline is megatron-core's ``TransformerBlock`` (local layer spec, SDPA causal core
 attention: megatron-core's own attention kernel needs CUDA) between the same embedding and
-output layer. Prints a JSON report; ``ratio`` = ZTT median step time / baseline's.
+output layer. Also timed: head-tail cycling without zero tokens, ZTT with the forward
+statistics (what a logging step collects), ZTT with per-cycle exit losses (what
+``launch/configs/results`` trains), and this project's model in vanilla mode with the same
+number of layers (the cost of the wrapper alone).
+
+Each round times every model for ``--steps`` steps after ``--warmup``, and measures the matmul
+peak (``bench/matmul_peak.py``) between models, so that load from other jobs hits all of them
+alike; medians are reported. MFU = model FLOPs per step (``model_flops_per_token``, forward +
+backward, full attention) / step time / the best measured peak. The step here is forward +
+backward + zeroing the gradients: no optimizer, no data loading, one process.
+Prints a JSON report; ``ratio`` = ZTT median step time / baseline's.
 """
 
 from __future__ import annotations
@@ -17,6 +29,14 @@ import time
 
 import torch
 
+from matmul_peak import measure_peak_flops
+
+PRESETS = {
+    # the model of launch/configs/results/base.yaml, one data-parallel rank's micro batch
+    "results": dict(hidden=128, heads=4, query_groups=2, seq=128, batch=8, vocab=2048,
+                    layers=4, cycles=3, exit_loss_weights=[0.3, 0.3, 1.0]),
+}
+
 
 def build_models(args):
     from megatron.core.transformer.transformer_block import TransformerBlock
@@ -27,13 +47,24 @@ def build_models(args):
     from megatron_ztt.model.ztt import ZTTModel
 
     common = dict(vocab_size=args.vocab, hidden_size=args.hidden, num_attention_heads=args.heads,
-                  seq_length=args.seq)
-    ztt = ZTTModel(ZTTConfig(num_layers=4, num_cycles=3, cycle_mode="head_tail",
-                             zero_token=True, gate=True, **common))
-    htc = ZTTModel(ZTTConfig(num_layers=4, num_cycles=3, cycle_mode="head_tail",
-                             zero_token=False, gate=False, **common))
-    plain_config = ZTTConfig(num_layers=8, num_cycles=1, cycle_mode="vanilla", zero_token=False,
-                             gate=False, **common)
+                  num_query_groups=args.query_groups, seq_length=args.seq,
+                  make_vocab_size_divisible_by=64)
+    L, C = args.layers, args.cycles
+    configs = {
+        f"ztt_L{L}_C{C}": ZTTConfig(num_layers=L, num_cycles=C, cycle_mode="head_tail",
+                                    zero_token=True, gate=True, **common),
+        f"head_tail_L{L}_C{C}": ZTTConfig(num_layers=L, num_cycles=C, cycle_mode="head_tail",
+                                          zero_token=False, gate=False, **common),
+    }
+    applications = configs[f"ztt_L{L}_C{C}"].num_applications
+    plain_config = ZTTConfig(num_layers=applications, num_cycles=1, cycle_mode="vanilla",
+                             zero_token=False, gate=False, **common)
+    configs[f"megatron_{applications}_layers"] = plain_config
+    configs[f"ztt_vanilla_{applications}_layers"] = plain_config
+    if args.exit_loss_weights:
+        configs[f"ztt_L{L}_C{C}_exit_losses"] = ZTTConfig(
+            num_layers=L, num_cycles=C, cycle_mode="head_tail", zero_token=True, gate=True,
+            exit_loss_weights=args.exit_loss_weights, **common)
 
     class PlainMegatronTransformer(torch.nn.Module):
         def __init__(self):
@@ -49,15 +80,28 @@ def build_models(args):
             return language_model_loss(
                 self.output_head(hidden, embedding_weight=self.embedding.weight), labels)
 
-    return {
-        "megatron_8_layers": (PlainMegatronTransformer(), lambda m, x, y: m(x, y)),
-        "ztt_L4_C3": (ztt, lambda m, x, y: m(x, y, collect_stats=False).loss),
-        "ztt_L4_C3_with_stats": (ztt, lambda m, x, y: m(x, y, collect_stats=True).loss),
-        "head_tail_L4_C3": (htc, lambda m, x, y: m(x, y, collect_stats=False).loss),
+    ztt = ZTTModel(configs[f"ztt_L{L}_C{C}"])
+    models = {
+        f"megatron_{applications}_layers": (PlainMegatronTransformer(),
+                                            lambda m, x, y: m(x, y)),
+        f"ztt_L{L}_C{C}": (ztt, lambda m, x, y: m(x, y, collect_stats=False).loss),
+        f"ztt_L{L}_C{C}_with_stats": (ztt, lambda m, x, y: m(x, y, collect_stats=True).loss),
+        f"head_tail_L{L}_C{C}": (ZTTModel(configs[f"head_tail_L{L}_C{C}"]),
+                                 lambda m, x, y: m(x, y, collect_stats=False).loss),
+        f"ztt_vanilla_{applications}_layers": (ZTTModel(plain_config),
+                                               lambda m, x, y: m(x, y, collect_stats=False).loss),
     }
+    if args.exit_loss_weights:
+        # train mode: the exit losses are a training objective
+        models[f"ztt_L{L}_C{C}_exit_losses"] = (
+            ZTTModel(configs[f"ztt_L{L}_C{C}_exit_losses"]),
+            lambda m, x, y: m(x, y, collect_stats=False).loss)
+    configs[f"ztt_L{L}_C{C}_with_stats"] = configs[f"ztt_L{L}_C{C}"]
+    return models, configs, f"megatron_{applications}_layers", f"ztt_L{L}_C{C}"
 
 
 def time_steps(model, step, ids, labels, steps, warmup):
+    model.train()
     times = []
     for i in range(warmup + steps):
         start = time.perf_counter()
@@ -69,43 +113,108 @@ def time_steps(model, step, ids, labels, steps, warmup):
     return times
 
 
+def plot(report: dict, output: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["median_step_seconds"])
+    figure, axes = plt.subplots(figsize=(9, 4.5))
+    axes.boxplot([[1000 * t for t in report["step_seconds"][n]] for n in names],
+                 tick_labels=names, showfliers=True)
+    for i, name in enumerate(names, start=1):
+        axes.annotate(f"MFU {100 * report['mfu'][name]:.0f}%",
+                      (i, 1000 * report["median_step_seconds"][name]),
+                      textcoords="offset points", xytext=(18, 0), fontsize=8)
+    axes.set_ylabel("forward + backward step time (ms)")
+    axes.set_xlabel("model")
+    settings = report["settings"]
+    axes.set_title(f"batch {settings['batch']} x seq {settings['seq']}, hidden "
+                   f"{settings['hidden']}, {settings['threads']} thread(s); "
+                   f"{len(report['step_seconds'][names[0]])} steps each")
+    axes.tick_params(axis="x", rotation=20)
+    axes.grid(True, axis="y", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(output, dpi=110)
+    plt.close(figure)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS),
+                        help="model sizes of a results config (overrides the size options)")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--query-groups", type=int, default=None)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--layers", type=int, default=4, help="ZTT's distinct layers L")
+    parser.add_argument("--cycles", type=int, default=3, help="ZTT's cycles C")
+    parser.add_argument("--exit-loss-weights", type=float, nargs="+", default=None,
+                        help="also time ZTT trained with these per-cycle exit losses")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3,
                         help="models are timed in turn, this many rounds, to even out drift")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--peak-size", type=int, default=2048, help="matmul size for the peak")
+    parser.add_argument("--quick", action="store_true", help="2 steps, 1 round: smoke test")
     parser.add_argument("--out", help="also write the JSON report here")
+    parser.add_argument("--plot", help="also write a PNG of the step-time distributions")
     args = parser.parse_args()
+    if args.preset:
+        for key, value in PRESETS[args.preset].items():
+            setattr(args, key, value)
+    if args.quick:
+        args.steps, args.warmup, args.rounds = 2, 1, 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from megatron_ztt.parallel import runtime
+    from megatron_ztt.training.metrics import model_flops_per_token
 
     runtime.init_distributed(seed=0)
-    models = build_models(args)
+    models, configs, base_name, ztt_name = build_models(args)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq))
     labels = torch.randint(0, args.vocab, (args.batch, args.seq))
     times = {name: [] for name in models}
+    peaks = []
     for _ in range(args.rounds):
         for name, (model, step) in models.items():
+            peaks.append(measure_peak_flops(args.peak_size, repeats=2))
             times[name] += time_steps(model, step, ids, labels, args.steps, args.warmup)
+    peaks.append(measure_peak_flops(args.peak_size, repeats=2))
     medians = {name: statistics.median(t) for name, t in times.items()}
-    base = medians["megatron_8_layers"]
+    tokens = args.batch * args.seq
+    peak = max(peaks)
+    flops = {name: model_flops_per_token(configs[name], args.seq) * tokens for name in models}
+    base = medians[base_name]
     report = {
+        "command": "python bench/model_step_time.py " + " ".join(
+            a for a in __import__("sys").argv[1:]),
         "settings": vars(args) | {"threads": torch.get_num_threads()},
+        "layer_applications": {name: configs[name].num_applications for name in models},
+        "parameters": {name: sum(p.numel() for p in model.parameters())
+                       for name, (model, _) in models.items()},
         "median_step_seconds": medians,
+        "tokens_per_second": {name: tokens / m for name, m in medians.items()},
+        "model_flops_per_step": flops,
+        "matmul_peak_flops": {"best": peak, "median": statistics.median(peaks),
+                              "worst": min(peaks), "measurements": len(peaks)},
+        "mfu": {name: flops[name] / medians[name] / peak for name in models},
         "ratio_vs_megatron": {name: m / base for name, m in medians.items()},
-        "ratio": medians["ztt_L4_C3"] / base,
+        "ratio": medians[ztt_name] / base,
+        "step_seconds": times,
     }
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:
         with open(args.out, "w") as f:
             f.write(text + "\n")
+    if args.plot:
+        plot(report, args.plot)
     runtime.shutdown_distributed()
 
 

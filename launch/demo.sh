@@ -35,7 +35,8 @@ torchrun --nproc-per-node "$NPROC" --master-port "$PORT" -m megatron_ztt.train \
     train.train_iters="$ITERS"
 
 step "4/6 evaluate the checkpoint: full depth and with early exit"
-ztt eval --checkpoint "$WORKDIR/run/checkpoints" --exit-threshold 0.02 0.025 | tee "$WORKDIR/eval.json"
+ztt eval --checkpoint "$WORKDIR/run/checkpoints" --exit-threshold 0.02 0.025 \
+    --output "$WORKDIR/eval.json"
 
 step "5/6 export to a Hugging Face model directory"
 ztt export-hf --checkpoint "$WORKDIR/run/checkpoints" --output "$WORKDIR/hf" --dtype fp32

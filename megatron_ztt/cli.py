@@ -15,6 +15,7 @@ COMMANDS = {
     "eval": ("megatron_ztt.training.evaluate", "evaluate a checkpoint at several exit thresholds"),
     "export-hf": ("megatron_ztt.export.hf", "export a checkpoint to a Hugging Face model directory"),
     "generate": ("megatron_ztt.inference.generate", "generate text from an export or checkpoint"),
+    "plot": ("megatron_ztt.tools.plot_runs", "plot a TensorBoard scalar of several runs (PNG)"),
 }
 
 

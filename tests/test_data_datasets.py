@@ -131,6 +131,67 @@ def test_blend_weights_give_the_asked_proportions(corpus, tmp_path, weights):
     assert checked >= 20
 
 
+def _windows_inside(dataset, prefix, eod, count=60, width=12):
+    """(windows checked, windows found in ``prefix``'s token stream) among the first
+    ``count`` samples; windows that cross a document end are not checked."""
+    stream = np.fromfile(prefix + ".bin", dtype=np.uint16).tobytes()
+    checked = found = 0
+    for i in range(count):
+        window = dataset[i]["tokens"][:width]
+        if (window == eod).any():
+            continue
+        checked += 1
+        found += window.numpy().astype(np.uint16).tobytes() in stream
+    return checked, found
+
+
+def test_per_split_blends_read_held_out_data_and_ignore_split(corpus, tmp_path):
+    eod = corpus["tokenizer"].eod
+    # split="100,0,0" would give no validation data at all: per-split blends override it
+    cfg = D.DataConfig(blend=[corpus["A"]], valid_blend=[corpus["B"]], split="100,0,0",
+                       cache_dir=str(tmp_path / "cache"))
+    train, valid, test = D.build_datasets(cfg, corpus["tokenizer"], SEQ, 1234, (300, 50, 20))
+    assert test is None  # no test_blend: no test split
+    assert len(train) >= 300 and len(valid) >= 50
+    checked, in_a = _windows_inside(train, corpus["A"], eod)
+    assert checked >= 20 and in_a == checked
+    assert _windows_inside(train, corpus["B"], eod)[1] < checked / 4  # not B's text
+    checked, in_b = _windows_inside(valid, corpus["B"], eod)
+    assert checked >= 20 and in_b == checked
+    assert _windows_inside(valid, corpus["A"], eod)[1] < checked / 4
+
+    # train reads all of A: as many distinct documents as the split-free build sees
+    whole = D.build_datasets(D.DataConfig(blend=[corpus["A"]], split="100,0,0",
+                                          cache_dir=str(tmp_path / "cache")),
+                             corpus["tokenizer"], SEQ, 1234, (300, 0, 0))[0]
+    assert _tokens(train, 40) == _tokens(whole, 40)
+
+    # a test blend (weighted, two prefixes) and no valid blend
+    cfg = D.DataConfig(blend=[corpus["B"]], test_blend=[0.5, corpus["A"], 0.5, corpus["B"]],
+                       cache_dir=str(tmp_path / "cache"))
+    train, valid, test = D.build_datasets(cfg, corpus["tokenizer"], SEQ, 1234, (100, 10, 400))
+    assert valid is None and len(test) >= 400
+    ids = np.array([int(test[i]["dataset_id"]) for i in range(400)])
+    assert 0.35 < (ids == 0).mean() < 0.65
+
+
+def test_per_split_blend_errors_name_the_setting(corpus, tmp_path):
+    cfg = D.DataConfig(blend=[corpus["A"]], valid_blend=[0.5, corpus["B"], 0.5])
+    with pytest.raises(D.DataError, match="data.valid_blend"):
+        D.build_datasets(cfg, corpus["tokenizer"], SEQ, 1, (10, 10, 0))
+    cfg = D.DataConfig(blend=[corpus["A"]], test_blend=[str(tmp_path / "missing")])
+    with pytest.raises(D.DataError, match="missing.idx: missing"):
+        D.build_datasets(cfg, corpus["tokenizer"], SEQ, 1, (10, 0, 10))
+
+
+def test_per_split_blends_in_the_run_config(corpus):
+    from megatron_ztt.training.config import load_config
+
+    config = load_config(None, ["data.blend=[a]", "data.tokenizer=t.model",
+                                "data.valid_blend=[0.3,b,0.7,c]"])
+    assert config.data.valid_blend == [0.3, "b", 0.7, "c"] and config.data.test_blend is None
+
+
 def test_a_split_without_tokens_is_a_clear_error_not_a_hang(corpus, tmp_path):
     books = tmp_path / "books"
     preprocess([str(SAMPLE_CORPUS)], corpus["model"], str(books), progress=False)  # 8 documents

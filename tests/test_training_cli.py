@@ -82,10 +82,12 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(sample_data, tmp_path):
     # ztt eval reads the same checkpoint: full depth and two early-exit thresholds
     result = subprocess.run(
         [sys.executable, "-m", "megatron_ztt.cli", "eval", "--checkpoint",
-         str(run_dir / "checkpoints"), "--exit-threshold", "0", "2", "--iters", "2"],
+         str(run_dir / "checkpoints"), "--exit-threshold", "0", "2", "--iters", "2",
+         "--output", str(tmp_path / "eval.json")],
         capture_output=True, text=True, env=_env(), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout[result.stdout.index("{"):])
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report == json.loads(result.stdout[result.stdout.index("{"):])
     by_threshold = {r["exit_threshold"]: r for r in report["results"]}
     assert by_threshold[None]["mean_cycles"] == 2
     assert by_threshold[0.0]["mean_cycles"] == 1

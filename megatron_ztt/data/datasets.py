@@ -6,8 +6,9 @@
 megatron-core's ``BlendedMegatronDatasetBuilder`` + ``GPTDataset`` do the work: the document
 split (``cfg.split``, by document count), the seeded shuffle, the blend of several prefixes in
 the asked proportions, and the index cache (``cfg.cache_dir``), built by rank 0 and read by
-the others. Before handing over, this module checks what megatron-core would report unclearly
-or not at all:
+the others. With ``cfg.valid_blend`` / ``cfg.test_blend`` each split reads its own data
+instead (held-out files; megatron-core's ``blend_per_split``). Before handing over, this
+module checks what megatron-core would report unclearly or not at all:
 
 - each ``.bin/.idx`` pair is complete and consistent (:func:`validate_indexed_dataset`);
 - the token ids were made by the configured tokenizer (:func:`verify_tokenizer_matches`);
@@ -58,7 +59,11 @@ class DataError(Exception):
 @dataclass
 class DataConfig:
     blend: list  # ["prefix"] or [0.7, "prefixA", 0.3, "prefixB"] (weights may be strings from YAML)
-    split: str = "98,1,1"
+    split: str = "98,1,1"  # ignored when valid_blend or test_blend is set
+    # Per-split data: when either is set, train reads all documents of `blend`, valid reads
+    # valid_blend and test reads test_blend (a split without one is not built). Same syntax.
+    valid_blend: list | None = None
+    test_blend: list | None = None
     tokenizer: str = ""  # path to .model
     cache_dir: str | None = None  # megatron index cache; default <first prefix dir>/index-cache
     num_workers: int = 0  # DataLoader workers
@@ -91,8 +96,8 @@ def _as_weight(value) -> float | None:
     return None
 
 
-def parse_blend(blend) -> tuple[list[str], list[float] | None]:
-    """``data.blend`` -> (prefixes, weights or None).
+def parse_blend(blend, setting: str = "data.blend") -> tuple[list[str], list[float] | None]:
+    """``data.blend`` (or another blend ``setting``) -> (prefixes, weights or None).
 
     Accepts ``["prefix"]``, ``["a", "b"]`` (weighted by size), ``[0.7, "a", 0.3, "b"]``
     (weights may be strings, as YAML may give them) and the same as one whitespace-separated
@@ -100,23 +105,23 @@ def parse_blend(blend) -> tuple[list[str], list[float] | None]:
     """
     items = blend.split() if isinstance(blend, str) else list(blend or [])
     if not items:
-        raise DataError("data.blend is empty: give at least one dataset prefix")
+        raise DataError(f"{setting} is empty: give at least one dataset prefix")
     if _as_weight(items[0]) is None:
         bad = [item for item in items if not isinstance(item, (str, os.PathLike))]
         if bad:
-            raise DataError(f"data.blend: {bad[0]!r} is not a prefix; write weights before "
+            raise DataError(f"{setting}: {bad[0]!r} is not a prefix; write weights before "
                             "every prefix, e.g. [0.7, prefixA, 0.3, prefixB]")
         return [str(item) for item in items], None
     if len(items) % 2:
-        raise DataError(f"data.blend {blend!r}: expected weight, prefix pairs")
+        raise DataError(f"{setting} {blend!r}: expected weight, prefix pairs")
     weights, prefixes = [], []
     for weight, prefix in zip(items[0::2], items[1::2]):
         value = _as_weight(weight)
         if value is None or not math.isfinite(value) or value <= 0:
-            raise DataError(f"data.blend: weight {weight!r} (of {prefix!r}) must be a positive "
+            raise DataError(f"{setting}: weight {weight!r} (of {prefix!r}) must be a positive "
                             "number")
         if not isinstance(prefix, (str, os.PathLike)) or _as_weight(prefix) is not None:
-            raise DataError(f"data.blend: {prefix!r} after weight {weight!r} is not a prefix")
+            raise DataError(f"{setting}: {prefix!r} after weight {weight!r} is not a prefix")
         weights.append(value)
         prefixes.append(str(prefix))
     return prefixes, weights
@@ -301,8 +306,9 @@ def build_datasets(
 
     ``num_samples`` is the number of samples each split must provide (a split cycles through
     its documents as many epochs as needed). A split whose ``cfg.split`` share is 0 comes back
-    as None. ``is_built_on_rank`` (default: every rank) is megatron-core's hook for building
-    only where data is consumed; rank 0 always builds the index cache first.
+    as None; so does, with per-split blends (``cfg.valid_blend`` / ``cfg.test_blend``), a
+    split that has no blend. ``is_built_on_rank`` (default: every rank) is megatron-core's
+    hook for building only where data is consumed; rank 0 always builds the index cache first.
     """
     if not torch.distributed.is_initialized():
         raise DataError("build_datasets needs torch.distributed to be initialised first "
@@ -314,23 +320,38 @@ def build_datasets(
         raise DataError(f"num_samples must be three non-negative counts (train, valid, test), "
                         f"got {num_samples!r}")
     num_samples = [int(n) for n in num_samples]
-    prefixes, weights = parse_blend(cfg.blend)
-    if len(prefixes) == 1:
-        weights = None  # a single weighted prefix would build a pointless one-way blend
-    split_matrix = convert_split_vector_to_split_matrix(parse_split(cfg.split))
+    per_split = cfg.valid_blend is not None or cfg.test_blend is not None
+    if per_split:
+        # One blend per split, each read whole (megatron-core's blend_per_split).
+        blends = [parse_blend(cfg.blend)]
+        for name, blend in (("valid_blend", cfg.valid_blend), ("test_blend", cfg.test_blend)):
+            blends.append(None if blend is None else parse_blend(blend, f"data.{name}"))
+        blends = [None if b is None else (b[0], None if len(b[0]) == 1 else b[1])
+                  for b in blends]
+        split_matrix = [None if b is None else (0.0, 1.0) for b in blends]
+        split_prefixes = [[] if b is None else b[0] for b in blends]
+        split_setting = [f"data.{name}" for name in ("blend", "valid_blend", "test_blend")]
+    else:
+        prefixes, weights = parse_blend(cfg.blend)
+        if len(prefixes) == 1:
+            weights = None  # a single weighted prefix would build a pointless one-way blend
+        split_matrix = convert_split_vector_to_split_matrix(parse_split(cfg.split))
+        split_prefixes = [prefixes] * len(SPLIT_NAMES)
+        split_setting = [f"data.split {cfg.split!r}"] * len(SPLIT_NAMES)
+    all_prefixes = list(dict.fromkeys(p for group in split_prefixes for p in group))
 
-    infos = [validate_indexed_dataset(prefix) for prefix in prefixes]
+    infos = {prefix: validate_indexed_dataset(prefix) for prefix in all_prefixes}
     if cfg.verify_checksums:
-        for prefix in prefixes:
+        for prefix in all_prefixes:
             verify_bin_checksum(prefix)
-    verify_tokenizer_matches(prefixes, tokenizer)
+    verify_tokenizer_matches(all_prefixes, tokenizer)
 
     # megatron-core never finishes building a split whose documents hold no tokens: check here.
     for index, name in enumerate(SPLIT_NAMES):
         if split_matrix[index] is None:
             continue
         empty = []
-        for info in infos:
+        for info in (infos[prefix] for prefix in split_prefixes[index]):
             sequences = len(info.sequence_lengths)
             begin, end = _split_bounds(split_matrix[index], sequences)
             if int(info.sequence_lengths[begin:end].sum(dtype=np.int64)) == 0:
@@ -339,19 +360,24 @@ def build_datasets(
             continue
         if num_samples[index] == 0:
             split_matrix[index] = None  # nothing asked of it: leave it out rather than fail
+            if per_split:
+                blends[index] = None
             continue
+        advice = (f"give {split_setting[index]} data with tokens" if per_split else
+                  f"add documents, or change data.split so that {name} gets at least one "
+                  f"document")
         raise DataError(
-            f"the {name} split (data.split {cfg.split!r}) of {', '.join(empty)} holds no tokens, "
-            f"but {num_samples[index]} {name} samples are needed: add documents, or change "
-            f"data.split so that {name} gets at least one document"
+            f"the {name} split ({split_setting[index]}) of {', '.join(empty)} holds no tokens, "
+            f"but {num_samples[index]} {name} samples are needed: {advice}"
         )
 
     config = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,
-        blend=(prefixes, weights),
-        split=cfg.split,
-        path_to_cache=cfg.cache_dir or default_cache_dir(prefixes),
+        blend=None if per_split else (prefixes, weights),
+        blend_per_split=blends if per_split else None,
+        split=None if per_split else cfg.split,
+        path_to_cache=cfg.cache_dir or default_cache_dir(all_prefixes),
         tokenizer=tokenizer,
         reset_position_ids=False,
         reset_attention_mask=False,
@@ -359,7 +385,8 @@ def build_datasets(
         create_attention_mask=False,
         mid_level_dataset_surplus=0.005,
     )
-    config.split_matrix = split_matrix
+    if not per_split:
+        config.split_matrix = split_matrix
     builder = BlendedMegatronDatasetBuilder(
         GPTDataset, num_samples, is_built_on_rank or (lambda: True), config
     )

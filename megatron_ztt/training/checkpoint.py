@@ -56,7 +56,7 @@ def deepspeed_model_file(tensor_rank: int) -> str:
 ZERO3_MODEL_FILE = "ztt_zero3_full_model.pt"
 
 
-def _write_atomic(path: str, text: str) -> None:
+def write_text_atomic(path: str, text: str) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         f.write(text)
@@ -155,8 +155,8 @@ def save(engine, model: torch.nn.Module, config, state: TrainingState, layout: D
             "tokenizer": TOKENIZER if os.path.isfile(os.path.join(tag_dir, TOKENIZER)) else None,
             "versions": _versions(),
         }
-        _write_atomic(os.path.join(tag_dir, META), json.dumps(meta, indent=2))
-        _write_atomic(os.path.join(root, LATEST), tag)
+        write_text_atomic(os.path.join(tag_dir, META), json.dumps(meta, indent=2))
+        write_text_atomic(os.path.join(root, LATEST), tag)
         _prune(root, config.checkpoint.keep_last)
     dist.barrier()
     return tag_dir

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from typing import Dict, List, Optional
 
 import torch
@@ -91,6 +92,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iters", type=int, default=None,
                         help="validation batches (default: the run's eval.iters)")
     parser.add_argument("--split", choices=["valid", "test"], default="valid")
+    parser.add_argument("--output", default=None,
+                        help="also write the JSON report to this file (written whole or not "
+                        "at all; unlike stdout, nothing a library prints can get into it)")
     parser.add_argument("overrides", nargs="*",
                         help="dotted overrides of the saved run config, e.g. data.blend=[PREFIX]")
 
@@ -119,6 +123,12 @@ def run(args: argparse.Namespace) -> int:
         load_full_state_dict(model, full_state)
         _, (_, valid_set, test_set) = build_tokenizer_and_data(config)
         dataset = valid_set if args.split == "valid" else test_set
+        if dataset is None:
+            print(f"error: the run's data has no {args.split} split (data.split "
+                  f"{config.data.split!r}, data.valid_blend {config.data.valid_blend}, "
+                  f"data.test_blend {config.data.test_blend}); pass e.g. "
+                  f"data.{args.split}_blend=[PREFIX]", file=sys.stderr, flush=True)
+            return 2
 
         def forward(batch, threshold):
             return model(batch["tokens"], batch["labels"], loss_mask=batch.get("loss_mask"),
@@ -132,11 +142,15 @@ def run(args: argparse.Namespace) -> int:
             results.append({"exit_threshold": threshold, "loss": values["loss"],
                             "perplexity": math.exp(min(values["loss"], 50.0)),
                             "mean_cycles": values["mean_cycles"]})
-        print(json.dumps({"checkpoint": f"{root}/{tag}", "iteration": meta["iteration"],
-                          "split": args.split,
-                          "tokens": config.eval.iters * config.train.micro_batch_size
-                          * model_config.seq_length,
-                          "num_cycles": model_config.num_cycles, "results": results}, indent=2))
+        report = json.dumps({"checkpoint": f"{root}/{tag}", "iteration": meta["iteration"],
+                             "split": args.split,
+                             "tokens": config.eval.iters * config.train.micro_batch_size
+                             * model_config.seq_length,
+                             "num_cycles": model_config.num_cycles, "results": results},
+                            indent=2)
+        print(report)
+        if args.output:
+            ckpt.write_text_atomic(args.output, report + "\n")
     finally:
         runtime.shutdown_distributed()
     return 0

@@ -1,0 +1,153 @@
+"""Shared parts of the result benchmarks (``bench/variants.py``, ``bench/early_exit.py``,
+``bench/zero_attention.py``): the held-out-book corpus, the run names, checkpoint loading and
+validation batches. Not a script of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Dict, Iterator, List
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+DEFAULT_CORPUS = REPO.parent / "shared" / "data" / "gutenberg"
+DEFAULT_WORK = REPO / "work" / "results"
+BASE_CONFIG = REPO / "launch" / "configs" / "results" / "base.yaml"
+VARIANT_CONFIGS = REPO / "launch" / "configs" / "results"
+
+
+# ----------------------------------------------------------------------------- corpus
+def split_books(corpus: Path, valid_books: int) -> Dict[str, List[Path]]:
+    """Every k-th book (in sorted file-name order) is held out for validation.
+
+    Spreading the held-out books over the sorted list, rather than taking the last few, keeps
+    the choice independent of how the files happen to be named (ids, titles)."""
+    books = sorted(p for p in corpus.iterdir() if p.suffix == ".txt")
+    if len(books) < valid_books + 1:
+        raise SystemExit(f"{corpus}: {len(books)} books, need more than {valid_books}")
+    step = len(books) / valid_books
+    held_out = {int(step * i + step / 2) for i in range(valid_books)}
+    return {"train": [b for i, b in enumerate(books) if i not in held_out],
+            "valid": [b for i, b in enumerate(books) if i in held_out]}
+
+
+def prepare_corpus(corpus: Path, work: Path, vocab_size: int, valid_books: int,
+                   workers: int = 2) -> Dict[str, object]:
+    """Tokenizer (trained on the training books only) and one .bin/.idx prefix per split.
+
+    Cached: a second call with the same settings reuses the files (``corpus.json`` records
+    the settings and the book lists)."""
+    from megatron_ztt.data.preprocess import preprocess
+    from megatron_ztt.data.tokenizer import train_tokenizer
+
+    data_dir = work / "data"
+    record_path = data_dir / "corpus.json"
+    books = split_books(corpus, valid_books)
+    wanted = {"corpus": str(corpus), "vocab_size": vocab_size,
+              "books": {k: [b.name for b in v] for k, v in books.items()}}
+    if record_path.is_file():
+        record = json.loads(record_path.read_text())
+        if {k: record.get(k) for k in wanted} == wanted:
+            return record
+    data_dir.mkdir(parents=True, exist_ok=True)
+    print(f"training a BPE tokenizer (vocab {vocab_size}) on {len(books['train'])} books",
+          flush=True)
+    tokenizer_prefix = data_dir / f"tokenizer{vocab_size}"
+    train_tokenizer([str(b) for b in books["train"]], vocab_size, str(tokenizer_prefix))
+    record = dict(wanted, tokenizer=f"{tokenizer_prefix}.model", prefixes={}, tokens={})
+    for split, files in books.items():
+        prefix = data_dir / f"gutenberg_{split}"
+        report = preprocess([str(b) for b in files], record["tokenizer"], str(prefix),
+                            workers=workers, append_eod=True, progress=False)
+        print(report.summary(), flush=True)
+        record["prefixes"][split] = str(prefix)
+        record["tokens"][split] = report.tokens
+    record_path.write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+# ----------------------------------------------------------------------------- runs
+def run_dir(work: Path, variant: str, seed: int, train_iters: int | None = None) -> Path:
+    """A run's folder; runs with a train_iters other than base.yaml's carry it in the name."""
+    suffix = f"_iters{train_iters}" if train_iters else ""
+    return work / "runs" / f"{variant}_seed{seed}{suffix}"
+
+
+def add_train_iters_argument(parser) -> None:
+    parser.add_argument("--train-iters", type=int, default=None,
+                        help="a token budget other than base.yaml's: steps of 2,048 tokens "
+                        "(runs are kept apart: <variant>_seed<s>_iters<N>)")
+
+
+def is_completed(directory: Path) -> bool:
+    status = directory / "status.json"
+    return status.is_file() and json.loads(status.read_text()).get("state") == "completed"
+
+
+# ----------------------------------------------------------------------------- evaluation
+def init_single_process(seed: int = 1234) -> None:
+    os.environ.setdefault("ZTT_DEVICE", "cpu")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import torch.distributed as dist
+
+    from megatron_ztt.parallel import runtime
+
+    if not dist.is_initialized():
+        runtime.init_distributed(seed=seed)
+
+
+def load_model(checkpoint: Path):
+    """(model in eval mode, run config) from a training checkpoint folder (any layout)."""
+    from megatron_ztt.model.ztt import ZTTModel
+    from megatron_ztt.parallel.sharding import load_full_state_dict
+    from megatron_ztt.training import checkpoint as ckpt
+    from megatron_ztt.training.config import config_from_dict
+
+    root, tag = ckpt.resolve(str(checkpoint))
+    config = config_from_dict(ckpt.read_meta(f"{root}/{tag}")["config"])
+    model_config, state, _ = ckpt.load_full_model_state(str(checkpoint))
+    model = ZTTModel(model_config).eval()
+    load_full_state_dict(model, state)
+    return model, config
+
+
+def validation_samples(config, count: int) -> List[dict]:
+    """The first ``count`` samples of the run's validation split (the held-out books): the
+    samples ``ztt eval --iters count/8`` reads, in the same order (same dataset build)."""
+    from megatron_ztt.training.train import build_tokenizer_and_data
+
+    config.train.micro_batch_size = min(config.train.micro_batch_size, 8)  # as ztt eval
+    config.train.global_batch_size = config.train.micro_batch_size
+    config.eval.iters = -(-count // config.train.micro_batch_size)
+    _, (_, valid_set, _) = build_tokenizer_and_data(config)
+    if valid_set is None:
+        raise SystemExit("the run's data has no validation split")
+    return [valid_set[i] for i in range(count)]
+
+
+def batches(samples: List[dict], size: int) -> Iterator[dict]:
+    import torch
+
+    for start in range(0, len(samples), size):
+        chunk = samples[start:start + size]
+        yield {key: torch.stack([torch.as_tensor(s[key]) for s in chunk])
+               for key in ("tokens", "labels", "loss_mask")}
+
+
+def write_json(path: Path, report: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {path}", flush=True)
+
+
+def relative(path: Path) -> str:
+    """A path for reports: relative to the repository when inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)

@@ -124,3 +124,16 @@ def test_tokenizer_that_does_not_match_the_model_is_refused(sample_data, tmp_pat
         capture_output=True, text=True, env=_env(), timeout=300)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "model.vocab_size (1024)" in result.stderr and "512" in result.stderr
+
+
+def test_training_without_a_validation_split_skips_validation(sample_data, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "megatron_ztt.train", "--config", CONFIG,
+         *_data_args(sample_data, tmp_path), *MICRO, "data.split=100,0,0",
+         "train.train_iters=4", "eval.interval=2", "checkpoint.interval=1000"],
+        capture_output=True, text=True, env=_env(), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    assert "no validation split" in log
+    assert "validation at iteration" not in log
+    assert json.loads((tmp_path / "status.json").read_text())["state"] == "completed"

@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from results_common import (DEFAULT_WORK, REPO, add_train_iters_argument, batches,
-                            init_single_process, load_model, relative, run_dir,
+from results_common import (add_analysis_arguments, batches, default_paths,
+                            init_single_process, load_model, relative, trained_runs,
                             validation_samples, write_json)
 
 
@@ -268,29 +268,13 @@ def baseline_points(path: Path) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work", type=Path, default=None,
-                        help="bench/variants.py's folder (default: work/results)")
-    parser.add_argument("--variants", nargs="+", default=["ztt_exit", "ztt"])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--samples", type=int, default=512,
-                        help="held-out sequences (512 = what bench/variants.py's ztt eval reads)")
+    add_analysis_arguments(parser, "early_exit", quick_help="64 sequences, 5 thresholds")
     parser.add_argument("--quantiles", type=int, default=13,
                         help="thresholds: this many quantiles of the observed A_c")
     parser.add_argument("--thresholds", type=float, nargs="+", default=None,
                         help="explicit thresholds instead of quantiles")
-    parser.add_argument("--batch-size", type=int, default=8)
-    add_train_iters_argument(parser)
-    parser.add_argument("--quick", action="store_true", help="64 sequences, 5 thresholds")
-    parser.add_argument("--report-only", action="store_true",
-                        help="no evaluation: redraw the table and plot from the JSON report")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="report prefix (default: docs/results/early_exit)")
     args = parser.parse_args()
-    if args.work is None:
-        args.work = DEFAULT_WORK / "quick" if args.quick else DEFAULT_WORK
-    if args.out is None:
-        name = f"early_exit_iters{args.train_iters}" if args.train_iters else "early_exit"
-        args.out = args.work / name if args.quick else REPO / "docs/results" / name
+    default_paths(args, "early_exit")
     if args.quick:
         args.samples, args.quantiles = min(args.samples, 64), min(args.quantiles, 5)
     # the baselines trained with the same token budget (bench/variants.py's report)
@@ -306,15 +290,10 @@ def main():
 
     report = {"command": "python bench/early_exit.py " + " ".join(sys.argv[1:]),
               "threads": torch.get_num_threads(), "variants": {}}
-    for name in args.variants:
-        for seed in args.seeds:
-            directory = run_dir(args.work.resolve(), name, seed, args.train_iters)
-            if not (directory / "checkpoints").is_dir():
-                print(f"skipping {directory.name}: not trained", flush=True)
-                continue
-            print(f"analysing {directory.name}", flush=True)
-            report["variants"].setdefault(name, {})[seed] = analyse_run(
-                directory, args.samples, args.quantiles, args.batch_size, args.thresholds)
+    for name, seed, directory in trained_runs(args):
+        print(f"analysing {directory.name}", flush=True)
+        report["variants"].setdefault(name, {})[seed] = analyse_run(
+            directory, args.samples, args.quantiles, args.batch_size, args.thresholds)
     if not report["variants"]:
         raise SystemExit("no trained ZTT runs found; run bench/variants.py first")
     summary = {}

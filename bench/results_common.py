@@ -84,6 +84,47 @@ def add_train_iters_argument(parser) -> None:
                         "(runs are kept apart: <variant>_seed<s>_iters<N>)")
 
 
+def add_analysis_arguments(parser, report_name: str, quick_help: str) -> None:
+    """The arguments of the scripts that analyse trained runs (bench/early_exit.py,
+    bench/zero_attention.py): which runs, how many held-out sequences, where the report goes."""
+    parser.add_argument("--work", type=Path, default=None,
+                        help="bench/variants.py's folder (default: work/results)")
+    parser.add_argument("--variants", nargs="+", default=["ztt_exit", "ztt"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--samples", type=int, default=512,
+                        help="held-out sequences (512 = what bench/variants.py's ztt eval reads)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    add_train_iters_argument(parser)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--report-only", action="store_true",
+                        help="no evaluation: redraw the table and plot from the JSON report")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"report prefix (default: docs/results/{report_name})")
+
+
+def default_paths(args, report_name: str) -> None:
+    """Fill in ``args.work`` (work/results, or work/results/quick with --quick; made absolute)
+    and ``args.out``, the report prefix: docs/results/<report_name>, with _iters<N> for another
+    token budget; inside --work for a --quick smoke test."""
+    if args.work is None:
+        args.work = DEFAULT_WORK / "quick" if args.quick else DEFAULT_WORK
+    args.work = args.work.resolve()
+    if args.out is None:
+        name = f"{report_name}_iters{args.train_iters}" if args.train_iters else report_name
+        args.out = args.work / name if args.quick else REPO / "docs/results" / name
+
+
+def trained_runs(args) -> Iterator[tuple]:
+    """(variant, seed, run folder) of each asked run that has checkpoints; says which have none."""
+    for name in args.variants:
+        for seed in args.seeds:
+            directory = run_dir(args.work, name, seed, args.train_iters)
+            if not (directory / "checkpoints").is_dir():
+                print(f"skipping {directory.name}: not trained", flush=True)
+                continue
+            yield name, seed, directory
+
+
 def is_completed(directory: Path) -> bool:
     status = directory / "status.json"
     return status.is_file() and json.loads(status.read_text()).get("state") == "completed"

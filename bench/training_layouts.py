@@ -17,10 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from megatron_ztt.parallel.runtime import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -41,12 +42,6 @@ LAYOUTS = {
     "DP=2 ZeRO-0": (2, ["parallel.zero_stage=0", "train.nonfinite_loss=stop"]),
     "DP=2 ZeRO-2": (2, ["parallel.zero_stage=2"]),
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def vocab_size(tokenizer: str) -> int:

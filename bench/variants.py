@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,18 +32,14 @@ from pathlib import Path
 
 import yaml
 
-from results_common import (BASE_CONFIG, DEFAULT_CORPUS, DEFAULT_WORK, REPO, VARIANT_CONFIGS,
-                            add_train_iters_argument, is_completed, prepare_corpus, relative,
-                            run_dir, write_json)
+from results_common import (BASE_CONFIG, DEFAULT_CORPUS, REPO, VARIANT_CONFIGS,
+                            add_train_iters_argument, default_paths, is_completed,
+                            prepare_corpus, relative, run_dir, write_json)
+
+from megatron_ztt.parallel.runtime import free_port
 
 EQUAL_PARAMETERS = ["vanilla", "basic", "head_tail", "ztt", "head_tail_exit", "ztt_exit"]
 EQUAL_COMPUTE = ["vanilla_8", "head_tail", "ztt", "head_tail_exit", "ztt_exit"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def training_command(args, variant: dict, seed: int, directory: Path, data: dict) -> list:
@@ -330,12 +325,7 @@ def main():
     parser.add_argument("--out", type=Path, default=None,
                         help="report prefix (default: docs/results/variants; quick: in --work)")
     args = parser.parse_args()
-    if args.work is None:
-        args.work = DEFAULT_WORK / "quick" if args.quick else DEFAULT_WORK
-    args.work = args.work.resolve()
-    if args.out is None:
-        name = f"variants_iters{args.train_iters}" if args.train_iters else "variants"
-        args.out = (args.work / name) if args.quick else REPO / "docs/results" / name
+    default_paths(args, "variants")
     if args.quick:
         args.eval_iters = min(args.eval_iters, 4)
 

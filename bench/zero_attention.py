@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from results_common import (DEFAULT_WORK, REPO, add_train_iters_argument, batches,
-                            init_single_process, load_model, relative, run_dir,
+from results_common import (add_analysis_arguments, batches, default_paths,
+                            init_single_process, load_model, relative, trained_runs,
                             validation_samples, write_json)
 
 
@@ -170,24 +170,9 @@ def plot(report: dict, output: Path) -> None:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work", type=Path, default=None,
-                        help="bench/variants.py's folder (default: work/results)")
-    parser.add_argument("--variants", nargs="+", default=["ztt_exit", "ztt"])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--samples", type=int, default=512, help="held-out sequences")
-    parser.add_argument("--batch-size", type=int, default=8)
-    add_train_iters_argument(parser)
-    parser.add_argument("--quick", action="store_true", help="64 sequences")
-    parser.add_argument("--report-only", action="store_true",
-                        help="no evaluation: redraw the table and plot from the JSON report")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="report prefix (default: docs/results/zero_attention)")
+    add_analysis_arguments(parser, "zero_attention", quick_help="64 sequences")
     args = parser.parse_args()
-    if args.work is None:
-        args.work = DEFAULT_WORK / "quick" if args.quick else DEFAULT_WORK
-    if args.out is None:
-        name = f"zero_attention_iters{args.train_iters}" if args.train_iters else "zero_attention"
-        args.out = args.work / name if args.quick else REPO / "docs/results" / name
+    default_paths(args, "zero_attention")
     if args.quick:
         args.samples = min(args.samples, 64)
     if args.report_only:
@@ -199,17 +184,12 @@ def main():
 
     report = {"command": "python bench/zero_attention.py " + " ".join(sys.argv[1:]),
               "variants": {}, "summary": {}}
-    for name in args.variants:
-        for seed in args.seeds:
-            directory = run_dir(args.work.resolve(), name, seed, args.train_iters)
-            if not (directory / "checkpoints").is_dir():
-                print(f"skipping {directory.name}: not trained", flush=True)
-                continue
-            print(f"measuring {directory.name}", flush=True)
-            report["variants"].setdefault(name, {})[seed] = statistics_of_run(
-                directory, args.samples, args.batch_size)
-        if name in report["variants"]:
-            report["summary"][name] = across_seeds(report["variants"][name])
+    for name, seed, directory in trained_runs(args):
+        print(f"measuring {directory.name}", flush=True)
+        report["variants"].setdefault(name, {})[seed] = statistics_of_run(
+            directory, args.samples, args.batch_size)
+    for name, runs in report["variants"].items():
+        report["summary"][name] = across_seeds(runs)
     if not report["variants"]:
         raise SystemExit("no trained ZTT runs found; run bench/variants.py first")
     write_json(args.out.with_suffix(".json"), report)

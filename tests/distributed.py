@@ -11,17 +11,12 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 import traceback
 
 import torch
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from megatron_ztt.parallel.runtime import free_port
 
 
 def _entry(rank, world_size, port, tensor_parallel, pipeline_parallel, seed, fn, args, queue):

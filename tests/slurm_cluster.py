@@ -31,6 +31,8 @@ from typing import Dict, List, Optional
 
 import pytest
 
+from megatron_ztt.parallel.runtime import free_port
+
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 COMMANDS = ["munged", "munge", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "squeue",
             "scancel", "sinfo"]
@@ -56,12 +58,6 @@ def _tail(path: Path, lines: int = 15) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ensure_installed() -> None:
@@ -165,8 +161,8 @@ class LocalSlurm:
         self.conf.write_text(f"""\
 ClusterName=ztttest
 SlurmctldHost={host}(127.0.0.1)
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
 AuthType=auth/munge
 AuthInfo=socket={self.munge_socket}
 CredType=cred/munge

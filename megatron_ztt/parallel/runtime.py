@@ -94,7 +94,8 @@ def _first_slurm_host() -> str:
     return head
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host now (for a rendezvous that is about to bind it)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -121,7 +122,7 @@ def read_launch_env(environ: dict | None = None) -> LaunchEnv:
             source="slurm",
         )
     # One process on its own: a fresh port, never one left in the environment by a parent.
-    return LaunchEnv(0, 1, 0, "127.0.0.1", _free_port(), "single")
+    return LaunchEnv(0, 1, 0, "127.0.0.1", free_port(), "single")
 
 
 @dataclass(frozen=True)

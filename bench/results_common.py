@@ -144,17 +144,14 @@ def init_single_process(seed: int = 1234) -> None:
 
 def load_model(checkpoint: Path):
     """(model in eval mode, run config) from a training checkpoint folder (any layout)."""
+    from megatron_ztt.checkpoint import load_trained
     from megatron_ztt.model.ztt import ZTTModel
     from megatron_ztt.parallel.sharding import load_full_state_dict
-    from megatron_ztt.training import checkpoint as ckpt
-    from megatron_ztt.training.config import config_from_dict
 
-    root, tag = ckpt.resolve(str(checkpoint))
-    config = config_from_dict(ckpt.read_meta(f"{root}/{tag}")["config"])
-    model_config, state, _ = ckpt.load_full_model_state(str(checkpoint))
-    model = ZTTModel(model_config).eval()
-    load_full_state_dict(model, state)
-    return model, config
+    trained = load_trained(str(checkpoint))
+    model = ZTTModel(trained.model_config).eval()
+    load_full_state_dict(model, trained.state)
+    return model, trained.run_config
 
 
 def validation_samples(config, count: int) -> List[dict]:

@@ -149,7 +149,7 @@ def mean_std(values):
 
 def build_report(args, variants: dict, names: list, data: dict, commands: dict) -> dict:
     from megatron_ztt.model.config import ZTTConfig
-    from megatron_ztt.training.config import load_config
+    from megatron_ztt.config import load_config
     from megatron_ztt.training.metrics import model_flops_per_token
 
     from results_common import init_single_process

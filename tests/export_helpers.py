@@ -91,3 +91,11 @@ def build_and_export(name: str, directory: Path, tokenizer_model=None, dtype="fp
     vary_small_parameters(model)
     path = export_hf(config, gather_full_state_dict(model), tokenizer_model, directory, dtype)
     return model, config, path
+
+
+def load_full_model_state(path):
+    """(model config, canonical full state, tokenizer) of a checkpoint of any layout."""
+    from megatron_ztt.checkpoint import load_trained
+
+    trained = load_trained(str(path))
+    return trained.model_config, trained.state, trained.tokenizer

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_ztt.training.config import load_config
+from megatron_ztt.config import load_config
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "launch" / "configs").glob("*.yaml"))
 

@@ -185,7 +185,7 @@ def test_per_split_blend_errors_name_the_setting(corpus, tmp_path):
 
 
 def test_per_split_blends_in_the_run_config(corpus):
-    from megatron_ztt.training.config import load_config
+    from megatron_ztt.config import load_config
 
     config = load_config(None, ["data.blend=[a]", "data.tokenizer=t.model",
                                 "data.valid_blend=[0.3,b,0.7,c]"])

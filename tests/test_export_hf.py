@@ -11,7 +11,7 @@ import torch
 from export_helpers import (CORPUS, VARIANTS, build_and_export, load_export,
                             safetensors_tensors, train_sentencepiece, variant_config)
 from megatron_ztt.export import hf as hf_export
-from megatron_ztt.export.hf import ExportError, export_hf, merge_stage_states
+from megatron_ztt.export.hf import ExportError, export_hf
 from model_helpers import batch
 
 MAX_ABS_DIFF = 1e-4
@@ -25,7 +25,7 @@ def tokenizer_model(tmp_path_factory):
 def test_exported_plan_matches_training_plan():
     from megatron_ztt.export.hf_template.modeling_ztt import application_plan as exported_plan
     from megatron_ztt.export.hf import hf_config
-    from megatron_ztt.model.plan import application_plan
+    from megatron_ztt.model.cycle_engine import application_plan
 
     for name in VARIANTS:
         config = variant_config(name)
@@ -51,18 +51,20 @@ def test_exported_logits_match_training_model(seeded, tmp_path, name):
         assert diff <= MAX_ABS_DIFF, f"{name}: max abs diff {diff}"
 
 
+@pytest.mark.parametrize("mode", ["token", "sequence"])
 @pytest.mark.parametrize("use_cache", [False, True])
-def test_exported_early_exit_matches_training_model(seeded, tmp_path, use_cache):
+def test_exported_early_exit_matches_training_model(seeded, tmp_path, use_cache, mode):
+    """The same per-token (or per-row) exit decisions and logits: both run cycle_engine."""
     model, config, path = build_and_export("ztt-gqa", tmp_path / "export")
     exported = load_export(path)
     ids, _ = batch(config, size=4)
     with torch.no_grad():
         first_cycle = model(ids).zero_attention_by_cycle(model.plan)[1].item()
-        # the batch mean: some sequences stop after cycle 1, others go on
-        expected = model(ids, exit_threshold=first_cycle)
-        got = exported(ids, exit_threshold=first_cycle, exit_mode="sequence", use_cache=use_cache)
+        # the batch mean: some tokens (rows) stop after cycle 1, others go on
+        expected = model(ids, exit_threshold=first_cycle, exit_mode=mode)
+        got = exported(ids, exit_threshold=first_cycle, exit_mode=mode, use_cache=use_cache)
     assert expected.cycles_used.min() == 1 and expected.cycles_used.max() > 1
-    assert torch.equal(got.cycles_used, expected.cycles_used[:, None].expand_as(ids))
+    assert torch.equal(got.cycles_used, expected.cycles_used)
     assert (got.logits - expected.logits).abs().max().item() <= MAX_ABS_DIFF
 
 
@@ -78,7 +80,12 @@ def test_export_directory_is_complete(seeded, tmp_path, tokenizer_model):
     raw = json.loads((path / "config.json").read_text())
     assert raw["model_type"] == "ztt"
     assert raw["auto_map"] == {"AutoConfig": "configuration_ztt.ZTTConfig",
+                               "AutoModel": "modeling_ztt.ZTTModel",
                                "AutoModelForCausalLM": "modeling_ztt.ZTTForCausalLM"}
+    # the exported loop is the training code's own file, byte for byte
+    from megatron_ztt.model import cycle_engine
+
+    assert (path / "cycle_engine.py").read_bytes() == Path(cycle_engine.__file__).read_bytes()
     loaded = AutoConfig.from_pretrained(path, trust_remote_code=True)
     assert loaded.num_hidden_layers == config.num_applications  # one cache layer each
     generation = GenerationConfig.from_pretrained(path)
@@ -221,18 +228,6 @@ def test_tokenizer_must_match_the_vocabulary(seeded, tmp_path, tokenizer_model):
         export_hf(config, gather_full_state_dict(ZTTModel(config)), tokenizer_model,
                   tmp_path / "out", "fp32")
     assert not (tmp_path / "out").exists()
-
-
-def test_pipeline_stages_merge_into_one_copy():
-    shared = torch.arange(6.0)
-    stage0 = {"embedding.word_embeddings.weight": torch.ones(2), "layers.1.w": shared.clone()}
-    stage1 = {"layers.1.w": shared.clone(), "output_head.final_norm.weight": torch.zeros(2)}
-    merged = merge_stage_states([stage0, stage1])
-    assert sorted(merged) == ["embedding.word_embeddings.weight", "layers.1.w",
-                              "output_head.final_norm.weight"]
-    drifted = {"layers.1.w": shared + 1e-3}
-    with pytest.raises(ExportError, match="layers.1.w.*stage 1"):
-        merge_stage_states([stage0, drifted])
 
 
 def test_cli_reports_a_missing_checkpoint(tmp_path, capsys):

@@ -1,10 +1,12 @@
 """Cycling, weight sharing, the variants and early exit, on one process."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_ztt.model.plan import application_plan
+from megatron_ztt.model.cycle_engine import application_plan
 from megatron_ztt.model.ztt import ZTTModel
 from model_helpers import assert_close, batch, tiny_config
 
@@ -51,13 +53,13 @@ class UnrolledZTT(ZTTModel):
 
     use_copies = False
 
-    def run_application(self, app, hidden, rope, record=False):
+    def run_application(self, app, *args):
         if app.cycle is None or not self.use_copies:
-            return super().run_application(app, hidden, rope, record)
+            return super().run_application(app, *args)
         shared = self.layers
         self.layers = self.copies[app.cycle]
         try:
-            return super().run_application(app, hidden, rope, record)
+            return super().run_application(app, *args)
         finally:
             self.layers = shared
 
@@ -150,9 +152,9 @@ def test_exit_thresholds(seeded):
     ids, _ = batch(config, size=3)
     with torch.no_grad():
         first = model(ids, exit_threshold=0.0)
-        assert first.cycles_used.tolist() == [1, 1, 1]
+        assert torch.all(first.cycles_used == 1) and first.cycles_used.shape == ids.shape
         full = model(ids, exit_threshold=1.01)
-        assert full.cycles_used.tolist() == [3, 3, 3]
+        assert torch.all(full.cycles_used == 3)
         assert_close(full.logits, model(ids).logits, atol=0)
 
 
@@ -164,13 +166,18 @@ class ScriptedExit(ZTTModel):
 
     def forward(self, *args, **kwargs):
         self.cycles_seen = 0
-        return super().forward(*args, **kwargs)
+        engine = self.engine
 
-    def _sequence_zero_attention(self, contexts):
-        self.cycles_seen += 1
-        cycle = self.cycles_seen
-        alive = [e for e in self.exit_after if e >= cycle]
-        return torch.tensor([1.0 if e == cycle else 0.0 for e in alive])
+        def scripted_signal(zero_sum):  # [s, b]
+            self.cycles_seen += 1
+            rows = torch.tensor([1.0 if e == self.cycles_seen else 0.0 for e in self.exit_after])
+            return rows[None, :].expand_as(zero_sum)
+
+        engine.exit_signal = scripted_signal
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            del engine.exit_signal
 
 
 @pytest.mark.parametrize("exit_after", [[1, 1], [2, 2], [2, 1, 3, 1]])
@@ -185,14 +192,53 @@ def test_exit_after_k_cycles_equals_a_k_cycle_model(seeded, exit_after):
     ids, _ = batch(model.config, size=len(exit_after))
     with torch.no_grad():
         out = model(ids, exit_threshold=0.5)
-        assert out.cycles_used.tolist() == exit_after
+        assert out.cycles_used[:, 0].tolist() == exit_after
         for row, k in enumerate(exit_after):
             assert_close(out.logits[row], short[k](ids[row:row + 1]).logits[0], atol=1e-5,
                          what=f"row {row} (exit after cycle {k})")
 
 
+def _first_cycle_signal(model, ids):
+    """Per token: the exit signal of cycle 1 (what a threshold is compared with)."""
+    seen = []
+    original = model.engine.exit_signal
+
+    def spy(zero_sum):
+        signal = original(zero_sum)
+        seen.append(signal.transpose(0, 1).clone())
+        return signal
+
+    model.engine.exit_signal = spy
+    try:
+        model(ids, exit_threshold=math.inf)
+    finally:
+        del model.engine.exit_signal
+    return seen[0]
+
+
+def test_token_exit_is_causal(seeded):
+    """With tokens leaving at several cycles, logits at positions <= t do not depend on the
+    tokens after t: the decision reads only the token's own (causal) zero attention, and a
+    token that left serves later tokens with its last computed key/values."""
+    config = tiny_config(num_cycles=3, seq_length=16)
+    model = ZTTModel(config).eval()
+    ids, _ = batch(config, size=2, seed=5)
+    with torch.no_grad():
+        threshold = _first_cycle_signal(model, ids).median().item()
+        out = model(ids, exit_threshold=threshold)
+        assert (out.cycles_used == 1).any() and (out.cycles_used > 1).any()
+        for t in (3, 8, 12):
+            changed = ids.clone()
+            changed[:, t + 1:] = (changed[:, t + 1:] + 7) % config.vocab_size
+            other = model(changed, exit_threshold=threshold)
+            assert torch.equal(other.cycles_used[:, :t + 1], out.cycles_used[:, :t + 1])
+            assert_close(other.logits[:, :t + 1], out.logits[:, :t + 1], atol=1e-5,
+                         what=f"positions <= {t}")
+            assert not torch.allclose(other.logits[:, t + 1:], out.logits[:, t + 1:])
+
+
 def test_per_sequence_exit_on_real_zero_attention(seeded):
-    """Each row's decision and logits do not depend on the other rows of the batch."""
+    """exit_mode=sequence: each row's decision and logits do not depend on the other rows."""
     config = tiny_config(num_cycles=3)
     model = ZTTModel(config).eval()
     ids, _ = batch(config, size=4, seed=3)
@@ -200,13 +246,13 @@ def test_per_sequence_exit_on_real_zero_attention(seeded):
         first_cycle = [model(ids[i:i + 1]).zero_attention_by_cycle(model.plan)[1].item()
                        for i in range(4)]
         threshold = sorted(first_cycle)[2]  # two rows at or above it, two below
-        mixed = model(ids, exit_threshold=threshold)
+        mixed = model(ids, exit_threshold=threshold, exit_mode="sequence")
         for i in range(4):
-            alone = model(ids[i:i + 1], exit_threshold=threshold)
-            assert mixed.cycles_used[i] == alone.cycles_used[0]
-            assert (alone.cycles_used[0] == 1) == (first_cycle[i] >= threshold)
+            alone = model(ids[i:i + 1], exit_threshold=threshold, exit_mode="sequence")
+            assert torch.equal(mixed.cycles_used[i], alone.cycles_used[0])
+            assert bool((alone.cycles_used[0] == 1).all()) == (first_cycle[i] >= threshold - 1e-7)
             assert_close(mixed.logits[i], alone.logits[0], atol=1e-5, what=f"row {i}")
-        assert mixed.cycles_used.tolist().count(1) == 2
+        assert mixed.cycles_used[:, 0].tolist().count(1) == 2
 
 
 def test_exit_losses_are_weighted(seeded):

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from megatron_ztt.training.config import load_config
+from megatron_ztt.config import load_config
 from megatron_ztt.training.optimizer import deepspeed_config, lr_multiplier, parameter_groups
 
 

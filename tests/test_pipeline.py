@@ -36,10 +36,10 @@ def _train_runs(rank, data, root, weights, runs):
 
 
 def _stage_files(run_dir):
-    from megatron_ztt.training.checkpoint import resolve, stage_file
+    from megatron_ztt.checkpoint import model_file, resolve
 
     tag_dir = os.path.join(*resolve(os.path.join(run_dir, "checkpoints")))
-    return [torch.load(os.path.join(tag_dir, stage_file(s, 0)), weights_only=True)
+    return [torch.load(os.path.join(tag_dir, model_file(s, 0)), weights_only=True)
             for s in (0, 1)]
 
 
@@ -122,7 +122,7 @@ def test_pipeline_resume_continues_with_the_same_losses(pipeline_runs):
 @pytest.mark.slow
 def test_export_reads_pipeline_checkpoints(pipeline_runs, tmp_path):
     from megatron_ztt.export.hf import export_hf
-    from megatron_ztt.training.checkpoint import load_full_model_state
+    from export_helpers import load_full_model_state
     from export_helpers import safetensors_tensors
 
     *_, root = pipeline_runs
@@ -140,7 +140,7 @@ def test_export_reads_pipeline_checkpoints(pipeline_runs, tmp_path):
 @pytest.mark.slow
 def test_exported_pipeline_checkpoint_has_the_training_models_logits(pipeline_runs, tmp_path):
     from megatron_ztt.export.hf import export_hf
-    from megatron_ztt.training.checkpoint import load_full_model_state
+    from export_helpers import load_full_model_state
     from export_helpers import load_export
 
     *_, root = pipeline_runs

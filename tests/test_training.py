@@ -35,7 +35,7 @@ def _poison_loss_at(iteration, accumulation):
 
 
 def _final_weights(run_dir):
-    from megatron_ztt.training.checkpoint import load_full_model_state
+    from export_helpers import load_full_model_state
 
     return load_full_model_state(os.path.join(run_dir, "checkpoints"))[1]
 
@@ -103,21 +103,21 @@ def _parallel_worker(rank, data, root):
 
     # a crash in the middle of the save at iteration 4 (DeepSpeed's files written, ours not)
     # leaves iteration 2 as latest
-    original_save = ckpt._save_atomic
+    original_save = ckpt.save_torch_atomic
 
     def crash_mid_save(obj, path):
-        if "iter_0000004" in path:
+        if "iter_0000004" in str(path):
             raise OSError("simulated crash during save")
         original_save(obj, path)
 
-    ckpt._save_atomic = crash_mid_save
+    ckpt.save_torch_atomic = crash_mid_save
     try:
         run("crash", "train.train_iters=4", "checkpoint.interval=2", "train.lr_decay_iters=6")
         out["crash_error"] = None
     except OSError as error:
         out["crash_error"] = str(error)
     finally:
-        ckpt._save_atomic = original_save
+        ckpt.save_torch_atomic = original_save
     out["partial_left_behind"] = os.path.isdir(f"{root}/crash/checkpoints/iter_0000004")
     with open(f"{root}/crash/checkpoints/latest") as f:
         out["latest_after_crash"] = f.read().strip()

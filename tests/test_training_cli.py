@@ -74,7 +74,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(sample_data, tmp_path):
     assert status["state"] == "interrupted" and status["signal"] == "SIGTERM"
     assert f"saved checkpoint iteration {status['iteration']}" in log
 
-    from megatron_ztt.training.checkpoint import load_full_model_state
+    from export_helpers import load_full_model_state
 
     config, weights, tokenizer = load_full_model_state(str(run_dir / "checkpoints"))
     assert config.hidden_size == 32 and weights and Path(tokenizer).is_file()

@@ -1,6 +1,6 @@
 """A micro training configuration for the training tests."""
 
-from megatron_ztt.training.config import load_config
+from megatron_ztt.config import load_config
 
 
 def micro_config(data, run_dir, *overrides):

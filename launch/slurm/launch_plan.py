@@ -268,7 +268,7 @@ def resolve_run_dir(config: str, overrides: List[str]) -> str:
     """``run.dir`` as the training will see it: the project's own config loader (defaults,
     file, overrides, validation), made absolute against the current directory."""
     from megatron_ztt.model.config import ConfigError
-    from megatron_ztt.training.config import load_config
+    from megatron_ztt.config import load_config
 
     try:
         return os.path.abspath(load_config(config, overrides).run.dir)

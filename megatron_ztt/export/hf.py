@@ -3,14 +3,12 @@
     ztt export-hf --checkpoint CKPT_DIR --output OUT_DIR [--dtype bf16|fp32]
 
 Input is the *canonical full state dict*: every parameter as one full tensor, named as in
-``gather_full_state_dict(ZTTModel)``. Tensor-parallel shards are merged before this module
-sees them; a pipeline-parallel checkpoint is the union of its stages' state dicts
-(:func:`merge_stage_states`), where the shared middle weights appear once per stage that
-holds them and must agree. The result loads with
+``gather_full_state_dict(ZTTModel)``, as ``megatron_ztt.checkpoint.load_trained`` reads it
+from a checkpoint of any layout. The result loads with
 ``AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True)``:
 
-    OUT_DIR/config.json                     model_type "ztt", auto_map -> the two .py files
-    OUT_DIR/configuration_ztt.py, modeling_ztt.py
+    OUT_DIR/config.json                     model_type "ztt", auto_map -> the .py files
+    OUT_DIR/configuration_ztt.py, modeling_ztt.py, cycle_engine.py
     OUT_DIR/model.safetensors               (model-0000k-of-0000n.safetensors + index if large)
     OUT_DIR/generation_config.json
     OUT_DIR/tokenizer.json, tokenizer_config.json, ...   (AutoTokenizer)
@@ -34,12 +32,19 @@ from typing import Dict, Iterable, Mapping, Optional, Tuple
 import torch
 
 from megatron_ztt.model.config import ZTTConfig
-from megatron_ztt.model.plan import application_plan
+from megatron_ztt.model.cycle_engine import application_plan
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "hf_template"
-TEMPLATE_FILES = ("configuration_ztt.py", "modeling_ztt.py")
+# file in the export -> where it comes from; modeling_ztt.py runs the training code's own
+# cycle loop, copied unchanged
+EXPORTED_CODE = {
+    "configuration_ztt.py": TEMPLATE_DIR / "configuration_ztt.py",
+    "modeling_ztt.py": TEMPLATE_DIR / "modeling_ztt.py",
+    "cycle_engine.py": Path(__file__).resolve().parent.parent / "model" / "cycle_engine.py",
+}
 AUTO_MAP = {
     "AutoConfig": "configuration_ztt.ZTTConfig",
+    "AutoModel": "modeling_ztt.ZTTModel",
     "AutoModelForCausalLM": "modeling_ztt.ZTTForCausalLM",
 }
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -109,25 +114,6 @@ def check_full_state(config: ZTTConfig, full_state: Mapping[str, torch.Tensor]) 
     if wrong:
         raise ExportError("tensor shapes do not match the model config (unmerged tensor-parallel "
                           "shards?): " + "; ".join(wrong[:6]))
-
-
-def merge_stage_states(stage_states: Iterable[Mapping[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
-    """Union of pipeline stages' full state dicts, keeping one copy of each shared tensor.
-
-    The middle layers (and the tied embedding) live on every stage that runs them; their copies
-    must be identical, or the checkpoint is not one model.
-    """
-    merged: Dict[str, torch.Tensor] = {}
-    for stage, state in enumerate(stage_states):
-        for name, tensor in state.items():
-            if name not in merged:
-                merged[name] = tensor
-            elif not torch.equal(merged[name], tensor):
-                diff = (merged[name].float() - tensor.float()).abs().max().item()
-                raise ExportError(f"{name}: the copy on pipeline stage {stage} differs from an "
-                                  f"earlier stage's (max abs diff {diff:g}); shared weights "
-                                  f"must be identical on every stage")
-    return merged
 
 
 def to_hf_state(config: ZTTConfig, full_state: Mapping[str, torch.Tensor],
@@ -348,8 +334,8 @@ def export_hf(config: ZTTConfig, full_state: Mapping[str, torch.Tensor],
         exported_config.save_pretrained(staging)
         GenerationConfig(bos_token_id=special_ids.get("bos"), eos_token_id=special_ids.get("eos"),
                          pad_token_id=special_ids.get("pad")).save_pretrained(staging)
-        for name in TEMPLATE_FILES:
-            shutil.copyfile(TEMPLATE_DIR / name, staging / name)
+        for name, source in EXPORTED_CODE.items():
+            shutil.copyfile(source, staging / name)
         _write_weights(hf_state, staging, max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
@@ -376,12 +362,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def load_checkpoint_state(checkpoint: str | os.PathLike):
     """(ZTTConfig, canonical full state dict, tokenizer model path) from a training checkpoint
     of any layout (tensor-parallel shards merged, pipeline stages united)."""
-    from megatron_ztt.training.checkpoint import CheckpointError, load_full_model_state
+    from megatron_ztt.checkpoint import CheckpointError, load_trained
 
     try:
-        return load_full_model_state(str(checkpoint))
+        trained = load_trained(str(checkpoint))
     except CheckpointError as error:
         raise ExportError(str(error)) from error
+    return trained.model_config, trained.state, trained.tokenizer
 
 
 def run(args: argparse.Namespace) -> int:

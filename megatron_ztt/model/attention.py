@@ -17,14 +17,15 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Dict, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 
-from megatron_ztt.model.plan import Application
+from megatron_ztt.model.cycle_engine import Application
+from megatron_ztt.model.seeding import init_scope
 
 
 @dataclass
@@ -37,6 +38,23 @@ class ZeroTokenContext:
     # zero attention, [batch, seq], and how many heads that sum covers.
     zero_attention_sum: Optional[torch.Tensor] = None
     heads: int = 0
+    # Early exit: tokens that left the cycles ([batch, seq] bool) attend no more, but later
+    # tokens still see them through the key/value of their last computed cycle of this layer,
+    # kept in ``kv_store[kv_layer]`` (the same rule as the export's cache).
+    exited: Optional[torch.Tensor] = None
+    kv_store: Optional[Dict[int, tuple]] = None
+    kv_layer: int = -1
+
+    def fill_in_exited(self, key: torch.Tensor, value: torch.Tensor):
+        """key/value [b, groups, s, d] -> the same with exited tokens' entries replaced."""
+        if self.kv_store is None:
+            return key, value
+        if self.exited is not None and self.kv_layer in self.kv_store and bool(self.exited.any()):
+            last_key, last_value = self.kv_store[self.kv_layer]
+            left = self.exited[:, None, :, None]
+            key, value = torch.where(left, last_key, key), torch.where(left, last_value, value)
+        self.kv_store[self.kv_layer] = (key, value)
+        return key, value
 
 
 def zero_token_attention(query, key, value, zero_key, scale, dropout_p=0.0):
@@ -90,6 +108,8 @@ class ZeroTokenCoreAttention(MegatronModule):
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         dropout_p = self.dropout_p if self.training else 0.0
         context = attention_bias
+        if context is not None:
+            k, v = context.fill_in_exited(k, v)
         with tensor_parallel.get_cuda_rng_tracker().fork() if dropout_p else contextlib.nullcontext():
             if context is None or context.key is None:
                 out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True,
@@ -120,8 +140,10 @@ class ZeroTokenPool(torch.nn.Module):
         local = query_groups // tp_size
         self.keys = torch.nn.ParameterDict()
         for app in applications:
-            # Drawn at full size and then sliced, so that every layout gets the same values.
-            full = torch.empty(query_groups, head_dim).normal_(0.0, init_std)
+            # Drawn at full size from a stream of its own and then sliced, so that every
+            # layout (tensor split, pipeline stage) gets the same values.
+            with init_scope(f"zero_key.{app.name}"):
+                full = torch.empty(query_groups, head_dim).normal_(0.0, init_std)
             param = torch.nn.Parameter(full[tp_rank * local:(tp_rank + 1) * local].clone())
             tensor_parallel.set_tensor_model_parallel_attributes(param, True, 0, 1)
             self.keys[app.name] = param

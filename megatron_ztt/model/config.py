@@ -6,7 +6,8 @@ import math
 from dataclasses import dataclass
 from typing import List, Optional
 
-CYCLE_MODES = ("vanilla", "basic", "head_tail")
+from megatron_ztt.model.cycle_engine import CYCLE_MODES, cycled_layers
+
 NORMALIZATIONS = ("RMSNorm", "LayerNorm")
 ACTIVATIONS = ("swiglu", "gelu")
 
@@ -83,9 +84,7 @@ class ZTTConfig:
     @property
     def cycled_layers(self) -> List[int]:
         """0-based indices of the distinct layers that every cycle runs."""
-        if self.cycle_mode == "head_tail":
-            return list(range(1, self.num_layers - 1))
-        return list(range(self.num_layers))
+        return cycled_layers(self.cycle_mode, self.num_layers)
 
     @property
     def num_applications(self) -> int:

@@ -1,15 +1,17 @@
 """Building blocks of the model, from megatron-core parts.
 
-Shared by the single-stage model (``ztt.py``) and the pipeline stages (``parallel/pipeline.py``)
-so that both run exactly the same modules.
+Shared by the whole model (``ztt.py``) and the pipeline stages (``parallel/pipeline.py``) so
+that both run exactly the same modules.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 
 import torch
+import torch.distributed as dist
 import torch.distributed.nn as dist_nn
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
@@ -20,6 +22,46 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from megatron_ztt.model.attention import ZeroTokenCoreAttention
 from megatron_ztt.model.config import ZTTConfig
+
+
+def tensor_parallel_size() -> int:
+    return parallel_state.get_tensor_model_parallel_world_size()
+
+
+def all_reduce_tensor_parallel(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over the tensor-parallel group (statistics only: no gradient flows through it)."""
+    if tensor_parallel_size() > 1:
+        tensor = tensor.detach().clone()
+        dist.all_reduce(tensor, group=parallel_state.get_tensor_model_parallel_group())
+    return tensor
+
+
+def rng_tracker_checkpoint_contexts():
+    """``context_fn`` for ``torch.utils.checkpoint``: the recompute in backward draws the same
+    dropout masks as the forward.
+
+    torch restores its own generator for the recompute, but attention dropout draws from
+    megatron-core's RNG tracker (a separate stream per tensor-parallel rank), which torch
+    does not know about: without this, the recompute used other masks than the forward.
+    """
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    at_forward: dict = {}
+
+    @contextlib.contextmanager
+    def forward():
+        at_forward.update(tracker.get_states())
+        yield
+
+    @contextlib.contextmanager
+    def recompute():
+        after_forward = tracker.get_states()
+        tracker.set_states(at_forward)
+        try:
+            yield
+        finally:
+            tracker.set_states(after_forward)
+
+    return forward(), recompute()
 
 
 def transformer_config(config: ZTTConfig) -> TransformerConfig:
@@ -110,25 +152,6 @@ class TokenEmbedding(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.word_embeddings(input_ids).transpose(0, 1).contiguous()
-
-
-class CycleGate(torch.nn.Module):
-    """x_next = x + g * (y - x), g = sigmoid(w . rmsnorm(y) + b), one scalar per token.
-
-    w starts at zero and b at ``gate_bias_init``, so every cycle starts almost fully open.
-    """
-
-    def __init__(self, config: ZTTConfig):
-        super().__init__()
-        self.eps = config.norm_epsilon
-        self.weight = torch.nn.Parameter(torch.zeros(config.hidden_size))
-        self.bias = torch.nn.Parameter(torch.full((1,), float(config.gate_bias_init)))
-
-    def forward(self, cycle_input: torch.Tensor, cycle_output: torch.Tensor):
-        normed = F.rms_norm(cycle_output, (cycle_output.shape[-1],), eps=self.eps)
-        gate = torch.sigmoid(normed @ self.weight.to(normed.dtype) + self.bias.to(normed.dtype))
-        gate = gate.unsqueeze(-1)
-        return cycle_input + gate * (cycle_output - cycle_input), gate
 
 
 class OutputHead(torch.nn.Module):

@@ -21,9 +21,8 @@ layers run inside every stage.
 from __future__ import annotations
 
 import functools
-import os
 import re
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -31,13 +30,15 @@ from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from megatron.core import parallel_state, tensor_parallel
 
-from megatron_ztt.model.attention import ZeroTokenContext, ZeroTokenPool
+from megatron_ztt.model.attention import ZeroTokenPool
 from megatron_ztt.model.config import ZTTConfig
-from megatron_ztt.model.layers import (CycleGate, TokenEmbedding, build_norm,
+from megatron_ztt.model.cycle_engine import (Application, CycleEngine, ZeroAttentionTally,
+                                             application_plan, zero_attention_by_cycle)
+from megatron_ztt.model.layers import (TokenEmbedding, all_reduce_tensor_parallel, build_norm,
                                        build_transformer_layer, language_model_loss,
                                        rotary_embedding, transformer_config)
-from megatron_ztt.model.plan import Application, application_plan, tail_applications
-from megatron_ztt.model.ztt import all_reduce_tensor_parallel
+from megatron_ztt.model.seeding import init_scope
+from megatron_ztt.model.ztt import GateLookup, build_gates, run_layer
 from megatron_ztt.parallel.sharding import partition_spec, split_full
 
 
@@ -45,7 +46,8 @@ from megatron_ztt.parallel.sharding import partition_spec, split_full
 class EmbeddingPipe(torch.nn.Module):
     def __init__(self, config: ZTTConfig):
         super().__init__()
-        self.embedding = TokenEmbedding(config)
+        with init_scope("embedding"):
+            self.embedding = TokenEmbedding(config)
 
     def forward(self, inputs):
         tokens = inputs[0] if isinstance(inputs, tuple) else inputs
@@ -57,7 +59,8 @@ class TransformerLayerPipe(torch.nn.Module):
 
     def __init__(self, config: ZTTConfig, layer_index: int):
         super().__init__()
-        self.layer = build_transformer_layer(config, layer_index)
+        with init_scope(f"layer{layer_index}"):
+            self.layer = build_transformer_layer(config, layer_index)
 
 
 class FinalNormPipe(torch.nn.Module):
@@ -75,9 +78,10 @@ class OutputLayerPipe(torch.nn.Module):
     def __init__(self, config: ZTTConfig):
         super().__init__()
         megatron_config = transformer_config(config)
-        self.output_layer = tensor_parallel.ColumnParallelLinear(
-            config.hidden_size, config.padded_vocab_size, config=megatron_config,
-            init_method=megatron_config.init_method, bias=False, gather_output=False)
+        with init_scope("output_head"):  # the same stream as ZTTModel's output head
+            self.output_layer = tensor_parallel.ColumnParallelLinear(
+                config.hidden_size, config.padded_vocab_size, config=megatron_config,
+                init_method=megatron_config.init_method, bias=False, gather_output=False)
 
     def forward(self, states):
         return tuple(self.output_layer(state)[0] for state in states)
@@ -94,52 +98,34 @@ def tied_output_projection(embedding: EmbeddingPipe, states):
         for state in states)
 
 
-def _exit_cycles(config: ZTTConfig) -> List[int]:
-    """0-based cycles whose state travels on for a weighted exit loss (the last one is the
-    model's own output)."""
-    return [c for c, w in enumerate(config.exit_weights) if w > 0 and c < config.num_cycles - 1]
-
-
 class ApplicationStep:
-    """``forward_fn`` of one layer application: (its tied layer, carried state) -> state.
+    """``forward_fn`` of one layer application: (its tied layer, carried tensors) -> tensors.
 
-    Reads this application's zero key and (at the end of a cycle) the cycle's gate from the
-    stage that runs it, and records statistics there when asked.
+    The cycle engine decides what is carried (hidden, the open cycle's input when a gate
+    reads it, the states kept for exit losses); this only runs the layer with the stage's
+    zero key for the application.
     """
 
-    def __init__(self, config: ZTTConfig, app: Application):
+    def __init__(self, config: ZTTConfig, app: Application, next_app: Optional[Application]):
         self.config = config
         self.app = app
+        self.next_app = next_app
         self.stage: "ZTTPipelineModule" = None  # bound once the stage is built
-        self.is_tail = app in tail_applications(application_plan(config))
 
     def __call__(self, unit: TransformerLayerPipe, inputs):
-        app, stage = self.app, self.stage
-        inputs = inputs if isinstance(inputs, tuple) else (inputs,)
-        carries_cycle_input = app.cycle is not None and not app.starts_cycle
-        hidden = inputs[0]
-        cycle_input = inputs[1] if carries_cycle_input else hidden
-        exits = list(inputs[2 if carries_cycle_input else 1:])
-        rope = rotary_embedding(self.config, hidden.shape[0], hidden.device)
+        stage, engine = self.stage, self.stage.engine
+        state = engine.unpack(self.app, inputs if isinstance(inputs, tuple) else (inputs,))
+        rope = rotary_embedding(self.config, state.hidden.shape[0], state.hidden.device)
+        key = stage.zero_token_pool[self.app.name] if stage.zero_token_pool is not None else None
 
-        key = stage.zero_token_pool[app.name] if stage.zero_token_pool is not None else None
-        context = ZeroTokenContext(key=key, record=stage.collect_stats and key is not None)
-        hidden = unit.layer(hidden, attention_mask=None, rotary_pos_emb=rope,
-                            attention_bias=context)[0]
-        stage.record_zero_attention(app.name, context)
-        if self.is_tail:  # the exits go through the tail too
-            exits = [unit.layer(state, attention_mask=None, rotary_pos_emb=rope,
-                                attention_bias=ZeroTokenContext(key=key))[0] for state in exits]
-        if app.cycle is None:
-            return (hidden, *exits)
-        if not app.ends_cycle:
-            return (hidden, cycle_input, *exits)
-        if stage.gates is not None:
-            hidden, gate = stage.gates[str(app.cycle)](cycle_input, hidden)
-            stage.record_gate(app.cycle + 1, gate)
-        if app.cycle in _exit_cycles(self.config):
-            exits.append(hidden)
-        return (hidden, *exits)
+        def run(app, hidden, run_state, record):
+            return run_layer(self.config, unit.layer, app, hidden, run_state, record, rope, key,
+                             {}, stage.training)
+
+        # the exit states always travel (eval too), so that every batch sends the same tensors
+        state = engine.step(self.app, state, run, keep_exit_states=True,
+                            tally=stage.tally if stage.collect_stats else None)
+        return engine.pack(state, self.next_app)
 
 
 # ------------------------------------------------------------------------ the module
@@ -171,9 +157,9 @@ def layer_specs(config: ZTTConfig) -> list:
         specs.append(LayerSpec(EmbeddingPipe, config))
     # every parameter of a shared layer is tied, or the replicas drift apart
     layer_params = [f"layer.{name}" for name in _layer_parameter_names(config)]
-    for app in plan:
+    for app, next_app in zip(plan, plan[1:] + [None]):
         specs.append(TiedLayerSpec(f"layer{app.layer}", TransformerLayerPipe, config, app.layer,
-                                   forward_fn=ApplicationStep(config, app),
+                                   forward_fn=ApplicationStep(config, app, next_app),
                                    tied_weight_attr=layer_params))
     specs.append(LayerSpec(FinalNormPipe, config))
     if config.tie_embeddings:
@@ -206,8 +192,12 @@ class ZTTPipelineModule(PipelineModule):
             ZeroTokenPool(self.local_applications, config.query_groups, config.head_dim,
                           config.init_std) if config.zero_token else None)
         local_cycles = sorted({a.cycle for a in self.local_applications if a.ends_cycle})
-        self.gates = (torch.nn.ModuleDict({str(c): CycleGate(config) for c in local_cycles})
-                      if config.gate and local_cycles else None)
+        self.gates = build_gates(config, local_cycles) if config.gate and local_cycles else None
+        self.engine = CycleEngine(
+            self.plan, num_cycles=config.num_cycles, num_heads=config.num_attention_heads,
+            gates=GateLookup(self.gates) if config.gate else None,
+            exit_loss_weights=config.exit_weights, reduce_heads=all_reduce_tensor_parallel)
+        self.tally = ZeroAttentionTally(config.num_attention_heads)
         for func in self.forward_funcs:
             if isinstance(func, functools.partial) and isinstance(func.func, ApplicationStep):
                 func.func.stage = self
@@ -232,58 +222,32 @@ class ZTTPipelineModule(PipelineModule):
         labels, loss_mask = labels
         final_logits, *exit_logits = outputs
         lm_loss = language_model_loss(final_logits, labels, loss_mask)
+        losses = self.engine.exit_losses(
+            lm_loss, [language_model_loss(logits, labels, loss_mask) for logits in exit_logits])
         self._add_loss("lm loss", lm_loss)
-        weights = self.config.exit_weights
-        total = weights[-1] * lm_loss if weights[-1] > 0 else 0.0
-        for cycle, logits in zip(_exit_cycles(self.config), exit_logits):
-            loss = language_model_loss(logits, labels, loss_mask)
-            self._add_loss(f"lm loss cycle {cycle + 1}", loss)
-            total = total + weights[cycle] * loss
-        self._add_loss(f"lm loss cycle {self.config.num_cycles}", lm_loss)
-        return total if self.training else lm_loss
+        for cycle, loss in losses.items():
+            self._add_loss(f"lm loss cycle {cycle}", loss)
+        return self.engine.objective(losses) if self.training else lm_loss
 
     def reset_statistics(self) -> None:
         self._losses: Dict[str, List[float]] = {}
-        self._zero_attention: Dict[str, Tuple[torch.Tensor, int]] = {}
-        self._gates: Dict[int, List[float]] = {}
+        self.tally.reset()
 
     def _add_loss(self, name: str, value: torch.Tensor) -> None:
         self._losses.setdefault(name, []).append(value.detach().float().item())
-
-    def record_zero_attention(self, name: str, context: ZeroTokenContext) -> None:
-        if context.zero_attention_sum is None:
-            return
-        total, rows = self._zero_attention.get(name, (0.0, 0))
-        self._zero_attention[name] = (total + context.zero_attention_sum.mean(dim=1).sum(),
-                                      rows + context.zero_attention_sum.shape[0])
-
-    def record_gate(self, cycle: int, gate: torch.Tensor) -> None:
-        if self.collect_stats:
-            self._gates.setdefault(cycle, []).append(gate.detach().float().mean().item())
 
     def read_statistics(self) -> Tuple[Dict[str, float], Dict[str, float]]:
         """(losses, zero-attention and gate statistics) of the micro batches since the last
         reset; collective over the tensor-parallel group (every rank of the stage calls it)."""
         losses = {k: sum(v) / len(v) for k, v in self._losses.items()}
-        stats = {}
-        names = sorted(self._zero_attention)
-        if names:
-            sums = all_reduce_tensor_parallel(torch.stack(
-                [torch.as_tensor(self._zero_attention[n][0]).float() for n in names]))
-            for i, name in enumerate(names):
-                rows = self._zero_attention[name][1]
-                stats[f"zero-attention/{name}"] = (sums[i] / (rows * self.config.num_attention_heads)).item()
-        per_cycle: Dict[int, List[float]] = {}
-        for app in self.local_applications:
-            key = f"zero-attention/{app.name}"
-            if app.cycle is not None and key in stats:
-                per_cycle.setdefault(app.cycle + 1, []).append(stats[key])
-        for cycle, values in per_cycle.items():
-            # a cycle split over stages is averaged per stage here and over stages by the
-            # caller's reduction; with equal layers per stage that is the same mean
-            stats[f"zero-attention/cycle {cycle}"] = sum(values) / len(values)
-        for cycle, values in self._gates.items():
-            stats[f"gate/cycle {cycle}"] = sum(values) / len(values)
+        per_application = self.tally.zero_attention(all_reduce_tensor_parallel)
+        stats = {f"zero-attention/{name}": v.item() for name, v in per_application.items()}
+        # a cycle split over stages is averaged per stage here and over stages by the
+        # caller's reduction; with equal layers per stage that is the same mean
+        for cycle, value in zero_attention_by_cycle(self.plan, per_application).items():
+            stats[f"zero-attention/cycle {cycle}"] = value.item()
+        for cycle, value in self.tally.gate_means().items():
+            stats[f"gate/cycle {cycle}"] = value.item()
         self.reset_statistics()
         return losses, stats
 
@@ -313,28 +277,20 @@ class ZTTPipelineModule(PipelineModule):
                 tensor = split_full(tensor, rank, size, *spec[name])
             param.copy_(tensor.to(param.dtype))
 
-    # DeepSpeed's pipeline engine saves and loads the module through these two hooks; we
-    # write one file per stage and tensor-parallel rank under the single-stage names.
+    # DeepSpeed's pipeline engine saves and loads the module through these two hooks. The
+    # training engine boundary writes and reads each stage's weights itself (the same
+    # per-stage files for every layout), so DeepSpeed's own copy is not needed.
     def save_state_dict(self, save_dir, checkpoint_engine, exclude_frozen_params=False):
-        if self._grid.data_parallel_id != 0:
-            return
-        from megatron_ztt.training.checkpoint import stage_file
-
-        os.makedirs(save_dir, exist_ok=True)
-        path = os.path.join(save_dir, stage_file(self.stage_id, self._grid.get_slice_parallel_rank()))
-        checkpoint_engine.save({k: v.clone() for k, v in self.canonical_state_dict().items()}, path)
+        pass
 
     def load_state_dir(self, load_dir, checkpoint_engine, strict=True):
-        from megatron_ztt.training.checkpoint import CheckpointError, stage_file
+        pass
 
-        path = os.path.join(load_dir, stage_file(self.stage_id,
-                                                 self._grid.get_slice_parallel_rank()))
-        if not os.path.isfile(path):
-            raise CheckpointError(f"pipeline checkpoint file {path} is missing")
-        state = checkpoint_engine.load(path, map_location="cpu")
-        with torch.no_grad():
-            for name, param in self.named_parameters():
-                param.copy_(state[canonical_name(name)])
+    @torch.no_grad()
+    def load_local_state_dict(self, local: Dict[str, torch.Tensor]) -> None:
+        """This stage and tensor-parallel rank's weights, as :meth:`canonical_state_dict` gave."""
+        for name, param in self.named_parameters():
+            param.copy_(local[canonical_name(name)])
 
 
 # ------------------------------------------------------------------------ training helpers
@@ -349,39 +305,3 @@ def build_pipeline_model(config) -> ZTTPipelineModule:
         for line in module.describe_partition():
             print(line, flush=True)
     return module
-
-
-def _micro_batches(batches):
-    for batch in batches:
-        yield (batch["tokens"],), (batch["labels"], batch["loss_mask"])
-
-
-def pipeline_train_step(engine, batches, config, iteration: int, collect_stats: bool):
-    """One optimizer step through DeepSpeed's pipeline schedule."""
-    from megatron_ztt.training.train import NonFiniteLossError
-
-    module: ZTTPipelineModule = engine.module
-    module.collect_stats = collect_stats
-    module.reset_statistics()
-    skipped_before = engine.skipped_steps
-    loss = engine.train_batch(data_iter=_micro_batches(batches))
-    losses, stats = module.read_statistics()
-    module.collect_stats = False
-    skipped = engine.skipped_steps > skipped_before
-    if not torch.isfinite(loss).all():
-        if config.train.nonfinite_loss == "stop":
-            raise NonFiniteLossError(f"iteration {iteration}: non-finite loss ({loss.item()}); "
-                                     f"stopping as train.nonfinite_loss=stop asks")
-        if not skipped:
-            raise NonFiniteLossError(f"iteration {iteration}: non-finite loss but the "
-                                     f"optimizer did not skip the step")
-    return losses, stats, skipped
-
-
-def pipeline_validation_loss(engine, batches, iterations: int) -> float:
-    total = 0.0
-    data = _micro_batches(batches)
-    for _ in range(iterations):
-        total += engine.eval_batch(data_iter=data).item()
-    engine.module.reset_statistics()
-    return total / max(1, iterations)

@@ -1,17 +1,10 @@
-"""Checkpoints: DeepSpeed's files plus our metadata, with an atomic ``latest`` pointer.
+"""Saving and resuming training: the collective side of the checkpoint format.
 
-A checkpoint directory (``<run.dir>/checkpoints``) holds one folder per saved iteration::
-
-    latest                       # the tag of the newest *complete* checkpoint
-    iter_0000200/
-        mp_rank_00_model_states.pt, zero_pp_rank_*_optim_states.pt   # DeepSpeed (PP=1)
-        ztt_stage00_tp00.pt, ...                                       # model, per stage (PP>1)
-        rank_state_00000.pt ...  # per-rank RNG states
-        tokenizer.model          # copy of the SentencePiece model, for export
-        ztt_meta.json            # written last: its presence marks the checkpoint complete
-
-``latest`` is replaced with ``os.replace`` only after every rank has finished writing, so a
-crash during a save leaves the previous checkpoint as ``latest``.
+The format and the reader of trained models are ``megatron_ztt.checkpoint``. A save writes
+the engine's files, every rank's RNG state, the per-stage model files and the tokenizer, and
+only then ``ztt_meta.json`` (which marks the folder complete) and ``latest``; ``latest`` is
+replaced with ``os.replace`` after every rank has finished writing, so a crash during a save
+leaves the previous checkpoint as ``latest``.
 """
 
 from __future__ import annotations
@@ -25,90 +18,9 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from megatron_ztt.model.config import ZTTConfig
-from megatron_ztt.parallel.sharding import merge_shards, partition_spec
-
-LATEST = "latest"
-META = "ztt_meta.json"
-TOKENIZER = "tokenizer.model"
-FORMAT_VERSION = 1
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, incomplete or does not fit the run."""
-
-
-def tag_for(iteration: int) -> str:
-    return f"iter_{iteration:07d}"
-
-
-def stage_file(pipeline_rank: int, tensor_rank: int) -> str:
-    """Model file of one pipeline stage and tensor-parallel rank (PP > 1 layout)."""
-    return f"ztt_stage{pipeline_rank:02d}_tp{tensor_rank:02d}.pt"
-
-
-def deepspeed_model_file(tensor_rank: int) -> str:
-    return f"mp_rank_{tensor_rank:02d}_model_states.pt"
-
-
-# ZeRO-3 partitions the weights, so DeepSpeed's model files hold no usable tensors; each
-# checkpoint then also gets the gathered weights in one file.
-ZERO3_MODEL_FILE = "ztt_zero3_full_model.pt"
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _save_atomic(obj, path: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def is_complete(tag_dir: str) -> bool:
-    return os.path.isfile(os.path.join(tag_dir, META))
-
-
-def read_meta(tag_dir: str) -> dict:
-    path = os.path.join(tag_dir, META)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{tag_dir} is not a complete checkpoint (no {META}; the save "
-                              f"may have been interrupted)")
-    with open(path) as f:
-        meta = json.load(f)
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: unsupported checkpoint format "
-                              f"{meta.get('format_version')!r} (expected {FORMAT_VERSION})")
-    return meta
-
-
-def resolve(path: str) -> Tuple[str, str]:
-    """A checkpoint root (with ``latest``) or one iteration's folder -> (root, tag)."""
-    if not os.path.exists(path):
-        raise CheckpointError(f"no checkpoint at {path}: the path does not exist")
-    latest = os.path.join(path, LATEST)
-    if os.path.isfile(latest):
-        with open(latest) as f:
-            tag = f.read().strip()
-        if not is_complete(os.path.join(path, tag)):
-            raise CheckpointError(f"{latest} points to {tag}, which is not a complete checkpoint")
-        return path, tag
-    if is_complete(path):
-        return os.path.dirname(os.path.abspath(path)), os.path.basename(os.path.abspath(path))
-    raise CheckpointError(f"no checkpoint at {path}: expected a '{LATEST}' file or {META}")
-
-
-def latest_iteration(root: str) -> Optional[int]:
-    try:
-        return read_meta(os.path.join(*resolve(root)))["iteration"]
-    except CheckpointError:
-        return None
+from megatron_ztt.checkpoint import (FORMAT_VERSION, LATEST, META, TOKENIZER, CheckpointError,
+                                     is_complete, rank_state_file, read_meta, tag_for)
+from megatron_ztt.files import save_torch_atomic, write_text_atomic
 
 
 @dataclass
@@ -118,7 +30,7 @@ class TrainingState:
     skipped_steps: int = 0
 
 
-def save(engine, model: torch.nn.Module, config, state: TrainingState, layout: Dict[str, int],
+def save(engine, config, state: TrainingState, layout: Dict[str, int],
          extra_rank_state: dict) -> str:
     """Collective: every rank calls it. ``config`` is the RunConfig. Returns the tag folder."""
     root = config.checkpoint_dir
@@ -129,14 +41,10 @@ def save(engine, model: torch.nn.Module, config, state: TrainingState, layout: D
         return tag_dir
     os.makedirs(tag_dir, exist_ok=True)
     dist.barrier()
-    engine.save_checkpoint(root, tag=tag, client_state={}, save_latest=False)
-    if layout.get("zero_stage") == 3:
-        engine.save_16bit_model(tag_dir, ZERO3_MODEL_FILE)
-    _save_atomic(extra_rank_state, os.path.join(tag_dir, f"rank_state_{rank:05d}.pt"))
+    engine.save(tag_dir)
+    save_torch_atomic(extra_rank_state, os.path.join(tag_dir, rank_state_file(rank)))
     specs = [None] * dist.get_world_size()
-    local_spec = (model.canonical_partition_spec() if hasattr(model, "canonical_partition_spec")
-                  else partition_spec(model))
-    dist.all_gather_object(specs, local_spec)
+    dist.all_gather_object(specs, engine.local_partition_spec())
     dist.barrier()
     if rank == 0:
         merged_spec = {}
@@ -193,67 +101,11 @@ def load(engine, root: str, tag: str, layout: Dict[str, int]) -> Tuple[TrainingS
     if mismatched:
         details = ", ".join(f"{k}: saved {a}, now {b}" for k, (a, b) in mismatched.items())
         raise CheckpointError(f"{tag_dir} was saved with another parallel layout ({details}); "
-                              f"resume with the same layout, or export it "
-                              f"(ztt export-hf) and start a new run from the weights")
-    path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True,
-                                     load_lr_scheduler_states=True)
-    if path is None:
-        raise CheckpointError(f"DeepSpeed could not load {tag_dir}")
-    rank_file = os.path.join(tag_dir, f"rank_state_{dist.get_rank():05d}.pt")
+                              f"resume with the same layout, or start a new run from its "
+                              f"weights with train.init_weights={tag_dir}")
+    engine.load(tag_dir)
+    rank_file = os.path.join(tag_dir, rank_state_file(dist.get_rank()))
     extra = torch.load(rank_file, weights_only=False) if os.path.isfile(rank_file) else None
     state = TrainingState(meta["iteration"], meta["consumed_train_samples"],
                           meta.get("skipped_steps", 0))
     return state, extra
-
-
-def load_full_model_state(path: str) -> Tuple[ZTTConfig, Dict[str, torch.Tensor], Optional[str]]:
-    """Any layout's checkpoint -> (model config, full canonical state dict, tokenizer path).
-
-    Tensor-parallel shards are merged along the dimension recorded at save time; pipeline
-    stages are united, and the copies of the shared middle layers that several stages hold
-    are checked to be identical and kept once. Needs no process group.
-    """
-    from megatron_ztt.training.config import config_from_dict
-
-    root, tag = resolve(path)
-    tag_dir = os.path.join(root, tag)
-    meta = read_meta(tag_dir)
-    config = config_from_dict(meta["config"])
-    tp, pp = meta["layout"]["tensor"], meta["layout"]["pipeline"]
-    spec = {k: tuple(v) for k, v in meta["partition_spec"].items()}
-
-    if meta["layout"].get("zero_stage") == 3:
-        path = os.path.join(tag_dir, ZERO3_MODEL_FILE)
-        if not os.path.isfile(path):
-            raise CheckpointError(f"checkpoint {tag_dir} is missing {ZERO3_MODEL_FILE}")
-        full = torch.load(path, map_location="cpu", weights_only=True)
-        tokenizer = os.path.join(tag_dir, meta["tokenizer"]) if meta.get("tokenizer") else None
-        return config.model, {k: v for k, v in full.items() if not k.endswith("_extra_state")}, \
-            tokenizer
-
-    full: Dict[str, torch.Tensor] = {}
-    for stage in range(pp):
-        shards = [_read_model_file(tag_dir, stage, t, pp) for t in range(tp)]
-        for name in shards[0]:
-            if name.endswith("_extra_state"):
-                continue
-            tensor = (merge_shards([s[name] for s in shards], *spec[name])
-                      if name in spec and tp > 1 else shards[0][name])
-            if name in full and not torch.equal(full[name], tensor):
-                raise CheckpointError(f"{tag_dir}: the pipeline stages hold different copies "
-                                      f"of the shared weight {name}")
-            full[name] = tensor
-    tokenizer = os.path.join(tag_dir, meta["tokenizer"]) if meta.get("tokenizer") else None
-    return config.model, full, tokenizer
-
-
-def _read_model_file(tag_dir: str, stage: int, tensor_rank: int, pipeline: int) -> dict:
-    name = stage_file(stage, tensor_rank) if pipeline > 1 else deepspeed_model_file(tensor_rank)
-    path = os.path.join(tag_dir, name)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {tag_dir} is missing {name}")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # noqa: BLE001 - any unreadable file gets the same message
-        raise CheckpointError(f"cannot read {path}: {error}") from error
-    return data["module"] if pipeline == 1 else data

@@ -24,18 +24,18 @@ from megatron_ztt.training.metrics import reduce_means
 @torch.no_grad()
 def evaluate(forward, batches, micro_batches: int,
              exit_threshold: Optional[float] = None) -> Dict[str, float]:
-    """Mean LM loss and cycles used over ``micro_batches`` batches (this rank's share).
+    """Mean LM loss and cycles per token over ``micro_batches`` batches (one process).
 
     ``forward(batch, exit_threshold)`` returns a ZTTOutput.
     """
-    loss_sum, cycles_sum, rows = 0.0, 0.0, 0
+    loss_sum, cycles_sum, tokens = 0.0, 0.0, 0
     for _ in range(micro_batches):
         batch = next(batches)
         out = forward(batch, exit_threshold)
         loss_sum += out.lm_loss.item()
         cycles_sum += out.cycles_used.float().sum().item()
-        rows += out.cycles_used.numel()
-    return {"loss": loss_sum / max(1, micro_batches), "mean_cycles": cycles_sum / max(1, rows)}
+        tokens += out.cycles_used.numel()
+    return {"loss": loss_sum / max(1, micro_batches), "mean_cycles": cycles_sum / max(1, tokens)}
 
 
 def validation_batches(dataset, config):
@@ -52,26 +52,16 @@ def validation_batches(dataset, config):
     return ({k: v.to(device) for k, v in batch.items()} for batch in loader)
 
 
-def validate(engine, valid_set, config, pipelined: bool) -> Dict[str, float]:
+def validate(engine, valid_set, config) -> Dict[str, float]:
     """TensorBoard-ready validation metrics (collective over all ranks)."""
-    micro_batches = config.eval.iters * config.gradient_accumulation_steps(dist.get_world_size())
+    thresholds = [config.model.exit_threshold] + list(config.eval.exit_thresholds)
+    if not engine.evaluates_exits:
+        thresholds = [None]
     engine.eval()
     try:
-        if pipelined:
-            from megatron_ztt.parallel.pipeline import pipeline_validation_loss
-
-            loss = pipeline_validation_loss(engine, validation_batches(valid_set, config),
-                                            config.eval.iters)
-            results = {None: {"loss": loss, "mean_cycles": float(config.model.num_cycles)}}
-        else:
-            def forward(batch, threshold):
-                return engine(batch["tokens"], batch["labels"], loss_mask=batch.get("loss_mask"),
-                              exit_threshold=threshold, collect_stats=False)
-
-            results = {}
-            for threshold in [config.model.exit_threshold] + list(config.eval.exit_thresholds):
-                results[threshold] = evaluate(forward, validation_batches(valid_set, config),
-                                              micro_batches, threshold)
+        results = {threshold: engine.evaluate(validation_batches(valid_set, config),
+                                              config.eval.iters, threshold)
+                   for threshold in thresholds}
     finally:
         engine.train()
     metrics = {}
@@ -100,15 +90,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from megatron_ztt.checkpoint import CheckpointError, load_trained
+    from megatron_ztt.config import validate as validate_config
+    from megatron_ztt.files import write_text_atomic
+    from megatron_ztt.model.config import ConfigError
     from megatron_ztt.model.ztt import ZTTModel
     from megatron_ztt.parallel.sharding import load_full_state_dict
-    from megatron_ztt.training import checkpoint as ckpt
-    from megatron_ztt.training.config import config_from_dict, validate as validate_config
     from megatron_ztt.training.train import build_tokenizer_and_data
 
-    root, tag = ckpt.resolve(args.checkpoint)
-    meta = ckpt.read_meta(f"{root}/{tag}")
-    config = config_from_dict(meta["config"], args.overrides)
+    try:
+        trained = load_trained(args.checkpoint, args.overrides)
+    except (CheckpointError, ConfigError) as error:
+        print(f"ztt eval: error: {error}", file=sys.stderr, flush=True)
+        return 2
+    config = trained.run_config
     # one process evaluates the merged weights, whatever layout trained them
     config.parallel.tensor = config.parallel.pipeline = 1
     config.train.micro_batch_size = min(config.train.micro_batch_size, 8)
@@ -118,9 +113,9 @@ def run(args: argparse.Namespace) -> int:
     validate_config(config)
     runtime.init_distributed(seed=config.train.seed)
     try:
-        model_config, full_state, _ = ckpt.load_full_model_state(args.checkpoint)
+        model_config = trained.model_config
         model = ZTTModel(model_config).to(runtime.current_device()).eval()
-        load_full_state_dict(model, full_state)
+        load_full_state_dict(model, trained.state)
         _, (_, valid_set, test_set) = build_tokenizer_and_data(config)
         dataset = valid_set if args.split == "valid" else test_set
         if dataset is None:
@@ -142,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
             results.append({"exit_threshold": threshold, "loss": values["loss"],
                             "perplexity": math.exp(min(values["loss"], 50.0)),
                             "mean_cycles": values["mean_cycles"]})
-        report = json.dumps({"checkpoint": f"{root}/{tag}", "iteration": meta["iteration"],
+        report = json.dumps({"checkpoint": trained.path, "iteration": trained.iteration,
                              "split": args.split,
                              "tokens": config.eval.iters * config.train.micro_batch_size
                              * model_config.seq_length,
@@ -150,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
                             indent=2)
         print(report)
         if args.output:
-            ckpt.write_text_atomic(args.output, report + "\n")
+            write_text_atomic(args.output, report + "\n")
     finally:
         runtime.shutdown_distributed()
     return 0

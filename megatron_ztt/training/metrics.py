@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_ztt.model.config import ZTTConfig
-from megatron_ztt.model.plan import application_plan, tail_applications
+from megatron_ztt.model.cycle_engine import application_plan
 from megatron_ztt.parallel import runtime
 
 
@@ -57,7 +57,7 @@ def model_flops_per_token(config: ZTTConfig, seq_length: int) -> float:
     plan = application_plan(config)
     extra_exits = sum(1 for c, w in enumerate(config.exit_weights)
                       if w > 0 and c + 1 < config.num_cycles)
-    tail = len(tail_applications(plan))
+    tail = sum(1 for app in plan if app.after_cycles)
     applications = len(plan) + extra_exits * tail
     output = 2 * d * config.padded_vocab_size * (1 + extra_exits)
     forward = applications * (2 * layer_params + attention) + output

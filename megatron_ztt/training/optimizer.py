@@ -8,7 +8,7 @@ from typing import Callable, Dict, List
 import torch
 
 from megatron_ztt.parallel import runtime
-from megatron_ztt.training.config import RunConfig
+from megatron_ztt.config import RunConfig
 
 def decays(name: str, param: torch.nn.Parameter) -> bool:
     """Weight decay on matrices only: not on norms, biases, gates (all 1-d) or zero keys."""

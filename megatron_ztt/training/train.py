@@ -22,18 +22,16 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_ztt.checkpoint import LATEST, CheckpointError, resolve
+from megatron_ztt.config import RunConfig, load_config
+from megatron_ztt.files import write_text_atomic
 from megatron_ztt.model.config import ConfigError
 from megatron_ztt.parallel import runtime
 from megatron_ztt.training import checkpoint as ckpt
-from megatron_ztt.training.config import RunConfig, load_config
+from megatron_ztt.training.engines import NonFiniteLossError, build_engine
 from megatron_ztt.training.metrics import (TensorBoardLogger, console_line, metric_keys,
-                                           model_flops_per_token, optimizer_state_bytes,
-                                           reduce_means)
+                                           model_flops_per_token, reduce_means)
 from megatron_ztt.training.signals import StopRequest
-
-
-class NonFiniteLossError(RuntimeError):
-    pass
 
 
 @dataclass
@@ -74,62 +72,6 @@ def build_tokenizer_and_data(config: RunConfig):
     return tokenizer, datasets
 
 
-def build_engine(config: RunConfig):
-    """The model on this rank, wrapped in a DeepSpeed engine. Returns (engine, model)."""
-    import deepspeed
-
-    from megatron_ztt.parallel.mpu import MegatronMPU
-    from megatron_ztt.training.optimizer import deepspeed_config, lr_multiplier, parameter_groups
-
-    world = dist.get_world_size()
-    if config.parallel.pipeline > 1:
-        from megatron_ztt.parallel.pipeline import build_pipeline_model
-
-        model = build_pipeline_model(config)
-        mpu = None  # the pipeline module brings its own grid
-    else:
-        from megatron_ztt.model.ztt import ZTTModel
-
-        model = ZTTModel(config.model)
-        mpu = MegatronMPU
-        if config.parallel.zero_stage == 3:
-            # ZeRO-3 gathers a parameter only around its own module's forward: the output head
-            # reads the embedding's weight and each layer its applications' zero keys.
-            register = deepspeed.zero.register_external_parameter
-            if config.model.tie_embeddings:
-                register(model.output_head, model.embedding.weight)
-            if model.zero_token_pool is not None:
-                for app in model.plan:
-                    register(model.layers[app.layer], model.zero_token_pool[app.name])
-    if config.train.init_weights:
-        load_initial_weights(model, config.train.init_weights)
-    model.to(runtime.current_device())
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        model_parameters=parameter_groups(model, config.train.weight_decay),
-        config=deepspeed_config(config, world),
-        mpu=mpu,
-        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lr_multiplier(config)),
-    )
-    return engine, model
-
-
-def load_initial_weights(model, path: str) -> None:
-    """Full weights (a checkpoint of any layout, or a .pt state dict) into this rank's part."""
-    from megatron_ztt.parallel.sharding import load_full_state_dict
-
-    if os.path.isfile(path):
-        full = torch.load(path, map_location="cpu", weights_only=True)
-    else:
-        _, full, _ = ckpt.load_full_model_state(path)
-    if hasattr(model, "load_canonical_state_dict"):  # a pipeline stage
-        model.load_canonical_state_dict(full)
-    else:
-        load_full_state_dict(model, full)
-    log(f"initialised the weights from {path}")
-
-
 def layout_of(config: RunConfig) -> Dict[str, int]:
     world = dist.get_world_size()
     return {"tensor": config.parallel.tensor, "pipeline": config.parallel.pipeline,
@@ -143,11 +85,11 @@ def resume_point(config: RunConfig):
         return None
     if load == "auto":
         root = config.checkpoint_dir
-        if not os.path.isfile(os.path.join(root, ckpt.LATEST)):
+        if not os.path.isfile(os.path.join(root, LATEST)):
             log(f"no checkpoint in {root} yet: starting from scratch")
             return None
-        return ckpt.resolve(root)
-    return ckpt.resolve(load)
+        return resolve(root)
+    return resolve(load)
 
 
 # --------------------------------------------------------------------------- steps
@@ -174,57 +116,6 @@ class TrainingBatches:
         return self
 
 
-def _any_rank(flag: bool) -> bool:
-    value = torch.tensor([1.0 if flag else 0.0], device=runtime.current_device())
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return value.item() > 0
-
-
-def train_step(engine, batches, config: RunConfig, accumulation: int, iteration: int,
-               collect_stats: bool):
-    """One optimizer step. Returns (local loss values, local statistics, step was skipped)."""
-    from megatron_ztt.model.plan import application_plan
-
-    totals: Dict[str, float] = {}
-    stats: Dict[str, float] = {}
-    skipped_before = engine.skipped_steps
-    nonfinite = False
-    for micro in range(accumulation):
-        batch = next(batches)
-        out = engine(batch["tokens"], batch["labels"], loss_mask=batch.get("loss_mask"),
-                     collect_stats=collect_stats and micro == 0)
-        loss = out.loss
-        bad = _any_rank(not torch.isfinite(loss.detach()).all().item())
-        if bad:
-            nonfinite = True
-            if config.train.nonfinite_loss == "stop":
-                raise NonFiniteLossError(
-                    f"iteration {iteration}: non-finite loss in micro batch {micro} (rank "
-                    f"{dist.get_rank()}'s loss: {loss.item()}); stopping as "
-                    f"train.nonfinite_loss=stop asks. The last checkpoint is unchanged.")
-            # Make sure every rank's gradients are non-finite, so that the ZeRO optimizer's
-            # overflow check skips this whole step on all of them.
-            loss = loss * float("nan")
-        engine.backward(loss)
-        engine.step()
-        totals["lm loss"] = totals.get("lm loss", 0.0) + out.lm_loss.item() / accumulation
-        for cycle, value in out.exit_losses.items():
-            key = f"lm loss cycle {cycle}"
-            totals[key] = totals.get(key, 0.0) + value.item() / accumulation
-        if collect_stats and micro == 0:
-            for cycle, value in out.zero_attention_by_cycle(application_plan(config.model)).items():
-                stats[f"zero-attention/cycle {cycle}"] = value.item()
-            for name, value in out.zero_attention.items():
-                stats[f"zero-attention/{name}"] = value.item()
-            for cycle, value in out.gate.items():
-                stats[f"gate/cycle {cycle}"] = value.item()
-    skipped = engine.skipped_steps > skipped_before
-    if nonfinite and not skipped:
-        raise NonFiniteLossError(f"iteration {iteration}: non-finite loss but the optimizer "
-                                 f"did not skip the step")
-    return totals, stats, skipped
-
-
 # --------------------------------------------------------------------------- the loop
 def train(config: RunConfig) -> TrainResult:
     """Run (or resume) the training that ``config`` describes, on every rank."""
@@ -233,161 +124,181 @@ def train(config: RunConfig) -> TrainResult:
     # from the start, so that a signal during start-up also ends in a clean stop
     stop = StopRequest().install()
     try:
-        return _train(config, stop)
+        return Trainer(config, stop).run()
     finally:
         stop.uninstall()
 
 
-def _train(config: RunConfig, stop: StopRequest) -> TrainResult:
-    from megatron_ztt.training.evaluate import validate
+class Trainer:
+    """The loop as named steps: start, step, log, validate, checkpoint, finish."""
 
-    runtime.init_distributed(runtime.ParallelLayout(config.parallel.tensor,
-                                                    config.parallel.pipeline),
-                             seed=config.train.seed)
-    world = dist.get_world_size()
-    accumulation = config.gradient_accumulation_steps(world)
-    pipelined = config.parallel.pipeline > 1
-    _, (train_set, valid_set, _) = build_tokenizer_and_data(config)
-    engine, model = build_engine(config)
-    layout = layout_of(config)
+    def __init__(self, config: RunConfig, stop: StopRequest):
+        self.config = config
+        self.stop = stop
 
-    state = ckpt.TrainingState()
-    point = resume_point(config)
-    if point is not None:
-        state, rank_state = ckpt.load(engine, *point, layout=layout)
-        if rank_state is not None:
-            runtime.set_rng_state(rank_state["rng"])
-        log(f"resumed from checkpoint iteration {state.iteration} ({os.path.join(*point)})")
-    else:
-        log(f"starting from scratch: {sum(p.numel() for p in model.parameters()):,} parameters "
-            f"on rank 0; layout {layout}")
-
-    batches = TrainingBatches(train_set, config, state.consumed_train_samples)
-    validating = config.eval.iters > 0 and valid_set is not None
-    if config.eval.iters > 0 and valid_set is None:
-        log("the data has no validation split (data.split gives it no share): no validation")
-    # every metric is reduced over all ranks first, so rank 0 can write them all
-    tb = TensorBoardLogger(config.tensorboard_dir,
-                           config.logging.tensorboard and dist.get_rank() == 0)
-    if dist.get_rank() == 0:
-        os.makedirs(config.run.dir, exist_ok=True)
-        with open(os.path.join(config.run.dir, "config.json"), "w") as f:
-            json.dump(config.to_dict(), f, indent=2)
-    keys = metric_keys(config.model)
-    tokens_per_step = config.train.global_batch_size * config.model.seq_length
-    flops_per_step = model_flops_per_token(config.model, config.model.seq_length) * tokens_per_step
-    result = TrainResult(iteration=state.iteration, state="completed")
-    window: Dict[str, List[float]] = {}
-    window_time, window_steps, run_start = 0.0, 0, time.perf_counter()
-    steps_done = 0
-    step_times: List[float] = []
-
-    try:
-        while state.iteration < config.train.train_iters:
-            iteration = state.iteration + 1
-            collect = iteration % config.logging.interval == 0
-            start = time.perf_counter()
-            learning_rate = engine.get_lr()[0]  # the rate this step uses
-            engine.train()
-            if pipelined:
-                from megatron_ztt.parallel.pipeline import pipeline_train_step
-
-                totals, stats, skipped = pipeline_train_step(engine, batches, config, iteration,
-                                                             collect)
-            else:
-                totals, stats, skipped = train_step(engine, batches, config, accumulation,
-                                                    iteration, collect)
-            runtime.synchronize()
-            elapsed = time.perf_counter() - start
-            step_times.append(elapsed)
-            state.iteration = iteration
-            state.consumed_train_samples += config.train.global_batch_size
-            steps_done += 1
-            if steps_done == 1:
-                result.optimizer_state_bytes = optimizer_state_bytes(engine.optimizer)
-                log(f"optimizer state on rank 0: "
-                    f"{result.optimizer_state_bytes / 2**20:.2f} MiB")
-            if skipped:
-                state.skipped_steps += 1
-                log(f"iteration {iteration}: non-finite loss, optimizer step skipped "
-                    f"({state.skipped_steps} skipped so far)")
-            reduced = reduce_means(totals, keys[:1] + [k for k in keys if k.startswith("lm loss ")])
-            result.losses[iteration] = reduced.get("lm loss", float("nan"))
-            if not skipped:
-                for key, value in reduced.items():
-                    window.setdefault(key, []).append(value)
-            window_time += elapsed
-            window_steps += 1
-
-            if collect:
-                stats = reduce_means(stats, [k for k in keys if "/" in k])
-                values = {k: sum(v) / len(v) for k, v in window.items()}
-                values.update(stats)
-                step_time = window_time / window_steps
-                values["learning-rate"] = learning_rate
-                grad_norm = engine.get_global_grad_norm()
-                if grad_norm is not None and math.isfinite(float(grad_norm)):
-                    values["grad-norm"] = float(grad_norm)
-                values["tokens-per-sec"] = tokens_per_step / step_time
-                values["mfu"] = flops_per_step / step_time / (
-                    config.logging.peak_flops_per_device * world)
-                values["skipped-steps"] = state.skipped_steps
-                seconds_left = (config.train.train_iters - iteration) * step_time
-                log(console_line(iteration, config.train.train_iters, values, seconds_left))
-                tb.scalars(values, iteration)
-                window, window_time, window_steps = {}, 0.0, 0
-
-            if iteration % config.eval.interval == 0 and validating:
-                metrics = validate(engine, valid_set, config, pipelined)
-                result.validation[iteration] = metrics
-                log(f"validation at iteration {iteration}: " + " | ".join(
-                    f"{k} {v:.4f}" for k, v in metrics.items()))
-                tb.scalars(metrics, iteration)
-
-            signal_name = stop.agreed()
-            if iteration % config.checkpoint.interval == 0 or signal_name:
-                result.last_checkpoint = _save(engine, model, config, state, layout)
-            if signal_name:
-                result.state, result.signal = "interrupted", signal_name
-                log(f"received {signal_name}: checkpoint saved at iteration {iteration}, "
-                    f"exiting")
-                break
+    # ------------------------------------------------------------------ start
+    def start(self) -> None:
+        config = self.config
+        runtime.init_distributed(runtime.ParallelLayout(config.parallel.tensor,
+                                                        config.parallel.pipeline),
+                                 seed=config.train.seed)
+        self.world = dist.get_world_size()
+        _, (train_set, self.valid_set, _) = build_tokenizer_and_data(config)
+        self.engine = build_engine(config)
+        self.layout = layout_of(config)
+        self.state = ckpt.TrainingState()
+        point = resume_point(config)
+        if point is not None:
+            self.state, rank_state = ckpt.load(self.engine, *point, layout=self.layout)
+            if rank_state is not None:
+                runtime.set_rng_state(rank_state["rng"])
+            log(f"resumed from checkpoint iteration {self.state.iteration} "
+                f"({os.path.join(*point)})")
         else:
-            saved_already = state.iteration % config.checkpoint.interval == 0
-            if config.checkpoint.save_at_end and steps_done and not saved_already:
-                result.last_checkpoint = _save(engine, model, config, state, layout)
-    finally:
-        tb.close()
+            log(f"starting from scratch: {self.engine.parameter_count:,} parameters on rank 0; "
+                f"layout {self.layout}")
+        self.batches = TrainingBatches(train_set, config, self.state.consumed_train_samples)
+        self.validating = config.eval.iters > 0 and self.valid_set is not None
+        if config.eval.iters > 0 and self.valid_set is None:
+            log("the data has no validation split (data.split gives it no share): no validation")
+        # every metric is reduced over all ranks first, so rank 0 can write them all
+        self.tb = TensorBoardLogger(config.tensorboard_dir,
+                                    config.logging.tensorboard and dist.get_rank() == 0)
+        if dist.get_rank() == 0:
+            os.makedirs(config.run.dir, exist_ok=True)
+            write_text_atomic(os.path.join(config.run.dir, "config.json"),
+                              json.dumps(config.to_dict(), indent=2))
+        self.keys = metric_keys(config.model)
+        self.tokens_per_step = config.train.global_batch_size * config.model.seq_length
+        self.flops_per_step = (model_flops_per_token(config.model, config.model.seq_length)
+                               * self.tokens_per_step)
+        self.result = TrainResult(iteration=self.state.iteration, state="completed")
+        self.window: Dict[str, List[float]] = {}
+        self.window_time, self.window_steps = 0.0, 0
+        self.run_start = time.perf_counter()
+        self.steps_done = 0
+        self.step_times: List[float] = []
 
-    result.iteration = state.iteration
-    result.skipped_steps = state.skipped_steps
-    per_rank = [None] * world
-    dist.all_gather_object(per_rank, {"peak_memory_bytes": runtime.peak_memory_bytes(),
-                                      "optimizer_state_bytes": result.optimizer_state_bytes})
-    if dist.get_rank() == 0:
+    # ------------------------------------------------------------------ one iteration
+    def step(self, iteration: int, collect: bool) -> Dict[str, float]:
+        """One optimizer step; returns this rank's statistics (reduced when logged)."""
+        config, engine, state = self.config, self.engine, self.state
+        start = time.perf_counter()
+        self.learning_rate = engine.learning_rate()  # the rate this step uses
+        engine.train()
+        result = engine.train_step(self.batches, iteration, collect)
+        runtime.synchronize()
+        elapsed = time.perf_counter() - start
+        self.step_times.append(elapsed)
+        state.iteration = iteration
+        state.consumed_train_samples += config.train.global_batch_size
+        self.steps_done += 1
+        if self.steps_done == 1:
+            self.result.optimizer_state_bytes = engine.optimizer_state_bytes()
+            log(f"optimizer state on rank 0: {self.result.optimizer_state_bytes / 2**20:.2f} MiB")
+        if result.skipped:
+            state.skipped_steps += 1
+            log(f"iteration {iteration}: non-finite loss, optimizer step skipped "
+                f"({state.skipped_steps} skipped so far)")
+        keys = self.keys
+        reduced = reduce_means(result.losses,
+                               keys[:1] + [k for k in keys if k.startswith("lm loss ")])
+        self.result.losses[iteration] = reduced.get("lm loss", float("nan"))
+        if not result.skipped:
+            for key, value in reduced.items():
+                self.window.setdefault(key, []).append(value)
+        self.window_time += elapsed
+        self.window_steps += 1
+        return result.stats
+
+    def log(self, iteration: int, stats: Dict[str, float]) -> None:
+        config = self.config
+        stats = reduce_means(stats, [k for k in self.keys if "/" in k])
+        values = {k: sum(v) / len(v) for k, v in self.window.items()}
+        values.update(stats)
+        step_time = self.window_time / self.window_steps
+        values["learning-rate"] = self.learning_rate
+        grad_norm = self.engine.grad_norm()
+        if grad_norm is not None and math.isfinite(grad_norm):
+            values["grad-norm"] = grad_norm
+        values["tokens-per-sec"] = self.tokens_per_step / step_time
+        values["mfu"] = self.flops_per_step / step_time / (
+            config.logging.peak_flops_per_device * self.world)
+        values["skipped-steps"] = self.state.skipped_steps
+        seconds_left = (config.train.train_iters - iteration) * step_time
+        log(console_line(iteration, config.train.train_iters, values, seconds_left))
+        self.tb.scalars(values, iteration)
+        self.window, self.window_time, self.window_steps = {}, 0.0, 0
+
+    def validate(self, iteration: int) -> None:
+        from megatron_ztt.training.evaluate import validate
+
+        metrics = validate(self.engine, self.valid_set, self.config)
+        self.result.validation[iteration] = metrics
+        log(f"validation at iteration {iteration}: " + " | ".join(
+            f"{k} {v:.4f}" for k, v in metrics.items()))
+        self.tb.scalars(metrics, iteration)
+
+    def checkpoint(self) -> None:
+        tag_dir = ckpt.save(self.engine, self.config, self.state, self.layout,
+                            extra_rank_state={"rng": runtime.rng_state()})
+        log(f"saved checkpoint iteration {self.state.iteration} to {tag_dir}")
+        self.result.last_checkpoint = tag_dir
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> TrainResult:
+        self.start()
+        config, state = self.config, self.state
+        try:
+            while state.iteration < config.train.train_iters:
+                iteration = state.iteration + 1
+                collect = iteration % config.logging.interval == 0
+                stats = self.step(iteration, collect)
+                if collect:
+                    self.log(iteration, stats)
+                if iteration % config.eval.interval == 0 and self.validating:
+                    self.validate(iteration)
+                signal_name = self.stop.agreed()
+                if iteration % config.checkpoint.interval == 0 or signal_name:
+                    self.checkpoint()
+                if signal_name:
+                    self.result.state, self.result.signal = "interrupted", signal_name
+                    log(f"received {signal_name}: checkpoint saved at iteration {iteration}, "
+                        f"exiting")
+                    break
+            else:
+                saved_already = state.iteration % config.checkpoint.interval == 0
+                if config.checkpoint.save_at_end and self.steps_done and not saved_already:
+                    self.checkpoint()
+        finally:
+            self.tb.close()
+        self.finish()
+        return self.result
+
+    def finish(self) -> None:
+        """status.json: how the run ended, its speed and per-rank memory (rank 0 writes)."""
+        result, state = self.result, self.state
+        result.iteration = state.iteration
+        result.skipped_steps = state.skipped_steps
+        per_rank = [None] * self.world
+        dist.all_gather_object(per_rank, {"peak_memory_bytes": runtime.peak_memory_bytes(),
+                                          "optimizer_state_bytes": result.optimizer_state_bytes})
+        if dist.get_rank() != 0:
+            return
         status = {"state": result.state, "iteration": state.iteration,
                   "skipped_steps": state.skipped_steps,
-                  "seconds": round(time.perf_counter() - run_start, 1),
-                  "train_step_seconds_median": _median(step_times),
+                  "seconds": round(time.perf_counter() - self.run_start, 1),
+                  "train_step_seconds_median": _median(self.step_times),
                   "peak_memory_bytes_per_rank": [r["peak_memory_bytes"] for r in per_rank],
                   "optimizer_state_bytes_per_rank": [r["optimizer_state_bytes"]
                                                      for r in per_rank]}
         if result.signal:
             status["signal"] = result.signal
-        with open(os.path.join(config.run.dir, "status.json"), "w") as f:
-            json.dump(status, f)
-    return result
+        write_text_atomic(os.path.join(self.config.run.dir, "status.json"), json.dumps(status))
 
 
 def _median(values: List[float]) -> Optional[float]:
     return round(sorted(values)[len(values) // 2], 4) if values else None
-
-
-def _save(engine, model, config, state, layout) -> str:
-    tag_dir = ckpt.save(engine, model, config, state, layout,
-                        extra_rank_state={"rng": runtime.rng_state()})
-    log(f"saved checkpoint iteration {state.iteration} to {tag_dir}")
-    return tag_dir
 
 
 # --------------------------------------------------------------------------- CLI
@@ -403,7 +314,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config, args.overrides)
         train(config)
-    except (ConfigError, ckpt.CheckpointError, DataError, TokenizerError) as error:
+    except (ConfigError, CheckpointError, DataError, TokenizerError) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 2
     except NonFiniteLossError as error:

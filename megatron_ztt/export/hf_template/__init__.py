@@ -1,6 +1,15 @@
 """The Python files that every exported Hugging Face model directory carries.
 
 They import only torch and transformers (never this project), so that an export runs
-anywhere with ``trust_remote_code=True``. The exporter copies the files themselves; this
-``__init__`` only lets the project import them for checks and tests, and is not exported.
+anywhere with ``trust_remote_code=True``. The exporter copies them, together with
+``megatron_ztt/model/cycle_engine.py`` (the cycle loop the training model runs too), which
+``modeling_ztt.py`` imports as its sibling ``cycle_engine``. This ``__init__`` only lets the
+project import the files for checks and tests, and is not exported.
 """
+
+import sys
+
+from megatron_ztt.model import cycle_engine
+
+# Inside the project the sibling is the training code's own module, not a copy.
+sys.modules[f"{__name__}.cycle_engine"] = cycle_engine

@@ -14,8 +14,7 @@ in the key/value cache (transformers sizes its caches from that name).
 
 from transformers import PretrainedConfig
 
-CYCLE_MODES = ("vanilla", "basic", "head_tail")
-EXIT_MODES = ("sequence", "token")
+from .cycle_engine import CYCLE_MODES, EXIT_MODES, cycled_layers
 
 
 class ZTTConfig(PretrainedConfig):
@@ -41,7 +40,7 @@ class ZTTConfig(PretrainedConfig):
         max_position_embeddings=2048,
         gate_bias_init=4.0,
         exit_threshold=None,
-        exit_mode="sequence",
+        exit_mode="token",
         initializer_range=0.02,
         use_cache=True,
         tie_word_embeddings=True,
@@ -91,9 +90,7 @@ class ZTTConfig(PretrainedConfig):
     @property
     def cycled_layers(self):
         """0-based distinct layers that every cycle runs."""
-        if self.cycle_mode == "head_tail":
-            return list(range(1, self.num_layers - 1))
-        return list(range(self.num_layers))
+        return cycled_layers(self.cycle_mode, self.num_layers)
 
     @property
     def num_hidden_layers(self):

@@ -20,30 +20,35 @@ layer, tail), i.e. ``config.num_hidden_layers`` of them. Each cache layer holds 
 application's zero key in row 0 (:class:`ZeroTokenCacheLayer`), so a decoding step is one
 plain SDPA call per application.
 
-Early exit (``exit_threshold``, from the config or per call / per ``generate``):
-after cycle c < C the zero attention of the cycle's middle layers is averaged over heads and
-layers, per token. ``exit_mode="sequence"`` averages it further over the tokens of the
-forward call (the prompt at prefill, the new token at each decoding step) and stops the whole
-sequence; ``exit_mode="token"`` stops each token on its own. A token that stops after cycle c
-keeps its state from cycle c, runs the tail, and -- because later tokens that do run deeper
-still attend to it -- gets the key/values of its last computed cycle (same layer) written into
-the cache entries of the cycles it skipped. Outputs carry ``cycles_used`` per token; after
+The cycle loop (gate, exits, the order of applications) is ``cycle_engine.py`` next to this
+file: the very file the training code runs, copied in by the exporter.
+
+Early exit (``exit_threshold``, from the config or per call / per ``generate``): after cycle
+c < C the zero attention of the cycle's middle layers is averaged over heads and layers, per
+token. ``exit_mode="token"`` (the default) stops each token on its own, causally;
+``exit_mode="sequence"`` averages it further over the tokens of the forward call (the prompt
+at prefill, the new token at each decoding step) and stops the whole row. A token that stops
+after cycle c keeps its state from cycle c, runs the tail, and -- because later tokens that
+run deeper still attend to it -- serves the cycles it skipped with the key/values of its last
+computed cycle (same layer), in the cache too. Outputs carry ``cycles_used`` per token; after
 ``generate`` the model holds ``generation_cycles_used`` [batch, new tokens] and
 ``mean_cycles_used``.
 """
 
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 
 from .configuration_ztt import ZTTConfig
+from .cycle_engine import CycleEngine, CycleGate, ExitRule, application_plan
 
 try:  # transformers' init helpers skip weights that were loaded from a checkpoint
     from transformers import initialization as init
@@ -52,39 +57,6 @@ except ImportError:  # pragma: no cover - older transformers
 
 # transformers 5.x renamed the cache argument from `past_key_values` to `cache`; take either.
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
-
-
-# --------------------------------------------------------------------------- the unrolled depth
-class Application(NamedTuple):
-    """One run of one distinct layer. ``cycle`` is None for the head and the tail."""
-
-    index: int  # position in the unrolled sequence = index of its cache layer
-    layer: int  # 0-based distinct layer
-    cycle: Optional[int]  # 0-based
-    starts_cycle: bool
-    ends_cycle: bool
-    name: str  # key of its zero token: "head", "tail", "cycle{c}_layer{l}" (1-based)
-
-
-def application_plan(config: ZTTConfig):
-    plan = []
-
-    def add(layer, cycle, starts=False, ends=False):
-        if cycle is None:
-            name = "head" if layer == 0 else "tail"
-        else:
-            name = f"cycle{cycle + 1}_layer{layer + 1}"
-        plan.append(Application(len(plan), layer, cycle, starts, ends, name))
-
-    if config.cycle_mode == "head_tail":
-        add(0, None)
-    cycled = config.cycled_layers
-    for cycle in range(config.num_cycles):
-        for position, layer in enumerate(cycled):
-            add(layer, cycle, position == 0, position == len(cycled) - 1)
-    if config.cycle_mode == "head_tail":
-        add(config.num_layers - 1, None)
-    return plan
 
 
 # --------------------------------------------------------------------------- rotary embedding
@@ -251,7 +223,7 @@ class ZTTMLP(nn.Module):
         return self.down_proj(F.gelu(self.up_proj(x)))
 
 
-class ZTTDecoderLayer(nn.Module):
+class ZTTDecoderLayer(GradientCheckpointingLayer):
     """Pre-norm transformer layer: x + attn(norm(x)), then + mlp(norm(.))."""
 
     def __init__(self, config: ZTTConfig):
@@ -269,26 +241,13 @@ class ZTTDecoderLayer(nn.Module):
         return hidden, key_value, zero_attention
 
 
-class ZTTCycleGate(nn.Module):
-    """x_next = x + g * (y - x), g = sigmoid(w . rmsnorm(y) + b): one scalar per token."""
-
-    def __init__(self, config: ZTTConfig):
-        super().__init__()
-        self.eps = config.norm_eps
-        self.weight = nn.Parameter(torch.zeros(config.hidden_size))
-        self.bias = nn.Parameter(torch.zeros(1))
-
-    def forward(self, cycle_input, cycle_output):
-        normed = F.rms_norm(cycle_output, (cycle_output.shape[-1],), eps=self.eps)
-        gate = torch.sigmoid(normed @ self.weight + self.bias).unsqueeze(-1)
-        return cycle_input + gate * (cycle_output - cycle_input)
-
-
 # --------------------------------------------------------------------------- models
 @dataclass
 class ZTTModelOutput(ModelOutput):
     last_hidden_state: Optional[torch.FloatTensor] = None
     cache: Optional[Cache] = None
+    # embeddings, then the state after every layer application (head, each cycle's layers, tail)
+    hidden_states: Optional[tuple] = None
     cycles_used: Optional[torch.LongTensor] = None  # [batch, tokens of this call]
 
 
@@ -303,10 +262,11 @@ class ZTTPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     _no_split_modules = ["ZTTDecoderLayer"]
     _supports_sdpa = True
+    supports_gradient_checkpointing = True
 
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, ZTTCycleGate):  # starts (almost) fully open
+        if isinstance(module, CycleGate):  # starts (almost) fully open
             init.zeros_(module.weight)
             init.constant_(module.bias, self.config.gate_bias_init)
         elif isinstance(module, ZTTModel) and module.zero_keys is not None:
@@ -324,8 +284,11 @@ class ZTTModel(ZTTPreTrainedModel):
             {app.name: nn.Parameter(torch.zeros(config.num_key_value_heads, config.head_dim))
              for app in self.plan}) if config.zero_token else None
         self.gates = nn.ModuleList(
-            ZTTCycleGate(config) for _ in range(config.num_cycles)) if config.gate else None
+            CycleGate(config.hidden_size, config.gate_bias_init, config.norm_eps)
+            for _ in range(config.num_cycles)) if config.gate else None
         self.norm = make_norm(config)
+        self.engine = CycleEngine(self.plan, num_cycles=config.num_cycles,
+                                  num_heads=config.num_attention_heads, gates=self.gates)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -350,22 +313,16 @@ class ZTTModel(ZTTPreTrainedModel):
             else:
                 layers.append(layer)
 
-    def _cycle_zero_attention(self, zero_sum, mode, real_tokens):
-        """A_c per token [b, q]: mean over the cycle's layers and heads; with mode "sequence"
-        also over the (non-padding) tokens of this call, shared by the sequence's tokens."""
-        share = zero_sum / (self.config.num_attention_heads * len(self.config.cycled_layers))
-        if mode == "token":
-            return share
-        if real_tokens is None:
-            return share.mean(dim=1, keepdim=True).expand_as(share)
-        mean = ((share * real_tokens).sum(dim=1, keepdim=True)
-                / real_tokens.sum(dim=1, keepdim=True).clamp(min=1.0))
-        return mean.expand_as(share)
-
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
                 inputs_embeds=None, use_cache=None, exit_threshold=None, exit_mode=None,
-                past_key_values=None, **kwargs) -> ZTTModelOutput:
+                past_key_values=None, output_hidden_states=None, output_attentions=None,
+                return_dict=None, **kwargs) -> ZTTModelOutput:
         config = self.config
+        if output_attentions:
+            raise NotImplementedError(
+                "ZTT computes attention with fused scaled_dot_product_attention kernels and "
+                "does not return attention weights (output_attentions=True); the zero "
+                "attention per token is what early exit reads, see cycles_used")
         cache = cache if cache is not None else past_key_values
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -395,55 +352,45 @@ class ZTTModel(ZTTPreTrainedModel):
         mode = exit_mode or config.exit_mode
         if threshold is not None and not config.zero_token:
             raise ValueError("early exit reads the zero attention: this model has no zero tokens")
-        if mode not in ("sequence", "token"):
-            raise ValueError(f"exit_mode must be 'sequence' or 'token', got {mode!r}")
-        real_tokens = None
-        if attention_mask is not None and mode == "sequence":
-            real_tokens = attention_mask[:, -length:].to(torch.float32)
+        exit_rule = None
+        if threshold is not None:
+            weights = None
+            if attention_mask is not None and mode == "sequence":
+                weights = attention_mask[:, -length:].to(torch.float32)
+            exit_rule = ExitRule(float(threshold), mode, token_axis=1, token_weights=weights)
 
-        num_cycles = config.num_cycles
-        cycles_used = torch.full((batch, length), num_cycles, dtype=torch.long, device=device)
-        exited = None  # [b, q] bool: tokens that left the cycles early
-        all_exited = False
-        last_key_value = {}  # middle layer -> its (key, value) from each token's last cycle
-        zero_sum = None
-        cycle_input = hidden
-        for app in self.plan:
-            cycling = app.cycle is not None
-            if app.starts_cycle:
-                cycle_input, zero_sum = hidden, 0.0
-            if cycling and all_exited:  # nothing left to compute; the cache still needs rows
-                if cache is not None:
-                    cache.update(*last_key_value[app.layer], app.index)
-                continue
-            decides_exit = threshold is not None and cycling and app.cycle < num_cycles - 1
+        if output_hidden_states is None:
+            output_hidden_states = config.output_hidden_states
+        all_hidden = [hidden] if output_hidden_states else None
+        last_key_value = {}  # middle layer -> (key, value) of each token's last computed cycle
+
+        def run(app, states, state, record):
             kv_fill = None
-            if exited is not None and cycling:
-                kv_fill = (exited[:, None, :, None], *last_key_value[app.layer])
-            hidden, key_value, zero_attention = self.layers[app.layer](
-                hidden, cos=cos, sin=sin, layout=layout,
+            if state.exited is not None and app.cycle is not None and bool(state.exited.any()):
+                kv_fill = (state.exited[:, None, :, None], *last_key_value[app.layer])
+            states, key_value, zero_attention = self.layers[app.layer](
+                states, cos=cos, sin=sin, layout=layout,
                 zero_key=self.zero_keys[app.name] if self.zero_keys is not None else None,
-                cache=cache, cache_index=app.index, kv_fill=kv_fill, zero_attention=decides_exit)
-            if threshold is not None and cycling:
+                cache=cache, cache_index=app.index, kv_fill=kv_fill, zero_attention=record)
+            if exit_rule is not None and app.cycle is not None:
                 last_key_value[app.layer] = key_value
-            if decides_exit:
-                zero_sum = zero_sum + zero_attention.float().sum(dim=1)  # over heads: [b, q]
-            if not app.ends_cycle:
-                continue
-            if self.gates is not None:
-                hidden = self.gates[app.cycle](cycle_input, hidden)
-            if exited is not None:
-                hidden = torch.where(exited[..., None], cycle_input, hidden)
-            if decides_exit:
-                leaving = self._cycle_zero_attention(zero_sum, mode, real_tokens) >= threshold
-                if exited is not None:
-                    leaving &= ~exited
-                if leaving.any():
-                    cycles_used[leaving] = app.cycle + 1
-                    exited = leaving if exited is None else exited | leaving
-                    all_exited = bool(exited.all())
-        return ZTTModelOutput(last_hidden_state=self.norm(hidden), cache=cache,
-                              cycles_used=cycles_used)
+            if all_hidden is not None:
+                all_hidden.append(states)
+            return states, None if zero_attention is None else zero_attention.float().sum(dim=1)
+
+        def skip(app, state):  # every token has left: the cache still needs this layer's rows
+            if cache is not None:
+                cache.update(*last_key_value[app.layer], app.index)
+
+        state = self.engine.run(self.plan, self.engine.begin(hidden, exit_rule), run,
+                                exit_rule=exit_rule, skip=skip)
+        cycles_used = (state.cycles_used if state.cycles_used is not None else
+                       torch.full((batch, length), config.num_cycles, dtype=torch.long,
+                                  device=device))
+        output = ZTTModelOutput(last_hidden_state=self.norm(state.hidden), cache=cache,
+                                hidden_states=tuple(all_hidden) if all_hidden else None,
+                                cycles_used=cycles_used)
+        return output if return_dict is not False else output.to_tuple()
 
 
 class ZTTForCausalLM(ZTTPreTrainedModel, GenerationMixin):
@@ -472,14 +419,18 @@ class ZTTForCausalLM(ZTTPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0,
-                exit_threshold=None, exit_mode=None, past_key_values=None, **kwargs):
-        for unsupported in ("output_attentions", "output_hidden_states"):
-            if kwargs.get(unsupported):
-                raise NotImplementedError(f"ZTTForCausalLM does not return {unsupported[7:]}")
+                exit_threshold=None, exit_mode=None, past_key_values=None,
+                output_hidden_states=None, output_attentions=None, return_dict=None,
+                num_items_in_batch=None, **kwargs):
+        """``num_items_in_batch`` (passed by transformers' Trainer under gradient
+        accumulation) makes the loss a sum over the batch's tokens divided by that count, so
+        that accumulated gradients equal the full batch's."""
         out = self.model(input_ids=input_ids, attention_mask=attention_mask,
                          position_ids=position_ids, cache=cache, inputs_embeds=inputs_embeds,
                          use_cache=use_cache, exit_threshold=exit_threshold,
-                         exit_mode=exit_mode, past_key_values=past_key_values)
+                         exit_mode=exit_mode, past_key_values=past_key_values,
+                         output_hidden_states=output_hidden_states,
+                         output_attentions=output_attentions, return_dict=True)
         hidden = out.last_hidden_state
         if isinstance(logits_to_keep, int):
             hidden = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
@@ -489,11 +440,14 @@ class ZTTForCausalLM(ZTTPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels,
-                                      vocab_size=self.config.vocab_size)
+                                      vocab_size=self.config.vocab_size,
+                                      num_items_in_batch=num_items_in_batch)
         if self._cycle_log is not None:  # the last position is the one that predicts
             self._cycle_log.append(out.cycles_used[:, -1])
-        return ZTTCausalLMOutput(loss=loss, logits=logits, cycles_used=out.cycles_used,
-                                 **{_CACHE_FIELD: out.cache})
+        output = ZTTCausalLMOutput(loss=loss, logits=logits, cycles_used=out.cycles_used,
+                                   hidden_states=out.hidden_states,
+                                   **{_CACHE_FIELD: out.cache})
+        return output if return_dict is not False else output.to_tuple()
 
     def generate(self, *args, **kwargs):
         """transformers' generate; also records the cycles each new token used.

@@ -157,7 +157,7 @@ def load_model(checkpoint: Path):
 def validation_samples(config, count: int) -> List[dict]:
     """The first ``count`` samples of the run's validation split (the held-out books): the
     samples ``ztt eval --iters count/8`` reads, in the same order (same dataset build)."""
-    from megatron_ztt.training.train import build_tokenizer_and_data
+    from megatron_ztt.training.batches import build_tokenizer_and_data
 
     config.train.micro_batch_size = min(config.train.micro_batch_size, 8)  # as ztt eval
     config.train.global_batch_size = config.train.micro_batch_size

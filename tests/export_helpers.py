@@ -35,8 +35,7 @@ def variant_config(name: str, vocab_size: int = TOKENIZER_VOCAB, **overrides):
 
 # The settings `ztt tokenizer train` uses: no Unicode normalisation, whitespace kept as is,
 # digits split, so that decode(encode(text)) == text.
-LOSSLESS = dict(normalization_rule_name="identity", remove_extra_whitespaces=False,
-                allow_whitespace_only_pieces=True, split_digits=True)
+from megatron_ztt.data.tokenizer import LOSSLESS_OPTIONS as LOSSLESS  # noqa: E402
 
 
 def train_sentencepiece(directory: Path, model_type: str = "bpe",

@@ -272,3 +272,50 @@ def test_export_runs_with_only_torch_and_transformers(seeded, tmp_path, tokenize
                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "cycles 1.0 3" in result.stdout
+
+
+def test_export_works_with_the_transformers_training_stack(seeded, tmp_path):
+    """What transformers' Trainer, PEFT and evaluation harnesses call on a model: AutoModel,
+    hidden states, tuple outputs, gradient checkpointing, a loss normalised by
+    ``num_items_in_batch`` (gradient accumulation), and a clear refusal of attention maps."""
+    from transformers import AutoModel
+
+    _, config, path = build_and_export("ztt-gqa", tmp_path / "export")
+    model = load_export(path)
+    ids, labels = batch(config, size=2)
+
+    base = AutoModel.from_pretrained(path, trust_remote_code=True, dtype=torch.float32).eval()
+    with torch.no_grad():
+        full = model(ids, output_hidden_states=True)
+        hidden = base(ids).last_hidden_state
+        assert torch.allclose(model.lm_head(hidden), full.logits, atol=1e-5)
+        assert len(full.hidden_states) == 1 + config.num_applications
+        assert torch.allclose(model.model.norm(full.hidden_states[-1]), hidden, atol=1e-6)
+        as_tuple = model(ids, labels=ids, return_dict=False)
+        assert isinstance(as_tuple, tuple) and torch.allclose(as_tuple[1], full.logits)
+
+    with pytest.raises(NotImplementedError, match="attention weights"):
+        model(ids, output_attentions=True)
+
+    # num_items_in_batch: sum of token losses / that count, as Trainer expects under
+    # gradient accumulation (the mean over this micro batch otherwise)
+    with torch.no_grad():
+        mean_loss = model(ids, labels=ids).loss
+        summed = model(ids, labels=ids, num_items_in_batch=torch.tensor(1000)).loss
+    tokens = ids.numel() - ids.shape[0]  # the last position of each row predicts nothing
+    assert torch.allclose(summed, mean_loss * tokens / 1000, rtol=1e-5)
+
+    model.train()
+
+    def grads():
+        model.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    model.gradient_checkpointing_enable()
+    assert model.is_gradient_checkpointing
+    checkpointed = grads()
+    assert plain.keys() == checkpointed.keys()
+    for name, grad in plain.items():
+        assert torch.allclose(checkpointed[name], grad, atol=1e-6), name

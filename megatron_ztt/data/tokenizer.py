@@ -31,6 +31,11 @@ from megatron.core.tokenizers import MegatronTokenizerBase
 from megatron_ztt.data import sources
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
+SPECIAL_IDS = {"unk": UNK_ID, "bos": BOS_ID, "eos": EOS_ID, "pad": PAD_ID}
+# Lossless: no Unicode normalisation, whitespace kept, digits split, so that
+# decode(encode(x)) == x. Training, the export's checks and the tests all use these.
+LOSSLESS_OPTIONS = dict(normalization_rule_name="identity", remove_extra_whitespaces=False,
+                        allow_whitespace_only_pieces=True, split_digits=True)
 SPECIAL_PIECES = {"unk": "<unk>", "bos": "<s>", "eos": "</s>", "pad": "<pad>"}
 MODEL_TYPES = ("bpe", "unigram")
 # Tokenizers are trained on a uniform sample of this many lines, whatever the corpus size.
@@ -169,11 +174,7 @@ def train_tokenizer(
             unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID,
             unk_piece=SPECIAL_PIECES["unk"], bos_piece=SPECIAL_PIECES["bos"],
             eos_piece=SPECIAL_PIECES["eos"], pad_piece=SPECIAL_PIECES["pad"],
-            # Lossless: no Unicode normalisation, whitespace kept, so decode(encode(x)) == x.
-            normalization_rule_name="identity",
-            remove_extra_whitespaces=False,
-            allow_whitespace_only_pieces=True,
-            split_digits=True,
+            **LOSSLESS_OPTIONS,
             character_coverage=character_coverage,
             input_sentence_size=0,  # already sampled above
             max_sentence_length=max_sentence_length,

@@ -27,10 +27,11 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Dict, Iterable, Mapping, Optional, Tuple
+from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 
+from megatron_ztt.data.tokenizer import SPECIAL_IDS
 from megatron_ztt.model.config import ZTTConfig
 from megatron_ztt.model.cycle_engine import application_plan
 
@@ -48,8 +49,6 @@ AUTO_MAP = {
     "AutoModelForCausalLM": "modeling_ztt.ZTTForCausalLM",
 }
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-# The project's tokenizer convention; used for the ids when no tokenizer is exported.
-DEFAULT_SPECIAL_IDS = {"unk": 0, "bos": 1, "eos": 2, "pad": 3}
 # Encoded by SentencePiece and by the exported tokenizer at export time: every id must agree.
 # Non-ASCII scripts, emoji and control characters push a small vocabulary into byte fallback.
 TOKENIZER_PROBES = (
@@ -316,7 +315,8 @@ def export_hf(config: ZTTConfig, full_state: Mapping[str, torch.Tensor],
     if output.exists() and not overwrite:
         raise ExportError(f"{output} already exists; choose another --output or pass --overwrite")
 
-    tokenizer, special_ids = None, dict(DEFAULT_SPECIAL_IDS)
+    # without a tokenizer, the ids of the project's tokenizer convention
+    tokenizer, special_ids = None, dict(SPECIAL_IDS)
     if tokenizer_model is not None:
         tokenizer, special_ids, pieces = build_hf_tokenizer(tokenizer_model)
         if pieces != config.vocab_size:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -93,6 +93,10 @@ class TrainingEngine:
         raise NotImplementedError
 
     def local_partition_spec(self) -> Dict[str, tuple]:
+        raise NotImplementedError
+
+    def canonical_names(self) -> Dict[str, str]:
+        """This rank's module parameter name -> its name in the canonical state dict."""
         raise NotImplementedError
 
     @staticmethod
@@ -230,6 +234,9 @@ class DenseEngine(TrainingEngine):
     def local_partition_spec(self):
         return partition_spec(self.module)
 
+    def canonical_names(self):
+        return {name: name for name, _ in self.module.named_parameters()}
+
     @staticmethod
     def load_weights_into(module, full):
         load_full_state_dict(module, full)
@@ -292,6 +299,11 @@ class PipelineEngine(TrainingEngine):
 
     def local_partition_spec(self):
         return self.module.canonical_partition_spec()
+
+    def canonical_names(self):
+        from megatron_ztt.parallel.pipeline import canonical_name
+
+        return {name: canonical_name(name) for name, _ in self.module.named_parameters()}
 
     @staticmethod
     def load_weights_into(module, full):

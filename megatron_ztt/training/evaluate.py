@@ -15,9 +15,9 @@ import sys
 from typing import Dict, List, Optional
 
 import torch
-import torch.distributed as dist
 
 from megatron_ztt.parallel import runtime
+from megatron_ztt.training.batches import build_tokenizer_and_data, validation_batches
 from megatron_ztt.training.metrics import reduce_means
 
 
@@ -36,20 +36,6 @@ def evaluate(forward, batches, micro_batches: int,
         cycles_sum += out.cycles_used.float().sum().item()
         tokens += out.cycles_used.numel()
     return {"loss": loss_sum / max(1, micro_batches), "mean_cycles": cycles_sum / max(1, tokens)}
-
-
-def validation_batches(dataset, config):
-    """A fresh iterator over the validation split: every evaluation sees the same samples."""
-    from megatron.core import parallel_state
-
-    from megatron_ztt.data.loader import build_loader
-
-    loader = build_loader(dataset, config.train.micro_batch_size,
-                          parallel_state.get_data_parallel_rank(),
-                          parallel_state.get_data_parallel_world_size(), 0,
-                          config.data.num_workers, cyclic=True)
-    device = runtime.current_device()
-    return ({k: v.to(device) for k, v in batch.items()} for batch in loader)
 
 
 def validate(engine, valid_set, config) -> Dict[str, float]:
@@ -96,7 +82,6 @@ def run(args: argparse.Namespace) -> int:
     from megatron_ztt.model.config import ConfigError
     from megatron_ztt.model.ztt import ZTTModel
     from megatron_ztt.parallel.sharding import load_full_state_dict
-    from megatron_ztt.training.train import build_tokenizer_and_data
 
     try:
         trained = load_trained(args.checkpoint, args.overrides)

@@ -19,7 +19,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-import torch
 import torch.distributed as dist
 
 from megatron_ztt.checkpoint import LATEST, CheckpointError, resolve
@@ -31,6 +30,7 @@ from megatron_ztt.training import checkpoint as ckpt
 from megatron_ztt.training.engines import NonFiniteLossError, build_engine
 from megatron_ztt.training.metrics import (TensorBoardLogger, console_line, metric_keys,
                                            model_flops_per_token, reduce_means)
+from megatron_ztt.training.batches import TrainingBatches, build_tokenizer_and_data
 from megatron_ztt.training.signals import StopRequest
 
 
@@ -52,26 +52,6 @@ def log(message: str) -> None:
 
 
 # --------------------------------------------------------------------------- setup
-def build_tokenizer_and_data(config: RunConfig):
-    from megatron_ztt.data.datasets import build_datasets
-    from megatron_ztt.data.tokenizer import ZTTTokenizer
-
-    tokenizer = ZTTTokenizer(config.data.tokenizer)
-    if tokenizer.vocab_size != config.model.vocab_size:
-        raise ConfigError(f"model.vocab_size ({config.model.vocab_size}) does not match the "
-                          f"tokenizer's vocabulary ({tokenizer.vocab_size} in "
-                          f"{config.data.tokenizer}); set model.vocab_size="
-                          f"{tokenizer.vocab_size}")
-    train = config.train
-    evaluations = train.train_iters // config.eval.interval + 1
-    num_samples = (train.train_iters * train.global_batch_size,
-                   evaluations * config.eval.iters * train.global_batch_size,
-                   config.eval.iters * train.global_batch_size)
-    datasets = build_datasets(config.data, tokenizer, config.model.seq_length, train.seed,
-                              num_samples)
-    return tokenizer, datasets
-
-
 def layout_of(config: RunConfig) -> Dict[str, int]:
     world = dist.get_world_size()
     return {"tensor": config.parallel.tensor, "pipeline": config.parallel.pipeline,
@@ -93,29 +73,6 @@ def resume_point(config: RunConfig):
 
 
 # --------------------------------------------------------------------------- steps
-class TrainingBatches:
-    """Micro batches for this data-parallel rank, from a given number of consumed samples."""
-
-    def __init__(self, dataset, config: RunConfig, consumed_samples: int):
-        from megatron.core import parallel_state
-
-        from megatron_ztt.data.loader import build_loader
-
-        self.loader = build_loader(dataset, config.train.micro_batch_size,
-                                   parallel_state.get_data_parallel_rank(),
-                                   parallel_state.get_data_parallel_world_size(),
-                                   consumed_samples, config.data.num_workers)
-        self.iterator = iter(self.loader)
-        self.device = runtime.current_device()
-
-    def __next__(self) -> Dict[str, torch.Tensor]:
-        batch = next(self.iterator)
-        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-
-    def __iter__(self):
-        return self
-
-
 # --------------------------------------------------------------------------- the loop
 def train(config: RunConfig) -> TrainResult:
     """Run (or resume) the training that ``config`` describes, on every rank."""

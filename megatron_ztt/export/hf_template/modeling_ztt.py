@@ -374,16 +374,17 @@ class ZTTModel(ZTTPreTrainedModel):
                 cache=cache, cache_index=app.index, kv_fill=kv_fill, zero_attention=record)
             if exit_rule is not None and app.cycle is not None:
                 last_key_value[app.layer] = key_value
-            if all_hidden is not None:
-                all_hidden.append(states)
             return states, None if zero_attention is None else zero_attention.float().sum(dim=1)
 
         def skip(app, state):  # every token has left: the cache still needs this layer's rows
             if cache is not None:
                 cache.update(*last_key_value[app.layer], app.index)
 
-        state = self.engine.run(self.plan, self.engine.begin(hidden, exit_rule), run,
-                                exit_rule=exit_rule, skip=skip)
+        state = self.engine.begin(hidden, exit_rule)
+        for app in self.plan:
+            state = self.engine.step(app, state, run, exit_rule=exit_rule, skip=skip)
+            if all_hidden is not None:  # the state after each application (gated, exits kept)
+                all_hidden.append(state.hidden)
         cycles_used = (state.cycles_used if state.cycles_used is not None else
                        torch.full((batch, length), config.num_cycles, dtype=torch.long,
                                   device=device))

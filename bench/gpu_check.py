@@ -43,8 +43,8 @@ from megatron_ztt.parallel import runtime  # noqa: E402
 
 SIZES = {"125m": "launch/configs/ztt_125m.yaml", "1b": "launch/configs/ztt_1b.yaml"}
 # --cpu: the configs' depth (layers, cycles, exit losses), a tiny width
-CPU_MODEL = dict(hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, num_query_groups=2,
-                 seq_length=64, vocab_size=512, make_vocab_size_divisible_by=64)
+CPU_MODEL = dict(hidden_size=32, ffn_hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                 seq_length=32, vocab_size=256, make_vocab_size_divisible_by=64)
 CPU_MICRO_BATCH = 2
 PARTS = ["device", "tests", "throughput_125m", "throughput_1b"]
 
@@ -83,11 +83,11 @@ def throughput(args) -> dict:
     runtime.init_distributed(seed=0)
     device = runtime.current_device()
     use_cuda = device.type == "cuda"
-    steps, warmup = (args.steps or (10 if use_cuda else 2)), (args.warmup or (3 if use_cuda else 1))
+    steps, warmup = (args.steps or (10 if use_cuda else 1)), (args.warmup or (3 if use_cuda else 1))
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, config.vocab_size, (batch, seq), generator=generator).to(device)
     labels = torch.randint(0, config.vocab_size, (batch, seq), generator=generator).to(device)
-    peak = measure_peak_flops(8192 if use_cuda else 256, "bf16", repeats=3)
+    peak = measure_peak_flops(8192 if use_cuda else 256, "bf16", repeats=3 if use_cuda else 1)
     nominal = float(config_peak) if use_cuda and config_peak else None
     tokens = batch * seq
     models = {}
@@ -253,7 +253,7 @@ def main():
     bench = sub.add_parser("throughput", help="bf16 ZTT vs megatron-core at a config's size")
     bench.add_argument("--size", choices=sorted(SIZES), required=True)
     bench.add_argument("--cpu", action="store_true", help="tiny widths for a CPU run")
-    bench.add_argument("--steps", type=int, default=None, help="timed steps (CUDA 10, CPU 2)")
+    bench.add_argument("--steps", type=int, default=None, help="timed steps (CUDA 10, CPU 1)")
     bench.add_argument("--warmup", type=int, default=None, help="untimed steps (CUDA 3, CPU 1)")
     bench.add_argument("--out", help="write the JSON report here too")
     summary = sub.add_parser("report", help="gather a gpu_check.sh output directory")

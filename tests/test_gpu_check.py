@@ -74,6 +74,21 @@ def test_report_fails_on_a_failed_or_timed_out_part(tmp_path):
     assert not report["ok"]
     assert report["problems"] == [
         "tests: exit status 1", "throughput_125m: over its time limit of 90 s",
-        "throughput_1b: did not run", "tests: no results (tests.xml)",
-        "throughput_125m: no results", "throughput_1b: no results"]
+        "throughput_1b: did not run"]
     assert "FAILED" in proc.stdout and str(tmp_path / "gpu_check.json") in proc.stdout
+
+
+def test_without_a_gpu_the_check_fails_at_the_device_part(tmp_path):
+    from megatron_ztt.parallel import runtime
+
+    if runtime.cuda_visible():
+        pytest.skip("a CUDA device is visible: the check would run")
+    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), "--out",
+                           str(tmp_path)], cwd=REPO, env=_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "no CUDA device is visible" in proc.stdout
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["mode"] == "cuda" and not report["ok"]
+    assert list(report["parts"]) == ["device"]
+    assert report["problems"][0] == "device: exit status 1"

@@ -4,7 +4,8 @@
 ``ZTT_CHECK_DEVICE=cpu`` runs them on the CPU, where the parity checks compare the CPU with
 itself but training, export and generation really run (``bash bench/gpu_check.sh --cpu``
 does this, so that every line of the checks is exercised without a GPU). Unset: CUDA when a
-device is visible, otherwise the tests skip, saying why.
+device is visible, otherwise the tests skip, saying why. Call it at a test module's top level,
+so that the skip comes before any fixture (torch.distributed takes seconds to start).
 
 The reference side of every comparison stays on the CPU: the test process itself keeps
 ``ZTT_DEVICE=cpu`` (tests/conftest.py), and a model is moved to the checked device with
@@ -33,6 +34,7 @@ def check_device() -> torch.device:
     if runtime.cuda_visible():
         return torch.device("cuda")
     if wanted == "cuda":
-        pytest.fail(f"{SWITCH}=cuda but no CUDA device is visible")
+        pytest.fail(f"{SWITCH}=cuda but no CUDA device is visible", pytrace=False)
+    # at import (collection) time: before any fixture starts torch.distributed
     pytest.skip(f"no CUDA device is visible ({SWITCH}=cpu runs these checks on the CPU; "
-                "bash bench/gpu_check.sh --cpu does)")
+                "bash bench/gpu_check.sh --cpu does)", allow_module_level=True)

@@ -21,6 +21,7 @@ from export_helpers import build_and_export, load_export, vary_small_parameters
 from model_helpers import batch, tiny_config
 
 pytestmark = pytest.mark.cuda
+DEVICE = check_device()  # without CUDA and without ZTT_CHECK_DEVICE: the module is skipped
 
 GREEDY = dict(do_sample=False, eos_token_id=None)  # fixed length: no early stop on EOS
 EXPORT_MAX_ABS_DIFF = 1e-4
@@ -28,13 +29,13 @@ EXPORT_MAX_ABS_DIFF = 1e-4
 
 @pytest.fixture(scope="module")
 def device():
-    return check_device()
+    return DEVICE
 
 
 def _close(got, expected, what, rtol=1e-4, atol=1e-5):
     """Equal up to ``rtol`` of the tensor's largest magnitude (plus ``atol``)."""
     got, expected = got.detach().float().cpu(), expected.detach().float().cpu()
-    assert got.shape == expected.shape, f"{what}: shape {tuple(got.shape)} != {tuple(expected.shape)}"
+    assert got.shape == expected.shape, f"{what}: {tuple(got.shape)} != {tuple(expected.shape)}"
     diff = (got - expected).abs().max().item()
     bound = rtol * expected.abs().max().item() + atol
     assert diff <= bound, f"{what}: max abs diff {diff:.3g} > {bound:.3g}"

@@ -30,6 +30,7 @@ import time
 import torch
 
 from matmul_peak import measure_peak_flops
+from megatron_ztt.parallel import runtime
 
 PRESETS = {
     # the model of launch/configs/results/base.yaml, one data-parallel rank's micro batch
@@ -38,12 +39,35 @@ PRESETS = {
 }
 
 
-def build_models(args):
-    from megatron.core.transformer.transformer_block import TransformerBlock
+class PlainMegatronTransformer(torch.nn.Module):
+    """megatron-core's ``TransformerBlock`` of ``config.num_layers`` layers (local spec, SDPA
+    causal core attention) between this project's embedding and output layer; ``config`` is a
+    ``cycle_mode="vanilla"`` ZTTConfig. forward(ids, labels) -> loss."""
 
+    def __init__(self, config):
+        from megatron.core.transformer.transformer_block import TransformerBlock
+
+        from megatron_ztt.model.layers import (OutputHead, TokenEmbedding, layer_spec,
+                                               transformer_config)
+
+        super().__init__()
+        self.config = config
+        self.embedding = TokenEmbedding(config)
+        self.block = TransformerBlock(transformer_config(config), layer_spec(config),
+                                      post_layer_norm=False)
+        self.output_head = OutputHead(config)
+
+    def forward(self, ids, labels):
+        from megatron_ztt.model.layers import language_model_loss, rotary_embedding
+
+        rope = rotary_embedding(self.config, ids.shape[1], ids.device)
+        hidden = self.block(self.embedding(ids), attention_mask=None, rotary_pos_emb=rope)
+        weight = self.embedding.weight if self.config.tie_embeddings else None
+        return language_model_loss(self.output_head(hidden, embedding_weight=weight), labels)
+
+
+def build_models(args):
     from megatron_ztt.model.config import ZTTConfig
-    from megatron_ztt.model.layers import (OutputHead, TokenEmbedding, language_model_loss,
-                                           layer_spec, rotary_embedding, transformer_config)
     from megatron_ztt.model.ztt import ZTTModel
 
     common = dict(vocab_size=args.vocab, hidden_size=args.hidden, num_attention_heads=args.heads,
@@ -66,23 +90,9 @@ def build_models(args):
             num_layers=L, num_cycles=C, cycle_mode="head_tail", zero_token=True, gate=True,
             exit_loss_weights=args.exit_loss_weights, **common)
 
-    class PlainMegatronTransformer(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.embedding = TokenEmbedding(plain_config)
-            self.block = TransformerBlock(transformer_config(plain_config),
-                                          layer_spec(plain_config), post_layer_norm=False)
-            self.output_head = OutputHead(plain_config)
-
-        def forward(self, ids, labels):
-            rope = rotary_embedding(plain_config, ids.shape[1], ids.device)
-            hidden = self.block(self.embedding(ids), attention_mask=None, rotary_pos_emb=rope)
-            return language_model_loss(
-                self.output_head(hidden, embedding_weight=self.embedding.weight), labels)
-
     ztt = ZTTModel(configs[f"ztt_L{L}_C{C}"])
     models = {
-        f"megatron_{applications}_layers": (PlainMegatronTransformer(),
+        f"megatron_{applications}_layers": (PlainMegatronTransformer(plain_config),
                                             lambda m, x, y: m(x, y)),
         f"ztt_L{L}_C{C}": (ztt, lambda m, x, y: m(x, y, collect_stats=False).loss),
         f"ztt_L{L}_C{C}_with_stats": (ztt, lambda m, x, y: m(x, y, collect_stats=True).loss),
@@ -104,10 +114,12 @@ def time_steps(model, step, ids, labels, steps, warmup):
     model.train()
     times = []
     for i in range(warmup + steps):
+        runtime.synchronize()  # CUDA runs asynchronously (a no-op on the CPU)
         start = time.perf_counter()
         loss = step(model, ids, labels)
         loss.backward()
         model.zero_grad(set_to_none=True)
+        runtime.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - start)
     return times
@@ -172,7 +184,6 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from megatron_ztt.parallel import runtime
     from megatron_ztt.training.metrics import model_flops_per_token
 
     runtime.init_distributed(seed=0)

@@ -58,6 +58,27 @@ def peak_memory_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def reset_peak_memory() -> None:
+    """Restart the CUDA allocator's peak count (CPU: max RSS cannot be reset; a no-op)."""
+    if use_cuda():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def cuda_visible() -> bool:
+    """Whether a CUDA device is visible at all, whatever ``ZTT_DEVICE`` says."""
+    return torch.cuda.is_available()
+
+
+def device_name(device: torch.device | None = None) -> str:
+    """The accelerator's name ("NVIDIA H200"), or the CPU's for a CPU device."""
+    device = torch.device(device) if device is not None else current_device()
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
 def synchronize() -> None:
     if use_cuda():
         torch.cuda.synchronize()

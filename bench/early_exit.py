@@ -60,12 +60,13 @@ def per_sequence_exits(model, samples) -> dict:
 
 @torch.no_grad()
 def early_exit_eval(model, samples, threshold, batch_size: int) -> dict:
-    """The model's own early-exit path, as ``ztt eval`` runs it (library ``evaluate``)."""
+    """The model's own early-exit path (library ``evaluate``), per sequence: the rule this
+    benchmark compares with random exits of whole sequences (``ztt eval`` decides per token)."""
     from megatron_ztt.training.evaluate import evaluate
 
     def forward(batch, exit_threshold):
         return model(batch["tokens"], batch["labels"], loss_mask=batch["loss_mask"],
-                     exit_threshold=exit_threshold, collect_stats=False)
+                     exit_threshold=exit_threshold, exit_mode="sequence", collect_stats=False)
 
     count = len(samples) // batch_size
     return evaluate(forward, batches(samples[:count * batch_size], batch_size), count, threshold)

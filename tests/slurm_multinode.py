@@ -230,9 +230,10 @@ class NetnsSlurm(LocalSlurm):
                 placed.setdefault(node_of[inode], []).append(int(env["SLURM_PROCID"]))
         return {node: sorted(set(ranks)) for node, ranks in placed.items()}
 
-    def set_node_state(self, node: str, state: str) -> None:
+    def set_node_state(self, node: str, state: str, check: bool = True) -> None:
+        """DRAIN (no new jobs) or RESUME a node."""
         argv = ["scontrol", "update", f"NodeName={node}", f"State={state}"]
-        self.run(argv + (["Reason=test"] if state == "DRAIN" else []))
+        self.run(argv + (["Reason=test"] if state == "DRAIN" else []), check=check)
 
     # ------------------------------------------------------------------ client side
     def run(self, argv: List[str], check: bool = True, **kwargs) -> subprocess.CompletedProcess:

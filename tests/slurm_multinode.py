@@ -235,6 +235,11 @@ class NetnsSlurm(LocalSlurm):
         argv = ["scontrol", "update", f"NodeName={node}", f"State={state}"]
         self.run(argv + (["Reason=test"] if state == "DRAIN" else []), check=check)
 
+    def popen_on(self, node: str, argv: List[str], **kwargs) -> subprocess.Popen:
+        """A process of the test's own in a node's network namespace (stop it by its pid)."""
+        return subprocess.Popen(["nsenter", f"--net=/run/netns/{self.netns[node]}", *argv],
+                                env=self.env, **kwargs)
+
     # ------------------------------------------------------------------ client side
     def run(self, argv: List[str], check: bool = True, **kwargs) -> subprocess.CompletedProcess:
         """A client command (sinfo, sbatch, a submit wrapper ...) in the controller's

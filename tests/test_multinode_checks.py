@@ -119,3 +119,21 @@ def test_training_started_by_srun_on_a_taken_port_exits_with_one_line(tmp_path):
     assert result.returncode == 2, result.stderr[-2000:]
     assert f"error: MASTER_PORT={port} is already in use" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_runtime_refuses_a_loopback_host_name_for_gloo_across_nodes():
+    two_nodes = runtime.LaunchEnv(0, 2, 0, "n1", 29500, "slurm")
+    env = {"SLURM_STEP_NUM_NODES": "2"}
+    with pytest.raises(runtime.LaunchError, match="host name localhost resolves to 127.0.0.1.*"
+                                                  "GLOO_SOCKET_IFNAME"):
+        runtime.check_gloo_address(two_nodes, env, hostname="localhost")
+    with pytest.raises(runtime.LaunchError, match=f"host name {UNRESOLVABLE} resolves to nothing"):
+        runtime.check_gloo_address(two_nodes, env, hostname=UNRESOLVABLE)
+    # fine: an interface named, one node only, or torchrun's workers all on one node
+    runtime.check_gloo_address(two_nodes, {**env, "GLOO_SOCKET_IFNAME": "eth0"}, "localhost")
+    runtime.check_gloo_address(two_nodes, {"SLURM_STEP_NUM_NODES": "1"}, "localhost")
+    runtime.check_gloo_address(runtime.LaunchEnv(0, 4, 0, "h", 1, "torchrun"),
+                               {"LOCAL_WORLD_SIZE": "4"}, "localhost")
+    with pytest.raises(runtime.LaunchError, match="GLOO_SOCKET_IFNAME"):
+        runtime.check_gloo_address(runtime.LaunchEnv(0, 4, 0, "h", 1, "torchrun"),
+                                   {"LOCAL_WORLD_SIZE": "2"}, "localhost")

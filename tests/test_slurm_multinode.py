@@ -165,3 +165,41 @@ def test_sigusr1_requeue_resumes_on_other_nodes(two_node_cluster, tiny_data, tmp
     assert series[-1][0] == 14 and series[-1][1] < series[0][1] - 0.5, series
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "completed" and status["iteration"] == 14, status
+
+
+def test_bad_multi_node_input_fails_the_job_with_a_named_error(two_node_cluster, tmp_path):
+    """What a user sees in the job log, from a real two-node allocation (no training starts)."""
+    cluster = two_node_cluster
+    overrides = [f"run.dir={tmp_path / 'run'}", f"data.blend=[{tmp_path / 'none'}]",
+                 f"data.tokenizer={tmp_path / 'none.model'}"]  # never read: no training starts
+    # mismatched task counts per node: 3 tasks on 2 nodes -> SLURM_TASKS_PER_NODE=2,1
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir()
+    job = cluster.sbatch(
+        ["sbatch", "--job-name=ztt-uneven", "--nodes=2", "--ntasks=3", "--time=5",
+         f"--output={log_dir}/%x-%j.out", str(SBATCH), str(TINY), *overrides],
+        env=job_env(ZTT_ROOT=str(REPO)), cwd=str(tmp_path))
+    info = cluster.wait_for_end(job, 120)
+    text = read(log_dir / f"ztt-uneven-{job}.out")
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "0", (info, text[-2000:])
+    assert "launch_plan: error: the allocation does not have the same number of tasks on every " \
+           "node (SLURM_TASKS_PER_NODE='2,1')" in text, text[-2000:]
+
+    # the rendezvous port already taken on the first node (by a process of ours there)
+    port = 29555
+    holder = cluster.popen_on(N1, [sys.executable, "-c",
+                                   "import socket, sys, time; s = socket.socket(); "
+                                   f"s.bind(('', {port})); s.listen(); print('ready', flush=True);"
+                                   " time.sleep(300)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        job, log = submit(cluster, tmp_path, "ztt-port", 2, 1, overrides,
+                          MASTER_PORT=str(port))
+        info = cluster.wait_for_end(job, 120)
+    finally:
+        holder.kill()
+        holder.wait(timeout=10)
+    text = read(log)
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "0", (info, text[-2000:])
+    assert f"launch_plan: error: MASTER_PORT={port} is already in use on {N1}, the first node" \
+           in text, text[-2000:]

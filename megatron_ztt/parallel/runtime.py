@@ -158,6 +158,43 @@ def check_rendezvous(launch: LaunchEnv) -> None:
                     f"MASTER_PORT={launch.master_port} is already in use on {here}, where rank 0 "
                     f"listens for the rendezvous: set MASTER_PORT to a free port (train.sbatch "
                     f"without MASTER_PORT uses 20000 + job id % 20000)") from None
+    if not use_cuda():
+        check_gloo_address(launch)
+
+
+def _nodes_in_job(launch: LaunchEnv, env) -> int:
+    if launch.source == "slurm":
+        return int(env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_NNODES") or 1)
+    local = int(env.get("LOCAL_WORLD_SIZE") or launch.world_size)
+    return -(-launch.world_size // max(local, 1))
+
+
+def check_gloo_address(launch: LaunchEnv, environ: dict | None = None,
+                       hostname: str | None = None) -> None:
+    """Across nodes, gloo gives the others the address its own host name resolves to (unless
+    GLOO_SOCKET_IFNAME names an interface); a name that resolves only to loopback (Debian's
+    127.0.1.1) or not at all makes it fall back to 127.0.0.1, and the job hangs at the first
+    collective. Refuse that before starting."""
+    env = os.environ if environ is None else environ
+    if env.get("GLOO_SOCKET_IFNAME") or _nodes_in_job(launch, env) < 2:
+        return
+    hostname = hostname or socket.gethostname()
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(hostname, None)}
+    except socket.gaierror:
+        addresses = set()
+    if not any(not _is_loopback(a) for a in addresses):
+        found = ", ".join(sorted(addresses)) or "nothing"
+        raise LaunchError(
+            f"this node's host name {hostname} resolves to {found}, so gloo would offer the "
+            f"other nodes a loopback address: set GLOO_SOCKET_IFNAME to the interface the nodes "
+            f"share (e.g. eth0, ib0), or make the host name resolve to that interface's address")
+
+
+def _is_loopback(address: str) -> bool:
+    import ipaddress
+
+    return ipaddress.ip_address(address.split("%")[0]).is_loopback
 
 
 @dataclass(frozen=True)

@@ -117,8 +117,8 @@ def tasks_per_node(environ: Dict[str, str]) -> int:
     if len(counts) != 1:
         raise PlanError(
             f"the allocation does not have the same number of tasks on every node "
-            f"(SLURM_TASKS_PER_NODE={spec!r}); submit with --ntasks-per-node=<GPUs per node> "
-            f"or set PROCS_PER_NODE")
+            f"(SLURM_TASKS_PER_NODE={spec!r}); submit with --ntasks-per-node=<processes per "
+            f"node> instead of --ntasks")
     return counts.pop()
 
 

@@ -2,12 +2,15 @@
 namespace per node, 192.0.2.0/24 links that exist only for the test), submitted through
 launch/slurm/train.sbatch exactly as a user does. The tiny config, a few iterations, CPU/gloo.
 
-- 2 nodes x 1 task: data parallel with ZeRO-1 across the nodes; the loss falls; the
-  checkpoint written from both hosts is read by ``ztt eval`` and ``ztt export-hf``.
+- 2 nodes x 1 task: data parallel with ZeRO-1 across the nodes; SIGUSR1 (SLURM's warning
+  before the time limit) -> checkpoint -> requeue; the restart lands on other nodes (the
+  first start's second node is now the first: rank 0 and rendezvous host) and resumes at the
+  right iteration; the loss falls; the checkpoints written from two hosts are read by the
+  next start, ``ztt eval`` and ``ztt export-hf``.
 - 2 nodes x 2 tasks: TP=2 inside each node, the second dimension across the nodes (LAYOUTS:
   today PP=2 with DeepSpeed's pipeline; add the circular pipeline there when it exists).
-- SIGUSR1 (SLURM's warning before the time limit) -> checkpoint -> requeue; the restart lands
-  on other nodes, the first node now a different host, and resumes at the right iteration.
+- bad multi-node input (uneven tasks per node, rendezvous port taken) fails the job with the
+  named error.
 
 Each test checks where the ranks really ran: the network namespace of every training process
 (``NetnsSlurm.tasks_by_node``), not only what the job log says.
@@ -79,26 +82,55 @@ def ztt(*argv, timeout=300):
     return result
 
 
-def test_two_nodes_data_parallel_zero1_checkpoint_eval_export(two_node_cluster, tiny_data,
-                                                              tmp_path):
+def test_two_nodes_data_parallel_requeued_on_other_nodes_then_eval_and_export(
+        two_node_cluster, tiny_data, tmp_path):
+    """2 nodes x 1 task, ZeRO-1 across the nodes; SIGUSR1 -> checkpoint -> requeue onto other
+    nodes -> resume -> complete; ztt eval and ztt export-hf read the final checkpoint. (One job
+    for both stories: a job start costs more than everything else here.)"""
+    cluster = two_node_cluster
     run_dir = tmp_path / "run"
-    job, log = submit(two_node_cluster, tmp_path, "ztt-dp", 2, 1, [
-        *tiny_data, f"run.dir={run_dir}", "parallel.zero_stage=1", "train.train_iters=10",
-        "train.global_batch_size=8", "train.warmup_iters=2", "checkpoint.interval=10"])
-    # one rank per node, each in its own network namespace: the rendezvous crossed the link
-    assert placement(two_node_cluster, job, log, 2) == {N1: [0], N2: [1]}
-    text = assert_completed(two_node_cluster, job, log)
-    assert f"on {N1},{N2}" in text and f"rendezvous endpoint {N1}:" in text, text[-3000:]
-    assert "2 node(s) x 1 process(es) = world size 2" in text
+    cluster.set_node_state(N3, "DRAIN")  # the first start on n1+n2
+    try:
+        job, log = submit(cluster, tmp_path, "ztt-dp", 2, 1, [
+            *tiny_data, f"run.dir={run_dir}", "parallel.zero_stage=1", "train.train_iters=12",
+            "train.global_batch_size=8", "train.warmup_iters=2", "checkpoint.interval=1000"])
+        # one rank per node, each in its own network namespace: the rendezvous crossed the link
+        assert placement(cluster, job, log, 2) == {N1: [0], N2: [1]}
+        wait_for_text(cluster, job, log, ITERATION.pattern, 300, "training iterations")
+        # SLURM's warning before the time limit, now: to every task of the job's steps
+        cluster.run(["scancel", "--signal=USR1", job])
+        cluster.wait_for(job, lambda j: j["JobState"] == "PENDING" and j["Restarts"] == "1",
+                         200, "requeue after SIGUSR1")
+        first_checkpoint = (run_dir / "checkpoints" / "latest").read_text().strip()
+        # the restart gets other nodes: n1 is gone, n3 is back. n2, the second node of the
+        # first start, is now the first: rank 0 and the rendezvous host.
+        cluster.set_node_state(N1, "DRAIN")
+        cluster.set_node_state(N3, "RESUME")
+        cluster.release_requeued(job)
+        assert placement(cluster, job, log, 2) == {N2: [0], N3: [1]}
+        text = assert_completed(cluster, job, log)
+    finally:
+        for node in (N1, N3):
+            cluster.set_node_state(node, "RESUME", check=False)
+    by_start = starts(text)
+    assert sorted(by_start) == [0, 1], text[-3000:]
+    assert "2 node(s) x 1 process(es) = world size 2" in by_start[0]
+    assert f"on {N1},{N2}" in by_start[0] and f"rendezvous endpoint {N1}:" in by_start[0]
+    assert f"on {N2},{N3}" in by_start[1] and f"rendezvous endpoint {N2}:" in by_start[1]
+    assert "state interrupted" in by_start[0] and "requeueing job" in by_start[0]
+    interrupted = assert_interrupted_then_resumed(by_start[0], by_start[1])
+    assert interrupted < 12
     series = losses(text)
-    assert series[-1][0] == 10 and series[-1][1] < series[0][1] - 0.5, series
-    assert 10 in saved(text)
+    assert series[-1][0] == 12 and series[-1][1] < series[0][1] - 0.5, series
     status = json.loads((run_dir / "status.json").read_text())
-    assert status == {**status, "state": "completed", "iteration": 10}
-    # ZeRO-1 over the two data-parallel ranks: each host wrote its optimizer shard
+    assert status["state"] == "completed" and status["iteration"] == 12, status
+    # ZeRO-1 over the two data-parallel ranks: each host wrote its optimizer shard, in both
+    # checkpoints (n1 + n2, then n2 + n3)
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
-    shards = sorted(p.name for p in (run_dir / "checkpoints" / latest).rglob("*optim_states*"))
-    assert len(shards) == 2, shards
+    assert latest != first_checkpoint
+    for tag in (first_checkpoint, latest):
+        shards = sorted(p.name for p in (run_dir / "checkpoints" / tag).rglob("*optim_states*"))
+        assert len(shards) == 2, (tag, shards)
 
     result = ztt("eval", "--checkpoint", run_dir / "checkpoints", "--iters", "1",
                  "--exit-threshold", "0.02", "--output", tmp_path / "eval.json")
@@ -128,43 +160,6 @@ def test_two_nodes_two_tasks_tensor_parallel_inside_a_node(two_node_cluster, tin
     assert 6 in saved(text)
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "completed" and status["iteration"] == 6, status
-
-
-def test_sigusr1_requeue_resumes_on_other_nodes(two_node_cluster, tiny_data, tmp_path):
-    cluster = two_node_cluster
-    run_dir = tmp_path / "run"
-    cluster.set_node_state(N3, "DRAIN")  # the first start on n1+n2
-    try:
-        job, log = submit(cluster, tmp_path, "ztt-rq", 2, 1, [
-            *tiny_data, f"run.dir={run_dir}", "train.train_iters=14",
-            "train.global_batch_size=8", "train.warmup_iters=2", "checkpoint.interval=1000"])
-        assert placement(cluster, job, log, 2) == {N1: [0], N2: [1]}
-        wait_for_text(cluster, job, log, ITERATION.pattern, 300, "training iterations")
-        # SLURM's warning before the time limit, now: to every task of the job's steps
-        cluster.run(["scancel", "--signal=USR1", job])
-        cluster.wait_for(job, lambda j: j["JobState"] == "PENDING" and j["Restarts"] == "1",
-                         200, "requeue after SIGUSR1")
-        # the restart gets other nodes: n1 is gone, n3 is back. n2, the second node of the
-        # first start, is now the first: rank 0 and the rendezvous host.
-        cluster.set_node_state(N1, "DRAIN")
-        cluster.set_node_state(N3, "RESUME")
-        cluster.release_requeued(job)
-        assert placement(cluster, job, log, 2) == {N2: [0], N3: [1]}
-        text = assert_completed(cluster, job, log)
-    finally:
-        for node in (N1, N3):
-            cluster.set_node_state(node, "RESUME", check=False)
-    by_start = starts(text)
-    assert sorted(by_start) == [0, 1], text[-3000:]
-    assert f"on {N1},{N2}" in by_start[0] and f"rendezvous endpoint {N1}:" in by_start[0]
-    assert f"on {N2},{N3}" in by_start[1] and f"rendezvous endpoint {N2}:" in by_start[1]
-    assert "state interrupted" in by_start[0] and "requeueing job" in by_start[0]
-    interrupted = assert_interrupted_then_resumed(by_start[0], by_start[1])
-    assert interrupted < 14
-    series = losses(text)
-    assert series[-1][0] == 14 and series[-1][1] < series[0][1] - 0.5, series
-    status = json.loads((run_dir / "status.json").read_text())
-    assert status["state"] == "completed" and status["iteration"] == 14, status
 
 
 def test_bad_multi_node_input_fails_the_job_with_a_named_error(two_node_cluster, tmp_path):

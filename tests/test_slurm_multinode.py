@@ -19,6 +19,7 @@ Each test checks where the ranks really ran: the network namespace of every trai
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -77,7 +78,7 @@ def assert_completed(cluster, job, log, timeout=400):
 def ztt(*argv, timeout=300):
     result = subprocess.run([sys.executable, "-m", "megatron_ztt.cli", *map(str, argv)],
                             capture_output=True, text=True, timeout=timeout,
-                            env={**job_env(), "PYTHONPATH": str(REPO)})
+                            env={**os.environ, **job_env(), "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 

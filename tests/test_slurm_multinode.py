@@ -26,10 +26,10 @@ import time
 
 import pytest
 
-from launch_helpers import (ITERATION, REPO, TINY, assert_interrupted_then_resumed, losses,
-                            saved, tiny_data)  # noqa: F401 - tiny_data is a fixture
+from launch_helpers import (ITERATION, REPO, TINY, assert_interrupted_then_resumed, job_env,
+                            losses, read, saved, starts, tiny_data,  # noqa: F401 - a fixture
+                            wait_for_text)
 from slurm_multinode import IFNAME, two_node_cluster  # noqa: F401 - the fixture
-from test_slurm_launch import job_env, read, starts, wait_for_text
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -67,3 +68,38 @@ def assert_interrupted_then_resumed(first: str, second: str) -> int:
     start_loss, last_loss = before[0][1], before[-1][1]
     assert after[0][1] < start_loss - 0.5 * (start_loss - last_loss), (before, after)
     return interrupted
+
+
+# --------------------------------------------------------------------------- SLURM jobs
+START = re.compile(r"^=== job \d+ start (\d+) ", re.M)
+
+
+def job_env(**extra):
+    return {"PYTHON": sys.executable, "ZTT_DEVICE": "cpu", "DS_ACCELERATOR": "cpu",
+            "OMP_NUM_THREADS": "1", **extra}
+
+
+def read(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def wait_for_text(cluster, job_id, log: Path, pattern, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        match = re.search(pattern, read(log), re.M)
+        if match:
+            return match
+        state = cluster.job(job_id).get("JobState")
+        if state not in ("PENDING", "CONFIGURING", "RUNNING", "REQUEUED", "COMPLETING"):
+            break
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id}: no {what} (waited up to {timeout:.0f}s); state "
+                         f"{cluster.job(job_id).get('JobState')}\n--- job log:\n{read(log)[-4000:]}"
+                         f"\n{cluster.logs()}")
+
+
+def starts(text: str):
+    """The log split at the batch script's '=== job J start N' banners -> {N: text}."""
+    marks = list(START.finditer(text))
+    return {int(m.group(1)): text[m.start(): marks[i + 1].start() if i + 1 < len(marks) else None]
+            for i, m in enumerate(marks)}

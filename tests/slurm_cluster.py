@@ -92,6 +92,48 @@ def ensure_installed() -> None:
                                f"{', '.join(missing)}")
 
 
+def slurm_conf(root: Path, munge_socket: Path, controller: str, ctld_port: int, slurmd_port: int,
+               nodes: Dict[str, str], hardware: str, per_node: bool = False) -> str:
+    """slurm.conf for a test cluster: ``controller`` is ``host(address)``, ``nodes`` maps node
+    names to addresses, all with ``hardware`` (from ``slurmd -C``). No cgroups
+    (proctrack/linuxproc, task/none), no accounting; with ``per_node`` every slurmd has its own
+    spool, pid and log file (``%n``), as several slurmd on one machine need."""
+    node = "-%n" if per_node else ""
+    node_lines = "".join(f"NodeName={name} NodeAddr={address} {hardware} State=UNKNOWN\n"
+                         for name, address in nodes.items())
+    return f"""\
+ClusterName=ztttest
+SlurmctldHost={controller}
+SlurmctldPort={ctld_port}
+SlurmdPort={slurmd_port}
+AuthType=auth/munge
+AuthInfo=socket={munge_socket}
+CredType=cred/munge
+SlurmUser=root
+SlurmdUser=root
+StateSaveLocation={root / 'state'}
+SlurmdSpoolDir={root / f'spool{node}'}
+SlurmctldPidFile={root / 'slurmctld.pid'}
+SlurmdPidFile={root / f'slurmd{node}.pid'}
+SlurmctldLogFile={root / 'slurmctld.log'}
+SlurmdLogFile={root / f'slurmd{node}.log'}
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+MpiDefault=none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+ReturnToService=2
+MinJobAge=3600
+KillWait=30
+InactiveLimit=0
+MailProg=/bin/true
+{node_lines}PartitionName=debug Nodes={",".join(nodes)} Default=YES MaxTime=INFINITE State=UP
+"""
+
+
 class LocalSlurm:
     def __init__(self, root: Path):
         self.root = root
@@ -157,39 +199,9 @@ class LocalSlurm:
         hardware = " ".join(f for f in node_line.split()[1:] if not f.startswith("UpTime"))
         for sub in ("state", "spool"):
             (self.root / sub).mkdir()
-        r = self.root
-        self.conf.write_text(f"""\
-ClusterName=ztttest
-SlurmctldHost={host}(127.0.0.1)
-SlurmctldPort={free_port()}
-SlurmdPort={free_port()}
-AuthType=auth/munge
-AuthInfo=socket={self.munge_socket}
-CredType=cred/munge
-SlurmUser=root
-SlurmdUser=root
-StateSaveLocation={r / 'state'}
-SlurmdSpoolDir={r / 'spool'}
-SlurmctldPidFile={r / 'slurmctld.pid'}
-SlurmdPidFile={r / 'slurmd.pid'}
-SlurmctldLogFile={r / 'slurmctld.log'}
-SlurmdLogFile={r / 'slurmd.log'}
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-MpiDefault=none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-SchedulerType=sched/backfill
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-ReturnToService=2
-MinJobAge=3600
-KillWait=30
-InactiveLimit=0
-MailProg=/bin/true
-NodeName={host} NodeAddr=127.0.0.1 {hardware} State=UNKNOWN
-PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
-""")
+        self.conf.write_text(slurm_conf(self.root, self.munge_socket, f"{host}(127.0.0.1)",
+                                        free_port(), free_port(), {host: "127.0.0.1"},
+                                        hardware))
 
     def _wait_idle(self, timeout: float) -> None:
         deadline = time.time() + timeout

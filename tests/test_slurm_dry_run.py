@@ -243,7 +243,7 @@ def test_launch_execs_the_planned_srun_with_the_job_environment(config, tmp_path
     env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "777",
            "SLURM_JOB_NUM_NODES": "2", "SLURM_TASKS_PER_NODE": "4(x2)", "SLURM_CPUS_PER_TASK": "3",
            "RANK": "5", "LOCAL_RANK": "1"}  # leftovers of a torchrun shell must not leak
-    result = run([sys.executable, PLAN, "launch", "--hosts", "n1,n2", "--python", "python",
+    result = run([sys.executable, PLAN, "launch", "--hosts", "localhost,n2", "--python", "python",
                   config, "train.lr=1e-3"], env=env)
     assert result.returncode == 0, result.stderr
     printed = next(l for l in result.stdout.splitlines() if "srun " in l and not l.startswith("["))
@@ -253,7 +253,7 @@ def test_launch_execs_the_planned_srun_with_the_job_environment(config, tmp_path
     assert "--ntasks=8" in planned and "--cpus-per-task=3" in planned
     got = dict(line.split("=", 1) for line in environ.splitlines() if "=" in line)
     assert {k: got[k] for k in job_env} == job_env == {
-        "MASTER_ADDR": "n1", "MASTER_PORT": str(20000 + 777)}
+        "MASTER_ADDR": "localhost", "MASTER_PORT": str(20000 + 777)}
     assert "RANK" not in got and "LOCAL_RANK" not in got
 
     env["MASTER_PORT"] = "nope"

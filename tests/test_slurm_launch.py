@@ -11,55 +11,19 @@ slurm_cluster.py): the tiny config, 2 CPU processes, the real training.
 from __future__ import annotations
 
 import json
-import re
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from launch_helpers import (ITERATION, REPO, TINY, assert_interrupted_then_resumed, losses,
-                            saved, tiny_data)  # noqa: F401 - tiny_data is a fixture
+from launch_helpers import (ITERATION, REPO, TINY, assert_interrupted_then_resumed, job_env,
+                            losses, read, saved, starts, tiny_data,  # noqa: F401 - a fixture
+                            wait_for_text)
 from slurm_cluster import slurm_cluster  # noqa: F401 - the fixture
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 SBATCH = REPO / "launch" / "slurm" / "train.sbatch"
 SUBMIT = REPO / "launch" / "slurm" / "submit.sh"
-START = re.compile(r"^=== job \d+ start (\d+) ", re.M)
-
-
-def job_env(**extra):
-    return {"PYTHON": sys.executable, "ZTT_DEVICE": "cpu", "DS_ACCELERATOR": "cpu",
-            "OMP_NUM_THREADS": "1", **extra}
-
-
-def read(path: Path) -> str:
-    return path.read_text(errors="replace") if path.exists() else ""
-
-
-def wait_for_text(cluster, job_id, log: Path, pattern, timeout: float, what: str):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        match = re.search(pattern, read(log), re.M)
-        if match:
-            return match
-        state = cluster.job(job_id).get("JobState")
-        if state not in ("PENDING", "CONFIGURING", "RUNNING", "REQUEUED", "COMPLETING"):
-            break
-        time.sleep(0.5)
-    raise AssertionError(f"job {job_id}: no {what} (waited up to {timeout:.0f}s); state "
-                         f"{cluster.job(job_id).get('JobState')}\n--- job log:\n{read(log)[-4000:]}"
-                         f"\n{cluster.logs()}")
-
-
-def starts(text: str):
-    """The log split at the batch script's '=== job J start N' banners -> {N: text}."""
-    marks = list(START.finditer(text))
-    return {int(m.group(1)): text[m.start(): marks[i + 1].start() if i + 1 < len(marks) else None]
-            for i, m in enumerate(marks)}
-
-
 def assert_requeued_and_resumed(first: str, second: str) -> int:
     assert "state interrupted" in first and "requeueing job" in first, first[-3000:]
     return assert_interrupted_then_resumed(first, second)

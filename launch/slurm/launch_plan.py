@@ -32,10 +32,12 @@ the config with the project's own loader.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import re
 import shlex
+import socket
 import sys
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -115,8 +117,8 @@ def tasks_per_node(environ: Dict[str, str]) -> int:
     if len(counts) != 1:
         raise PlanError(
             f"the allocation does not have the same number of tasks on every node "
-            f"(SLURM_TASKS_PER_NODE={spec!r}); submit with --ntasks-per-node=<GPUs per node> "
-            f"or set PROCS_PER_NODE")
+            f"(SLURM_TASKS_PER_NODE={spec!r}); submit with --ntasks-per-node=<processes per "
+            f"node> instead of --ntasks")
     return counts.pop()
 
 
@@ -141,6 +143,48 @@ def choose_port(master_port, job_id: Optional[str]):
     if job_id and str(job_id).isdigit():
         return 20000 + int(job_id) % 20000, f"20000 + job id {job_id} % 20000"
     return DEFAULT_PORT, "default"
+
+
+def check_allocation(environ: Dict[str, str], hosts: List[str], procs_per_node: int,
+                     launcher: str) -> None:
+    """The allocation SLURM made must fit the plan: the same number of tasks on every node and,
+    for the srun launcher, at least PROCS_PER_NODE of them (srun cannot start more)."""
+    if not (environ.get("SLURM_NTASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE")):
+        return
+    if launcher == "torchrun" and environ.get("PROCS_PER_NODE"):
+        return  # one agent per node; its workers are not SLURM tasks
+    allocated = tasks_per_node(environ)  # names SLURM_TASKS_PER_NODE when the nodes differ
+    if launcher == "srun" and procs_per_node > allocated:
+        raise PlanError(
+            f"PROCS_PER_NODE={procs_per_node} but the allocation has {allocated} task(s) per "
+            f"node (SLURM_TASKS_PER_NODE={environ.get('SLURM_TASKS_PER_NODE', '?')}): submit "
+            f"with --ntasks-per-node={procs_per_node} or lower PROCS_PER_NODE")
+
+
+def check_rendezvous(master_addr: str, port: int) -> None:
+    """On the batch node (the job's first node, where the rendezvous listens): its name must
+    resolve, and the port must be free."""
+    here = socket.gethostname()
+    try:
+        socket.getaddrinfo(master_addr, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as error:
+        raise PlanError(
+            f"MASTER_ADDR={master_addr} (the first host of SLURM_JOB_NODELIST) does not resolve "
+            f"on {here} ({error.strerror}): every node must resolve the node names to addresses "
+            f"the other nodes reach; fix the cluster's DNS or /etc/hosts") from None
+    if here.split(".")[0] != master_addr.split(".")[0]:
+        return  # not on the first node (a test or a copy of the script): nothing to probe
+    with socket.socket() as probe:  # as the rendezvous will: SO_REUSEADDR, every address
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("", port))
+        except OSError as error:
+            if error.errno != errno.EADDRINUSE:
+                raise
+            raise PlanError(
+                f"MASTER_PORT={port} is already in use on {here}, the first node, where the "
+                f"rendezvous listens: set MASTER_PORT to a free port (unset, it is 20000 + job "
+                f"id % 20000)") from None
 
 
 # --------------------------------------------------------------------------- the plan
@@ -359,9 +403,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                                 f"{env['SLURM_JOB_NUM_NODES']}")
             if port is None:
                 port = env.get("MASTER_PORT") or None
+            check_allocation(env, hosts, _positive(procs, "PROCS_PER_NODE"), args.launcher)
         plan = build_plan(hosts, procs, args.config, overrides, launcher=args.launcher,
                           master_port=port, job_id=job_id, python=args.python, cpus_per_task=cpus,
                           shutdown_timeout=args.shutdown_timeout)
+        if args.action == "launch":
+            check_rendezvous(plan.master_addr, plan.master_port)
     except PlanError as error:
         print(f"launch_plan: error: {error}", file=sys.stderr)
         return 2

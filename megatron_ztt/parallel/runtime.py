@@ -9,6 +9,7 @@ environment, megatron-core's ``parallel_state`` and every random number generato
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import random
 import socket
@@ -18,6 +19,8 @@ from datetime import timedelta
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from megatron_ztt.model.config import ConfigError
 
 
 def use_cuda() -> bool:
@@ -146,6 +149,75 @@ def read_launch_env(environ: dict | None = None) -> LaunchEnv:
     return LaunchEnv(0, 1, 0, "127.0.0.1", free_port(), "single")
 
 
+class LaunchError(ConfigError):
+    """The job's rendezvous cannot work (MASTER_ADDR, MASTER_PORT); the message names it."""
+
+
+def check_rendezvous(launch: LaunchEnv) -> None:
+    """Before a multi-process start: MASTER_ADDR must resolve here, and under srun (where rank
+    0 itself listens; torchrun's agent holds the port for its workers) MASTER_PORT must be free
+    on rank 0's host. One line each, naming the variable, instead of a hang or a c10d trace."""
+    if launch.world_size < 2 or launch.source == "single":
+        return
+    here = socket.gethostname()
+    try:
+        socket.getaddrinfo(launch.master_addr, launch.master_port, type=socket.SOCK_STREAM)
+    except socket.gaierror as error:
+        raise LaunchError(
+            f"MASTER_ADDR={launch.master_addr} does not resolve on {here} ({error.strerror}): "
+            f"every node must resolve the rendezvous host (the job's first node); fix DNS or "
+            f"/etc/hosts, or export MASTER_ADDR as that node's IP address") from None
+    if launch.source == "slurm" and launch.rank == 0:
+        with socket.socket() as probe:  # like the TCP store: SO_REUSEADDR, every address
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(("", launch.master_port))
+            except OSError as error:
+                if error.errno != errno.EADDRINUSE:
+                    raise
+                raise LaunchError(
+                    f"MASTER_PORT={launch.master_port} is already in use on {here}, where rank 0 "
+                    f"listens for the rendezvous: set MASTER_PORT to a free port (train.sbatch "
+                    f"without MASTER_PORT uses 20000 + job id % 20000)") from None
+    if not use_cuda():
+        check_gloo_address(launch)
+
+
+def _nodes_in_job(launch: LaunchEnv, env) -> int:
+    if launch.source == "slurm":
+        return int(env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_NNODES") or 1)
+    local = int(env.get("LOCAL_WORLD_SIZE") or launch.world_size)
+    return -(-launch.world_size // max(local, 1))
+
+
+def check_gloo_address(launch: LaunchEnv, environ: dict | None = None,
+                       hostname: str | None = None) -> None:
+    """Across nodes, gloo gives the others the address its own host name resolves to (unless
+    GLOO_SOCKET_IFNAME names an interface); a name that resolves only to loopback (Debian's
+    127.0.1.1) or not at all makes it fall back to 127.0.0.1, and the job hangs at the first
+    collective. Refuse that before starting."""
+    env = os.environ if environ is None else environ
+    if env.get("GLOO_SOCKET_IFNAME") or _nodes_in_job(launch, env) < 2:
+        return
+    hostname = hostname or socket.gethostname()
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(hostname, None)}
+    except socket.gaierror:
+        addresses = set()
+    if not any(not _is_loopback(a) for a in addresses):
+        found = ", ".join(sorted(addresses)) or "nothing"
+        raise LaunchError(
+            f"this node's host name {hostname} resolves to {found}, so gloo would offer the "
+            f"other nodes a loopback address: set GLOO_SOCKET_IFNAME to the interface the nodes "
+            f"share (e.g. eth0, ib0), or make the host name resolve to that interface's address")
+
+
+def _is_loopback(address: str) -> bool:
+    import ipaddress
+
+    return ipaddress.ip_address(address.split("%")[0]).is_loopback
+
+
 @dataclass(frozen=True)
 class ParallelLayout:
     tensor: int = 1
@@ -174,6 +246,7 @@ def init_distributed(layout: ParallelLayout = ParallelLayout(), seed: int = 1234
     if use_cuda():
         torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
     if not dist.is_initialized():
+        check_rendezvous(launch)
         dist.init_process_group(
             backend=backend(),
             init_method=f"tcp://{launch.master_addr}:{launch.master_port}",

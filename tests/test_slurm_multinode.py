@@ -1,0 +1,201 @@
+"""Training across nodes under a real multi-node SLURM (slurm_multinode.py: one network
+namespace per node, 192.0.2.0/24 links that exist only for the test), submitted through
+launch/slurm/train.sbatch exactly as a user does. The tiny config, a few iterations, CPU/gloo.
+
+- 2 nodes x 1 task: data parallel with ZeRO-1 across the nodes; SIGUSR1 (SLURM's warning
+  before the time limit) -> checkpoint -> requeue; the restart lands on other nodes (the
+  first start's second node is now the first: rank 0 and rendezvous host) and resumes at the
+  right iteration; the loss falls; the checkpoints written from two hosts are read by the
+  next start, ``ztt eval`` and ``ztt export-hf``.
+- 2 nodes x 2 tasks: TP=2 inside each node, the second dimension across the nodes (LAYOUTS:
+  today PP=2 with DeepSpeed's pipeline; add the circular pipeline there when it exists).
+- bad multi-node input (uneven tasks per node, rendezvous port taken) fails the job with the
+  named error.
+
+Each test checks where the ranks really ran: the network namespace of every training process
+(``NetnsSlurm.tasks_by_node``), not only what the job log says.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from launch_helpers import (ITERATION, REPO, TINY, assert_interrupted_then_resumed, job_env,
+                            losses, read, saved, starts, tiny_data,  # noqa: F401 - a fixture
+                            wait_for_text)
+from slurm_multinode import IFNAME, two_node_cluster  # noqa: F401 - the fixture
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+SBATCH = REPO / "launch" / "slurm" / "train.sbatch"
+N1, N2, N3 = "ztt-n1", "ztt-n2", "ztt-n3"
+# the layouts of the 2 x 2 job: TP=2 inside a node (ranks 0,1 and 2,3), the rest across nodes
+LAYOUTS = [
+    pytest.param(["parallel.tensor=2", "parallel.pipeline=2", "parallel.zero_stage=1"],
+                 id="tp2-pp2-deepspeed-pipeline"),
+]
+
+
+def submit(cluster, tmp_path, name, nodes, per_node, overrides, **env):
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir(exist_ok=True)
+    job = cluster.sbatch(
+        ["sbatch", f"--job-name={name}", f"--nodes={nodes}", f"--ntasks-per-node={per_node}",
+         "--time=10", f"--output={log_dir}/%x-%j.out", str(SBATCH), str(TINY), *overrides],
+        env=job_env(ZTT_ROOT=str(REPO), **env), cwd=str(tmp_path))
+    return job, log_dir / f"{name}-{job}.out"
+
+
+def placement(cluster, job, log, expected_ranks: int, timeout: float = 300):
+    """{node: ranks} of the job's training processes, once all of them are running."""
+    deadline = time.time() + timeout
+    seen = {}
+    while time.time() < deadline:
+        seen = cluster.tasks_by_node(job)
+        if sum(len(r) for r in seen.values()) == expected_ranks:
+            return seen
+        if cluster.job(job).get("JobState") not in ("PENDING", "CONFIGURING", "RUNNING"):
+            break
+        time.sleep(0.3)
+    raise AssertionError(f"job {job}: training processes by node {seen}, expected "
+                         f"{expected_ranks}\n--- job log:\n{read(log)[-3000:]}\n{cluster.logs()}")
+
+
+def assert_completed(cluster, job, log, timeout=400):
+    info = cluster.wait_for_end(job, timeout)
+    text = read(log)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (
+        f"{info}\n--- job log:\n{text[-4000:]}\n{cluster.logs()}")
+    return text
+
+
+def ztt(*argv, timeout=300):
+    result = subprocess.run([sys.executable, "-m", "megatron_ztt.cli", *map(str, argv)],
+                            capture_output=True, text=True, timeout=timeout,
+                            env={**os.environ, **job_env(), "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_two_nodes_data_parallel_requeued_on_other_nodes_then_eval_and_export(
+        two_node_cluster, tiny_data, tmp_path):
+    """2 nodes x 1 task, ZeRO-1 across the nodes; SIGUSR1 -> checkpoint -> requeue onto other
+    nodes -> resume -> complete; ztt eval and ztt export-hf read the final checkpoint. (One job
+    for both stories: a job start costs more than everything else here.)"""
+    cluster = two_node_cluster
+    run_dir = tmp_path / "run"
+    cluster.set_node_state(N3, "DRAIN")  # the first start on n1+n2
+    try:
+        job, log = submit(cluster, tmp_path, "ztt-dp", 2, 1, [
+            *tiny_data, f"run.dir={run_dir}", "parallel.zero_stage=1", "train.train_iters=12",
+            "train.global_batch_size=8", "train.warmup_iters=2", "checkpoint.interval=1000"])
+        # one rank per node, each in its own network namespace: the rendezvous crossed the link
+        assert placement(cluster, job, log, 2) == {N1: [0], N2: [1]}
+        wait_for_text(cluster, job, log, ITERATION.pattern, 300, "training iterations")
+        # SLURM's warning before the time limit, now: to every task of the job's steps
+        cluster.run(["scancel", "--signal=USR1", job])
+        cluster.wait_for(job, lambda j: j["JobState"] == "PENDING" and j["Restarts"] == "1",
+                         200, "requeue after SIGUSR1")
+        first_checkpoint = (run_dir / "checkpoints" / "latest").read_text().strip()
+        # the restart gets other nodes: n1 is gone, n3 is back. n2, the second node of the
+        # first start, is now the first: rank 0 and the rendezvous host.
+        cluster.set_node_state(N1, "DRAIN")
+        cluster.set_node_state(N3, "RESUME")
+        cluster.release_requeued(job)
+        assert placement(cluster, job, log, 2) == {N2: [0], N3: [1]}
+        text = assert_completed(cluster, job, log)
+    finally:
+        for node in (N1, N3):
+            cluster.set_node_state(node, "RESUME", check=False)
+    by_start = starts(text)
+    assert sorted(by_start) == [0, 1], text[-3000:]
+    assert "2 node(s) x 1 process(es) = world size 2" in by_start[0]
+    assert f"on {N1},{N2}" in by_start[0] and f"rendezvous endpoint {N1}:" in by_start[0]
+    assert f"on {N2},{N3}" in by_start[1] and f"rendezvous endpoint {N2}:" in by_start[1]
+    assert "state interrupted" in by_start[0] and "requeueing job" in by_start[0]
+    interrupted = assert_interrupted_then_resumed(by_start[0], by_start[1])
+    assert interrupted < 12
+    series = losses(text)
+    assert series[-1][0] == 12 and series[-1][1] < series[0][1] - 0.5, series
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "completed" and status["iteration"] == 12, status
+    # ZeRO-1 over the two data-parallel ranks: each host wrote its optimizer shard, in both
+    # checkpoints (n1 + n2, then n2 + n3)
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert latest != first_checkpoint
+    for tag in (first_checkpoint, latest):
+        shards = sorted(p.name for p in (run_dir / "checkpoints" / tag).rglob("*optim_states*"))
+        assert len(shards) == 2, (tag, shards)
+
+    result = ztt("eval", "--checkpoint", run_dir / "checkpoints", "--iters", "1",
+                 "--exit-threshold", "0.02", "--output", tmp_path / "eval.json")
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert {r["exit_threshold"] for r in report["results"]} == {None, 0.02}, result.stdout
+    assert all(r["loss"] < series[0][1] for r in report["results"]), report
+    ztt("export-hf", "--checkpoint", run_dir / "checkpoints", "--output", tmp_path / "hf",
+        "--dtype", "fp32")
+    assert (tmp_path / "hf" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_two_nodes_two_tasks_tensor_parallel_inside_a_node(two_node_cluster, tiny_data, tmp_path,
+                                                           layout):
+    run_dir = tmp_path / "run"
+    # gloo told the interface the nodes share (the same name on every node here), as on a
+    # cluster with several interfaces; the DP test above relies on host-name resolution
+    job, log = submit(two_node_cluster, tmp_path, "ztt-tp", 2, 2, [
+        *tiny_data, f"run.dir={run_dir}", *layout, "train.train_iters=6",
+        "train.global_batch_size=8", "train.warmup_iters=2", "checkpoint.interval=6"], GLOO_SOCKET_IFNAME=IFNAME)
+    # block distribution: node 0 holds ranks 0,1 (a tensor-parallel pair), node 1 ranks 2,3
+    assert placement(two_node_cluster, job, log, 4) == {N1: [0, 1], N2: [2, 3]}
+    text = assert_completed(two_node_cluster, job, log)
+    assert "2 node(s) x 2 process(es) = world size 4" in text
+    series = losses(text)
+    assert series[-1][0] == 6 and series[-1][1] < series[0][1], series
+    assert 6 in saved(text)
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "completed" and status["iteration"] == 6, status
+
+
+def test_bad_multi_node_input_fails_the_job_with_a_named_error(two_node_cluster, tmp_path):
+    """What a user sees in the job log, from a real two-node allocation (no training starts)."""
+    cluster = two_node_cluster
+    overrides = [f"run.dir={tmp_path / 'run'}", f"data.blend=[{tmp_path / 'none'}]",
+                 f"data.tokenizer={tmp_path / 'none.model'}"]  # never read: no training starts
+    # mismatched task counts per node: 3 tasks on 2 nodes -> SLURM_TASKS_PER_NODE=2,1
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir()
+    job = cluster.sbatch(
+        ["sbatch", "--job-name=ztt-uneven", "--nodes=2", "--ntasks=3", "--time=5",
+         f"--output={log_dir}/%x-%j.out", str(SBATCH), str(TINY), *overrides],
+        env=job_env(ZTT_ROOT=str(REPO)), cwd=str(tmp_path))
+    info = cluster.wait_for_end(job, 120)
+    text = read(log_dir / f"ztt-uneven-{job}.out")
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "0", (info, text[-2000:])
+    assert "launch_plan: error: the allocation does not have the same number of tasks on every " \
+           "node (SLURM_TASKS_PER_NODE='2,1')" in text, text[-2000:]
+
+    # the rendezvous port already taken on the first node (by a process of ours there)
+    port = 29555
+    holder = cluster.popen_on(N1, [sys.executable, "-c",
+                                   "import socket, sys, time; s = socket.socket(); "
+                                   f"s.bind(('', {port})); s.listen(); print('ready', flush=True);"
+                                   " time.sleep(300)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        job, log = submit(cluster, tmp_path, "ztt-port", 2, 1, overrides,
+                          MASTER_PORT=str(port))
+        info = cluster.wait_for_end(job, 120)
+    finally:
+        holder.kill()
+        holder.wait(timeout=10)
+    text = read(log)
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "0", (info, text[-2000:])
+    assert f"launch_plan: error: MASTER_PORT={port} is already in use on {N1}, the first node" \
+           in text, text[-2000:]

@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import sys
+import zipfile
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -80,28 +83,132 @@ def read_meta(tag_dir: str) -> dict:
     if not os.path.isfile(path):
         raise CheckpointError(f"{tag_dir} is not a complete checkpoint (no {META}; the save "
                               f"may have been interrupted)")
-    with open(path) as f:
-        meta = json.load(f)
-    if meta.get("format_version") != FORMAT_VERSION:
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{path} is unreadable or corrupt ({error}); use another "
+                              f"checkpoint folder") from None
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        found = meta.get("format_version") if isinstance(meta, dict) else None
         raise CheckpointError(f"{path}: unsupported checkpoint format "
-                              f"{meta.get('format_version')!r} (expected {FORMAT_VERSION})")
+                              f"{found!r} (expected {FORMAT_VERSION})")
     return meta
 
 
+_TAG = re.compile(r"iter_(\d+)")
+
+
+def iteration_tags(root: str) -> List[str]:
+    """The ``iter_N`` folders of a checkpoint root, oldest first (complete or not)."""
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return []
+    tags = [n for n in names if _TAG.fullmatch(n) and os.path.isdir(os.path.join(root, n))]
+    return sorted(tags, key=lambda t: int(_TAG.fullmatch(t).group(1)))
+
+
+def complete_tags(root: str) -> List[str]:
+    """The complete checkpoints of a root, oldest first."""
+    return [t for t in iteration_tags(root) if is_complete(os.path.join(root, t))]
+
+
+def read_latest(root: str) -> Optional[str]:
+    try:
+        with open(os.path.join(root, LATEST)) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def repair_latest(root: str) -> Optional[str]:
+    """Point ``latest`` at the newest complete checkpoint and remove stale ``latest.tmp*`` files.
+
+    A process killed after a checkpoint's folder was complete but before ``latest`` moved
+    leaves ``latest`` one save behind; this repairs it. Returns the newest complete tag.
+    Call on one rank only.
+    """
+    for name in os.listdir(root) if os.path.isdir(root) else []:
+        if name.startswith(LATEST + ".tmp"):
+            try:
+                os.remove(os.path.join(root, name))
+            except OSError:
+                pass
+    tags = complete_tags(root)
+    if tags and read_latest(root) != tags[-1]:
+        write_text_atomic(os.path.join(root, LATEST), tags[-1])
+    return tags[-1] if tags else None
+
+
 def resolve(path: str) -> Tuple[str, str]:
-    """A checkpoint root (with ``latest``) or one iteration's folder -> (root, tag)."""
+    """A checkpoint root or one iteration's folder -> (root, tag).
+
+    For a root, the newest complete checkpoint, which is what ``latest`` names unless a
+    crash came between a checkpoint's completion and the move of ``latest`` (then a note
+    says which one is used).
+    """
     if not os.path.exists(path):
         raise CheckpointError(f"no checkpoint at {path}: the path does not exist")
-    latest = os.path.join(path, LATEST)
-    if os.path.isfile(latest):
-        with open(latest) as f:
-            tag = f.read().strip()
-        if not is_complete(os.path.join(path, tag)):
-            raise CheckpointError(f"{latest} points to {tag}, which is not a complete checkpoint")
-        return path, tag
     if is_complete(path):
         return os.path.dirname(os.path.abspath(path)), os.path.basename(os.path.abspath(path))
+    tags = complete_tags(path)
+    latest = read_latest(path)
+    if tags:
+        if latest is not None and latest != tags[-1] and (
+                not dist.is_initialized() or dist.get_rank() == 0):
+            print(f"note: {os.path.join(path, LATEST)} names {latest or 'nothing'}, but "
+                  f"{tags[-1]} is the newest complete checkpoint: using {tags[-1]}",
+                  file=sys.stderr, flush=True)
+        return path, tags[-1]
+    if latest is not None:
+        raise CheckpointError(f"{os.path.join(path, LATEST)} points to {latest}, which is not "
+                              f"a complete checkpoint, and {path} holds no complete one")
+    if is_checkpoint_folder(path):
+        raise CheckpointError(f"{path} is not a complete checkpoint (no {META}; the save "
+                              f"may have been interrupted)")
     raise CheckpointError(f"no checkpoint at {path}: expected a '{LATEST}' file or {META}")
+
+
+def is_checkpoint_folder(path: str) -> bool:
+    return bool(_TAG.fullmatch(os.path.basename(os.path.abspath(path))))
+
+
+def previous_complete(root: str, tag: str) -> Optional[str]:
+    """The newest complete checkpoint older than ``tag`` in ``root``, or None."""
+    older = [t for t in complete_tags(root)
+             if int(_TAG.fullmatch(t).group(1)) < int(_TAG.fullmatch(tag).group(1))] \
+        if _TAG.fullmatch(tag) else []
+    return older[-1] if older else None
+
+
+def check_readable(root: str, tag: str) -> None:
+    """Fail, naming the file, if a ``.pt`` file of the checkpoint is truncated.
+
+    torch's files are zip archives whose directory is at the end, so opening it finds a
+    truncated file without reading the tensors. The error names the previous complete
+    checkpoint and how to resume from it.
+    """
+    tag_dir = os.path.join(root, tag)
+    for name in sorted(os.listdir(tag_dir)):
+        path = os.path.join(tag_dir, name)
+        if not name.endswith(".pt") or not os.path.isfile(path):
+            continue
+        try:
+            with zipfile.ZipFile(path):
+                pass
+        except (zipfile.BadZipFile, OSError) as error:
+            raise CheckpointError(f"{path} is truncated or corrupt ({error}); "
+                                  f"{fallback_advice(root, tag)}") from None
+
+
+def fallback_advice(root: str, tag: str) -> str:
+    previous = previous_complete(root, tag)
+    if previous is None:
+        return "there is no older complete checkpoint to fall back to"
+    return (f"the previous complete checkpoint is {os.path.join(root, previous)}: to resume "
+            f"from it, move {os.path.join(root, tag)} out of {root} (e.g. rename it to "
+            f"{tag}.corrupt) and resume with train.load=auto")
 
 
 def latest_iteration(root: str) -> Optional[int]:
@@ -126,6 +233,9 @@ def save(engine, model: torch.nn.Module, config, state: TrainingState, layout: D
     tag_dir = os.path.join(root, tag)
     rank = dist.get_rank()
     if is_complete(tag_dir):  # already saved at this iteration (e.g. interval + end of run)
+        if rank == 0:
+            repair_latest(root)  # a crash may have come before `latest` moved to it
+        dist.barrier()
         return tag_dir
     os.makedirs(tag_dir, exist_ok=True)
     dist.barrier()
@@ -156,7 +266,7 @@ def save(engine, model: torch.nn.Module, config, state: TrainingState, layout: D
             "versions": _versions(),
         }
         write_text_atomic(os.path.join(tag_dir, META), json.dumps(meta, indent=2))
-        write_text_atomic(os.path.join(root, LATEST), tag)
+        repair_latest(root)  # -> this tag, the newest complete one
         _prune(root, config.checkpoint.keep_last)
     dist.barrier()
     return tag_dir
@@ -164,14 +274,14 @@ def save(engine, model: torch.nn.Module, config, state: TrainingState, layout: D
 
 def _prune(root: str, keep_last: int) -> None:
     """Delete all but the newest ``keep_last`` complete checkpoints (and stale partial ones)."""
-    with open(os.path.join(root, LATEST)) as f:
-        latest = f.read().strip()
-    tags = sorted(t for t in os.listdir(root)
-                  if t.startswith("iter_") and os.path.isdir(os.path.join(root, t)))
+    latest = read_latest(root)
+    tags = iteration_tags(root)
+    if latest not in tags:
+        return
     complete = [t for t in tags if is_complete(os.path.join(root, t))]
     keep = set(complete[-keep_last:]) | {latest}
-    for tag in tags:
-        if tag not in keep and tag <= latest:
+    for tag in tags[:tags.index(latest)]:
+        if tag not in keep:
             shutil.rmtree(os.path.join(root, tag), ignore_errors=True)
 
 
@@ -195,6 +305,7 @@ def load(engine, root: str, tag: str, layout: Dict[str, int]) -> Tuple[TrainingS
         raise CheckpointError(f"{tag_dir} was saved with another parallel layout ({details}); "
                               f"resume with the same layout, or export it "
                               f"(ztt export-hf) and start a new run from the weights")
+    check_readable(root, tag)  # every rank sees the same files: all fail alike, before loading
     path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True,
                                      load_lr_scheduler_states=True)
     if path is None:

@@ -100,6 +100,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from megatron_ztt.data.datasets import DataError
+    from megatron_ztt.data.tokenizer import TokenizerError
+    from megatron_ztt.model.config import ConfigError
+    from megatron_ztt.training.checkpoint import CheckpointError
+
+    try:
+        return _run(args)
+    except (CheckpointError, ConfigError, DataError, TokenizerError) as error:
+        print(f"ztt eval: error: {error}", file=sys.stderr, flush=True)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     from megatron_ztt.model.ztt import ZTTModel
     from megatron_ztt.parallel.sharding import load_full_state_dict
     from megatron_ztt.training import checkpoint as ckpt

@@ -143,11 +143,31 @@ def resume_point(config: RunConfig):
         return None
     if load == "auto":
         root = config.checkpoint_dir
-        if not os.path.isfile(os.path.join(root, ckpt.LATEST)):
+        if not ckpt.complete_tags(root):
+            if ckpt.read_latest(root) is not None:  # `latest` names a missing or partial save
+                ckpt.resolve(root)  # raises, saying so
             log(f"no checkpoint in {root} yet: starting from scratch")
             return None
-        return ckpt.resolve(root)
-    return ckpt.resolve(load)
+        point = ckpt.resolve(root)  # the newest complete checkpoint
+        if dist.get_rank() == 0:
+            ckpt.repair_latest(root)
+        return point
+    point = ckpt.resolve(load)
+    _refuse_to_save_over_newer(config, *point)
+    return point
+
+
+def _refuse_to_save_over_newer(config: RunConfig, root: str, tag: str) -> None:
+    """Resuming from an older checkpoint of this run's own folder would save over newer ones."""
+    if os.path.abspath(root) != os.path.abspath(config.checkpoint_dir):
+        return
+    tags = ckpt.complete_tags(root)
+    newer = tags[tags.index(tag) + 1:] if tag in tags else []
+    if newer:
+        raise ckpt.CheckpointError(
+            f"train.load={os.path.join(root, tag)}: {root} also holds newer checkpoints "
+            f"({', '.join(newer)}) that this run would save over; move them out of {root} "
+            f"and use train.load=auto, or set run.dir to a new folder")
 
 
 # --------------------------------------------------------------------------- steps

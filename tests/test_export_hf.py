@@ -277,3 +277,31 @@ def test_export_runs_with_only_torch_and_transformers(seeded, tmp_path, tokenize
                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "cycles 1.0 3" in result.stdout
+
+
+def test_overwrite_replaces_only_a_previous_export(seeded, tmp_path, capsys):
+    """--overwrite on a run directory, a checkpoint folder or an export holding a user's own
+    file refuses, touching nothing."""
+    from megatron_ztt.cli import main
+
+    model, config, export = build_and_export("ztt-gqa", tmp_path / "export")
+    from megatron_ztt.parallel.sharding import gather_full_state_dict
+
+    state = gather_full_state_dict(model)
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / "iter_0000010").mkdir(parents=True)
+    (run_dir / "checkpoints" / "latest").write_text("iter_0000010")
+    (run_dir / "config.json").write_text('{"model": {}}')
+    (run_dir / "tensorboard").mkdir()
+    (export / "my_eval_results.json").write_text("{}")
+    for target in (run_dir, run_dir / "checkpoints", run_dir / "config.json", export):
+        before = sorted(str(p) for p in tmp_path.rglob("*"))
+        with pytest.raises(ExportError, match="not a ZTT export|my_eval_results.json"):
+            export_hf(config, state, None, target, "fp32", overwrite=True)
+        assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+    ckpt_dir = tmp_path / "ckpt"
+    ckpt_dir.mkdir()
+    code = main(["export-hf", "--checkpoint", str(ckpt_dir), "--output", str(run_dir),
+                 "--overwrite"])
+    assert code == 1 and (run_dir / "tensorboard").is_dir()
+    assert "is not a ZTT export" in capsys.readouterr().err

@@ -23,6 +23,7 @@ so OUT_DIR either does not exist or is complete; an existing OUT_DIR is replaced
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import shutil
@@ -297,6 +298,39 @@ def _write_weights(hf_state: Dict[str, torch.Tensor], directory: Path, max_shard
         (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
+# What an export writes: only a directory made of these is replaced by --overwrite.
+EXPORT_FILE_PATTERNS = ("config.json", "generation_config.json", "README.md",
+                        "model*.safetensors", "model.safetensors.index.json",
+                        "tokenizer*.json", "tokenizer.model", "special_tokens_map.json",
+                        "added_tokens.json", "chat_template.jinja") + TEMPLATE_FILES
+
+
+def is_ztt_export(path: Path) -> bool:
+    """A directory written by ``export_hf``: config.json of model_type "ztt" and our code."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (isinstance(config, dict) and config.get("model_type") == "ztt"
+            and all((path / name).is_file() for name in TEMPLATE_FILES))
+
+
+def check_replaceable(output: Path) -> None:
+    """--overwrite replaces a previous ZTT export only, and only one holding nothing else."""
+    if not output.is_dir() or not is_ztt_export(output):
+        raise ExportError(f"{output} exists and is not a ZTT export (no config.json of "
+                          f"model_type 'ztt' with {' and '.join(TEMPLATE_FILES)}); --overwrite "
+                          f"replaces only a previous export: choose a new --output")
+    foreign = sorted(entry.name for entry in output.iterdir()
+                     if entry.is_dir() or not any(fnmatch.fnmatch(entry.name, pattern)
+                                                  for pattern in EXPORT_FILE_PATTERNS))
+    if foreign:
+        raise ExportError(f"{output} is a ZTT export but also holds {', '.join(foreign[:5])}"
+                          f"{' ...' if len(foreign) > 5 else ''}, which an export does not "
+                          f"write; --overwrite would delete them: move them out or choose a "
+                          f"new --output")
+
+
 def _move_into_place(staging: Path, output: Path) -> None:
     """Rename the finished export to ``output``; an old ``output`` goes only after that."""
     if not output.exists():
@@ -329,6 +363,8 @@ def export_hf(config: ZTTConfig, full_state: Mapping[str, torch.Tensor],
     output = Path(output_dir).absolute()
     if output.exists() and not overwrite:
         raise ExportError(f"{output} already exists; choose another --output or pass --overwrite")
+    if output.exists():
+        check_replaceable(output)
 
     tokenizer, special_ids = None, dict(DEFAULT_SPECIAL_IDS)
     if tokenizer_model is not None:
@@ -386,6 +422,8 @@ def load_checkpoint_state(checkpoint: str | os.PathLike):
 
 def run(args: argparse.Namespace) -> int:
     try:
+        if args.overwrite and Path(args.output).exists():  # before the slow part
+            check_replaceable(Path(args.output).absolute())
         config, full_state, tokenizer_model = load_checkpoint_state(args.checkpoint)
         path = export_hf(config, full_state, tokenizer_model, args.output, args.dtype,
                          overwrite=args.overwrite, max_shard_size=args.max_shard_size)

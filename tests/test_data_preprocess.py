@@ -231,3 +231,16 @@ def test_unreadable_tokenizer_is_an_error(tmp_path, capsys):
                "--no-progress"])
     assert rc == 1
     assert "nope.model" in capsys.readouterr().err
+
+
+def test_full_disk_is_one_error_and_leaves_nothing(model, tmp_path):
+    from disk_helpers import ztt_on_full_disk
+
+    out = tmp_path / "out"
+    result = ztt_on_full_disk(100_000, "preprocess", "--input", str(SAMPLE_CORPUS),
+                              "--tokenizer", model, "--output-prefix", str(out / "data"),
+                              "--no-progress")
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert f"cannot write {out / 'data'}.bin/.idx: File too large" in result.stderr
+    assert list(out.iterdir()) == []  # no temporary files either

@@ -211,3 +211,15 @@ def test_expand_inputs_rejects_unsupported_and_empty_directories(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(sources.InputError, match="holds no"):
         sources.expand_inputs([tmp_path / "empty"])
+
+
+def test_full_disk_is_one_error_and_leaves_nothing(tmp_path):
+    from disk_helpers import ztt_on_full_disk
+
+    out = tmp_path / "out"
+    result = ztt_on_full_disk(1000, "tokenizer", "train", "--input", str(SAMPLE_CORPUS / "pg55.txt"),
+                              "--vocab-size", "400", "--output", str(out / "tok"))
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert f"cannot write {out / 'tok'}.model/.vocab: File too large" in result.stderr
+    assert list(out.iterdir()) == []

@@ -220,6 +220,29 @@ def _install(temporary: dict[str, Path], final: dict[str, Path]) -> None:
         os.replace(temporary[key], final[key])
 
 
+def _output_error(err: OSError, prefix: Path) -> PreprocessError:
+    where = f" ({err.filename})" if err.filename else ""
+    return PreprocessError(
+        f"cannot write {prefix}.bin/.idx: {err.strerror or err}{where}; free disk space or "
+        f"choose a writable --output-prefix (nothing was written under {prefix})"
+    )
+
+
+def _cleanup(builder, temporary_paths) -> None:
+    """Close and remove the temporary files, never raising: on a full or read-only disk,
+    closing (which flushes) fails again, and that must not hide the first error."""
+    if builder is not None:
+        try:
+            builder.data_file.close()  # still open when a failure came before finalize()
+        except OSError:
+            pass
+    for path in temporary_paths:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
 def preprocess(
     inputs: list[str],
     tokenizer_model: str,
@@ -246,7 +269,10 @@ def preprocess(
     eod = tokenizer.eod if append_eod else None
 
     prefix = Path(output_prefix)
-    prefix.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise _output_error(err, prefix) from None
     tag = f".tmp-{os.getpid()}"
     final = {"bin": Path(f"{prefix}.bin"), "idx": Path(f"{prefix}.idx"),
              "sidecar": sidecar_path(prefix)}
@@ -294,12 +320,11 @@ def preprocess(
         }
         temporary["sidecar"].write_text(json.dumps(sidecar, indent=2) + "\n")
         _install(temporary, final)
+    except OSError as err:  # reading the inputs reports InputError: this is the output side
+        raise _output_error(err, prefix) from None
     finally:
         bar.close()
-        if builder is not None:
-            builder.data_file.close()  # still open when a failure came before finalize()
-        for path in temporary.values():
-            path.unlink(missing_ok=True)
+        _cleanup(builder, temporary.values())
     return PreprocessReport(
         output_prefix=str(prefix), documents=stats.documents, tokens=tokens,
         skipped_empty=stats.empty, skipped_invalid=stats.invalid,

@@ -114,7 +114,10 @@ def _write_atomically(path: Path, content: bytes) -> None:
         tmp.write_bytes(content)
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # never hide the error that got us here
+            pass
 
 
 def train_tokenizer(
@@ -188,9 +191,16 @@ def train_tokenizer(
         f"{processor.id_to_piece(i)}\t{processor.get_score(i):g}\n"
         for i in range(processor.get_piece_size())
     )
-    output.parent.mkdir(parents=True, exist_ok=True)
-    for final, content in zip(final_files, (model_proto, vocab_text.encode("utf-8"))):
-        _write_atomically(final, content)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        for final, content in zip(final_files, (model_proto, vocab_text.encode("utf-8"))):
+            _write_atomically(final, content)
+    except OSError as err:
+        where = f" ({err.filename})" if err.filename else ""
+        raise TokenizerError(
+            f"cannot write {output}.model/.vocab: {err.strerror or err}{where}; free disk space "
+            "or choose a writable --output"
+        ) from None
     seconds = time.perf_counter() - start
     return TrainReport(
         model_path=str(final_files[0]), vocab_path=str(final_files[1]), model_type=model_type,

@@ -223,3 +223,25 @@ def test_full_disk_is_one_error_and_leaves_nothing(tmp_path):
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
     assert f"cannot write {out / 'tok'}.model/.vocab: File too large" in result.stderr
     assert list(out.iterdir()) == []
+
+
+def test_lines_all_longer_than_the_sentence_limit_are_a_clear_error(tmp_path):
+    long_lines = tmp_path / "long.txt"
+    words = (SAMPLE_CORPUS / "pg55.txt").read_text(encoding="utf-8-sig").split()
+    long_lines.write_text("".join(" ".join(words[i * 2000:(i + 1) * 2000]) + "\n"
+                                  for i in range(5)))
+    longest = max(len(line.encode()) for line in long_lines.read_text().splitlines())
+    with pytest.raises(TokenizerError, match=r"every one of the 5 sampled lines is longer than "
+                                             r"--max-sentence-length \(8,192 bytes; the longest "
+                                             rf"has {longest:,}\)"):
+        train_tokenizer([str(long_lines)], 400, str(tmp_path / "tok"))
+    assert not list(tmp_path.glob("tok*"))
+    # raising the limit as the message says works
+    train_tokenizer([str(long_lines)], 400, str(tmp_path / "tok"), max_sentence_length=longest)
+
+
+def test_empty_model_file_is_not_a_sentencepiece_model(tmp_path):
+    empty = tmp_path / "empty.model"
+    empty.write_bytes(b"")
+    with pytest.raises(TokenizerError, match="empty.model: not a SentencePiece model"):
+        ZTTTokenizer(empty)

@@ -86,7 +86,7 @@ def _spm_reason(err: Exception) -> str:
     # -> keep the sentence meant for the user.
     message = str(err)
     match = re.search(r"\]\s*(.+)$", message, re.S)
-    return match.group(1).strip() if match else message
+    return match.group(1).strip() if match else message.strip()
 
 
 def sample_lines(lines: Iterable[str], size: int, seed: int) -> tuple[int, list[str]]:
@@ -118,6 +118,21 @@ def _write_atomically(path: Path, content: bytes) -> None:
             tmp.unlink(missing_ok=True)
         except OSError:  # never hide the error that got us here
             pass
+
+
+def _check_sentence_lengths(sample: list[str], max_sentence_length: int) -> None:
+    """SentencePiece drops lines longer than max_sentence_length bytes without a word, and
+    with none left fails with an empty reason: say so first."""
+    longest = max(len(line.encode("utf-8")) for line in sample)
+    if longest > max_sentence_length and all(
+            len(line.encode("utf-8")) > max_sentence_length for line in sample):
+        raise TokenizerError(
+            f"every one of the {len(sample):,} sampled lines is longer than "
+            f"--max-sentence-length ({max_sentence_length:,} bytes; the longest has "
+            f"{longest:,}), and SentencePiece leaves such lines out: raise "
+            f"--max-sentence-length to at least {longest:,}, or break the text into shorter "
+            f"lines"
+        )
 
 
 def train_tokenizer(
@@ -157,6 +172,7 @@ def train_tokenizer(
         raise TokenizerError(
             f"no text to train on: {len(files)} input file(s) held no non-empty lines"
         )
+    _check_sentence_lengths(sample, max_sentence_length)
     output = Path(output_prefix)
     final_files = [Path(f"{output}.model"), Path(f"{output}.vocab")]
     # The model is trained into memory (model_writer) rather than to model_prefix, which
@@ -283,6 +299,9 @@ class ZTTTokenizer(MegatronTokenizerBase):
         self._load(model_proto)
 
     def _load(self, model_proto: bytes) -> None:
+        if not model_proto:  # SentencePiece "loads" an empty file as a model without pieces
+            raise TokenizerError(f"{self.path}: not a SentencePiece model (the file is empty); "
+                                 "point to the .model file `ztt tokenizer train` wrote")
         try:
             self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
         except RuntimeError as err:

@@ -244,3 +244,37 @@ def test_full_disk_is_one_error_and_leaves_nothing(model, tmp_path):
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
     assert f"cannot write {out / 'data'}.bin/.idx: File too large" in result.stderr
     assert list(out.iterdir()) == []  # no temporary files either
+
+
+def test_sigterm_stops_cleanly_and_leaves_no_temporary_files(model, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    big = tmp_path / "big.txt"
+    text = "".join(p.read_text(encoding="utf-8-sig") for p in sorted(SAMPLE_CORPUS.glob("*.txt")))
+    big.write_text(text * 8, encoding="utf-8")
+    out = tmp_path / "out"
+    out.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_ztt.cli", "preprocess", "--input",
+                             str(big), "--tokenizer", model, "--output-prefix",
+                             str(out / "data"), "--no-progress"],
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.time() + 120
+        while not list(out.glob("*.tmp-*")):  # the run has started writing
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "interrupted by SIGTERM" in err and "Traceback" not in err, err
+    assert list(out.iterdir()) == []

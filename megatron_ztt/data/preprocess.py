@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import hashlib
 import json
 import multiprocessing
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +46,34 @@ BATCH_DOCUMENTS = 256
 
 class PreprocessError(Exception):
     """Preprocessing cannot produce a dataset; the message says why."""
+
+
+class PreprocessInterrupted(PreprocessError):
+    """SIGTERM (or SIGHUP) arrived: the run stops and removes its temporary files."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name}: stopped, and removed "
+                         "the temporary files (no output was written)")
+
+
+@contextlib.contextmanager
+def _stop_cleanly_on_termination():
+    """Turn SIGTERM/SIGHUP into an exception, so that the ``finally`` clauses that remove the
+    temporary files run (the default action kills the process on the spot). Main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise PreprocessInterrupted(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def sidecar_path(prefix: str | os.PathLike) -> Path:
@@ -358,11 +389,15 @@ def run(args: argparse.Namespace) -> int:
     from megatron_ztt.data.tokenizer import TokenizerError
 
     try:
-        report = preprocess(
-            args.input, args.tokenizer, args.output_prefix, workers=args.workers,
-            json_key=args.json_key, append_eod=args.append_eod, on_error=args.on_error,
-            progress=False if args.no_progress else None,
-        )
+        with _stop_cleanly_on_termination():
+            report = preprocess(
+                args.input, args.tokenizer, args.output_prefix, workers=args.workers,
+                json_key=args.json_key, append_eod=args.append_eod, on_error=args.on_error,
+                progress=False if args.no_progress else None,
+            )
+    except PreprocessInterrupted as err:
+        print(f"ztt preprocess: {err}", file=sys.stderr)
+        return 128 + err.signum
     except (sources.InputError, PreprocessError, TokenizerError) as err:
         print(f"ztt preprocess: error: {err}", file=sys.stderr)
         return 1

@@ -82,6 +82,22 @@ def test_long_documents_with_awkward_line_starts_match_whole_document_encoding(m
     assert _read_back(tmp_path / "long")[1] == [sp.encode(text)]
 
 
+def test_very_long_lines_are_cut_at_spaces_and_match_whole_document_encoding(model, tmp_path):
+    # A document that is one huge line is encoded in pieces cut before single spaces (bounded
+    # memory); the ids must equal SentencePiece's for the whole text.
+    words = ["word", "  double", "\ttab", "1234", "😀", "é", "—dash", "▁", " \u3000wide", "x.",
+             "ünï", "(paren)", "   ", "a"]
+    text = " ".join(f"{words[i % len(words)]}{i}" for i in range(40_000)) + " end"
+    assert "\n" not in text and len(text) > 5 * pp.LONG_LINE_CHARS
+    pieces = list(pp._pieces(text))
+    assert len(pieces) > 50 and "".join(pieces) == text
+    assert max(map(len, pieces)) <= pp.PIECE_CHARS + pp.LONG_LINE_CHARS
+    (tmp_path / "line.txt").write_text(text, encoding="utf-8")
+    pp.preprocess([str(tmp_path / "line.txt")], model, str(tmp_path / "line"), progress=False)
+    sp = spm.SentencePieceProcessor(model_file=model)
+    assert _read_back(tmp_path / "line")[1] == [sp.encode(text)]
+
+
 def test_unigram_models_are_encoded_whole_and_round_trip(tmp_path):
     unigram = train_tokenizer([str(SAMPLE_CORPUS)], 1500, str(tmp_path / "uni"),
                               model_type="unigram", input_sentence_size=4000).model_path

@@ -19,9 +19,11 @@ import argparse
 import collections
 import contextlib
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
+import re
 import signal
 import sys
 import threading
@@ -112,7 +114,8 @@ class PreprocessReport:
 
 # ------------------------------------------------------------------------- worker processes
 
-# Long documents are encoded in pieces of about this many characters, cut after a newline.
+# Long documents are encoded in pieces of about this many characters, cut after a newline
+# (or, on very long lines, before a space).
 PIECE_CHARS = 4096
 
 
@@ -149,14 +152,50 @@ def continuation_model(model_proto: bytes) -> bytes | None:
     return proto.SerializeToString()
 
 
-def _pieces(text: str) -> list[str]:
-    pieces, start = [], 0
+# A line longer than this is cut at single spaces too (see _piece_end).
+LONG_LINE_CHARS = 16 * PIECE_CHARS
+# Pieces encoded per SentencePiece call; their ids become one numpy array at once, so a
+# huge document never exists as one Python list of ints (about 36 bytes per token).
+PIECES_PER_CALL = 256
+# A single space between two non-space characters: SentencePiece (BPE, whitespace not a
+# suffix) starts a new word at that space, so no piece spans the cut.
+_SPACE_CUT = re.compile(r"(?<=\S) (?=\S)")
+
+
+def splits_at_spaces(model_proto: bytes) -> bool:
+    """Whether a cut before a single space is exact too: SentencePiece splits words at
+    whitespace (split_by_whitespace, the default and what `ztt tokenizer train` uses)."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model_proto)
+    return proto.trainer_spec.split_by_whitespace
+
+
+def _piece_end(text: str, start: int, space_cuts: bool = True) -> int:
+    """Where the piece that starts at ``start`` ends: after the first newline past
+    PIECE_CHARS; on a line longer than LONG_LINE_CHARS, before a single space past PIECE_CHARS
+    (the next piece then starts with that space). Text with neither stays whole."""
+    target = start + PIECE_CHARS
+    if target >= len(text):
+        return len(text)
+    window = target + LONG_LINE_CHARS  # every search is bounded: linear time overall
+    newline = text.find("\n", target, window)
+    if newline >= 0:
+        return newline + 1
+    space = _SPACE_CUT.search(text, target, window) if space_cuts else None
+    if space is not None:
+        return space.start()
+    newline = text.find("\n", window)
+    return len(text) if newline < 0 else newline + 1
+
+
+def _pieces(text: str, space_cuts: bool = True) -> Iterator[str]:
+    start = 0
     while start < len(text):
-        cut = text.find("\n", start + PIECE_CHARS)
-        end = len(text) if cut < 0 else cut + 1
-        pieces.append(text[start:end])
+        end = _piece_end(text, start, space_cuts)
+        yield text[start:end]
         start = end
-    return pieces
 
 
 _worker_state: dict = {}
@@ -168,30 +207,38 @@ def _init_encoder(model_proto: bytes, continuation_proto: bytes | None, eod: int
     _worker_state["continuation"] = (
         spm.SentencePieceProcessor(model_proto=continuation_proto) if continuation_proto else None
     )
+    _worker_state["space_cuts"] = bool(continuation_proto) and splits_at_spaces(model_proto)
     _worker_state["eod"] = eod
     _worker_state["dtype"] = np.dtype(dtype_name)
 
 
-def encode_document(text: str) -> list[int]:
-    """SentencePiece's encoding of the whole ``text`` (piecewise when that is exact)."""
+def encode_document(text: str, dtype=np.int64) -> np.ndarray:
+    """SentencePiece's encoding of the whole ``text`` (piecewise when that is exact).
+
+    Piecewise, memory stays near the size of the text plus its ids in ``dtype``, however long
+    the document or its lines: pieces are encoded a few at a time and kept as numpy arrays.
+    """
     sp, continuation = _worker_state["sp"], _worker_state["continuation"]
     if continuation is None or len(text) <= PIECE_CHARS:
-        return sp.encode(text)
-    first, *rest = _pieces(text)
-    ids = sp.encode(first)
-    for piece_ids in continuation.encode(rest):
-        ids.extend(piece_ids)
-    return ids
+        return np.asarray(sp.encode(text), dtype=dtype)
+    pieces = _pieces(text, _worker_state["space_cuts"])
+    arrays = [np.asarray(sp.encode(next(pieces)), dtype=dtype)]
+    while True:
+        group = list(itertools.islice(pieces, PIECES_PER_CALL))
+        if not group:
+            break
+        arrays += [np.asarray(ids, dtype=dtype) for ids in continuation.encode(group)]
+    return np.concatenate(arrays)
 
 
 def _encode_batch(texts: list[str]) -> list[np.ndarray]:
     eod, dtype = _worker_state["eod"], _worker_state["dtype"]
     encoded = []
     for text in texts:
-        ids = encode_document(text)
+        ids = encode_document(text, dtype)
         if eod is not None:
-            ids.append(eod)
-        encoded.append(np.asarray(ids, dtype=dtype))
+            ids = np.append(ids, np.asarray(eod, dtype=dtype))
+        encoded.append(ids)
     return encoded
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import sys
 
 # name -> (module, one-line help). Each module defines add_arguments(parser) and run(args).
@@ -17,6 +18,25 @@ COMMANDS = {
     "generate": ("megatron_ztt.inference.generate", "generate text from an export or checkpoint"),
     "plot": ("megatron_ztt.tools.plot_runs", "plot a TensorBoard scalar of several runs (PNG)"),
 }
+
+
+def exit_threshold_arg(allow_inf: bool = False):
+    """argparse type of --exit-threshold (ztt eval, ztt generate): a number >= 0, never NaN;
+    infinity ("run every cycle") only where ``allow_inf``, since JSON has no infinity."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if math.isnan(value) or value < 0 or (math.isinf(value) and not allow_inf):
+            kind = "a number >= 0 or 'inf'" if allow_inf else "a finite number >= 0"
+            raise argparse.ArgumentTypeError(
+                f"must be {kind} (0 leaves after the first cycle, anything above 1 never "
+                f"leaves), got {text!r}")
+        return value
+
+    parse.__name__ = "exit threshold"
+    return parse
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:

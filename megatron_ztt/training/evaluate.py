@@ -87,8 +87,10 @@ def validate(engine, valid_set, config, pipelined: bool) -> Dict[str, float]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True,
                         help="checkpoint folder (with 'latest') or one iteration's folder")
-    parser.add_argument("--exit-threshold", type=float, nargs="*", default=[],
-                        help="also evaluate with early exit at these thresholds")
+    from megatron_ztt.cli import exit_threshold_arg
+
+    parser.add_argument("--exit-threshold", type=exit_threshold_arg(), nargs="*", default=[],
+                        help="also evaluate with early exit at these thresholds (finite, >= 0)")
     parser.add_argument("--iters", type=int, default=None,
                         help="validation batches (default: the run's eval.iters)")
     parser.add_argument("--split", choices=["valid", "test"], default="valid")

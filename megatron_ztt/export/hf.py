@@ -350,7 +350,7 @@ def training_summary(checkpoint: str | os.PathLike) -> dict:
     TensorBoard at or before the checkpoint's iteration (when the run's tensorboard/ is there)."""
     from megatron_ztt.training.checkpoint import read_meta, resolve
 
-    root, tag = resolve(str(checkpoint))
+    root, tag = resolve(str(checkpoint), note=False)  # load_checkpoint_state gave the note
     meta = read_meta(os.path.join(root, tag))
     run = meta["config"].get("run", {})
     summary = {"checkpoint": tag, "iteration": meta["iteration"],

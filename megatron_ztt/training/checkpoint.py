@@ -11,7 +11,10 @@ A checkpoint directory (``<run.dir>/checkpoints``) holds one folder per saved it
         ztt_meta.json            # written last: its presence marks the checkpoint complete
 
 ``latest`` is replaced with ``os.replace`` only after every rank has finished writing, so a
-crash during a save leaves the previous checkpoint as ``latest``.
+crash during a save leaves the previous checkpoint as ``latest``. A kill between the end of a
+save and the move of ``latest`` leaves it one save behind: readers (:func:`resolve`) take the
+newest complete ``iter_*`` folder, and resume and save repair ``latest``
+(:func:`repair_latest`).
 """
 
 from __future__ import annotations
@@ -141,7 +144,7 @@ def repair_latest(root: str) -> Optional[str]:
     return tags[-1] if tags else None
 
 
-def resolve(path: str) -> Tuple[str, str]:
+def resolve(path: str, note: bool = True) -> Tuple[str, str]:
     """A checkpoint root or one iteration's folder -> (root, tag).
 
     For a root, the newest complete checkpoint, which is what ``latest`` names unless a
@@ -155,7 +158,7 @@ def resolve(path: str) -> Tuple[str, str]:
     tags = complete_tags(path)
     latest = read_latest(path)
     if tags:
-        if latest is not None and latest != tags[-1] and (
+        if note and latest is not None and latest != tags[-1] and (
                 not dist.is_initialized() or dist.get_rank() == 0):
             print(f"note: {os.path.join(path, LATEST)} names {latest or 'nothing'}, but "
                   f"{tags[-1]} is the newest complete checkpoint: using {tags[-1]}",
@@ -200,6 +203,19 @@ def check_readable(root: str, tag: str) -> None:
         except (zipfile.BadZipFile, OSError) as error:
             raise CheckpointError(f"{path} is truncated or corrupt ({error}); "
                                   f"{fallback_advice(root, tag)}") from None
+
+
+def _check_readable_on_rank0(root: str, tag: str) -> None:
+    """Collective: rank 0 checks the files, every rank raises the same error (none hangs)."""
+    message = [None]
+    if dist.get_rank() == 0:
+        try:
+            check_readable(root, tag)
+        except CheckpointError as error:
+            message[0] = str(error)
+    dist.broadcast_object_list(message, src=0)
+    if message[0] is not None:
+        raise CheckpointError(message[0])
 
 
 def fallback_advice(root: str, tag: str) -> str:
@@ -305,7 +321,7 @@ def load(engine, root: str, tag: str, layout: Dict[str, int]) -> Tuple[TrainingS
         raise CheckpointError(f"{tag_dir} was saved with another parallel layout ({details}); "
                               f"resume with the same layout, or export it "
                               f"(ztt export-hf) and start a new run from the weights")
-    check_readable(root, tag)  # every rank sees the same files: all fail alike, before loading
+    _check_readable_on_rank0(root, tag)
     path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True,
                                      load_lr_scheduler_states=True)
     if path is None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 import sys
@@ -322,8 +323,13 @@ def load(engine, root: str, tag: str, layout: Dict[str, int]) -> Tuple[TrainingS
                               f"resume with the same layout, or export it "
                               f"(ztt export-hf) and start a new run from the weights")
     _check_readable_on_rank0(root, tag)
-    path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True,
-                                     load_lr_scheduler_states=True)
+    try:
+        path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True,
+                                         load_lr_scheduler_states=True)
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as error:
+        # damage that keeps a file's zip directory intact (torch's error names no file)
+        raise CheckpointError(f"cannot load {tag_dir} ({str(error).splitlines()[0]}); "
+                              f"{fallback_advice(root, tag)}") from None
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load {tag_dir}")
     rank_file = os.path.join(tag_dir, f"rank_state_{dist.get_rank():05d}.pt")

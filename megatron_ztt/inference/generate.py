@@ -93,7 +93,7 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64,
     """
     import torch
 
-    inputs = tokenizer(prompt, return_tensors="pt")
+    inputs = tokenizer(prompt, return_tensors="pt", verbose=False)  # fit_prompt says it
     context = getattr(model.config, "max_position_embeddings", None)
     input_ids = fit_prompt(inputs["input_ids"], max_new_tokens, context, notice)
     if input_ids.shape[1] != inputs["input_ids"].shape[1]:

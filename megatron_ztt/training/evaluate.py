@@ -133,7 +133,7 @@ def _run(args: argparse.Namespace) -> int:
     validate_config(config)
     runtime.init_distributed(seed=config.train.seed)
     try:
-        model_config, full_state, _ = ckpt.load_full_model_state(args.checkpoint)
+        model_config, full_state, _ = ckpt.load_full_model_state(f"{root}/{tag}")  # resolved
         model = ZTTModel(model_config).to(runtime.current_device()).eval()
         load_full_state_dict(model, full_state)
         _, (_, valid_set, test_set) = build_tokenizer_and_data(config)

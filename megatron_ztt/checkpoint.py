@@ -22,12 +22,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import sys
+import zipfile
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 
 from megatron_ztt.config import RunConfig, config_from_dict
+from megatron_ztt.files import write_text_atomic
 from megatron_ztt.model.config import ZTTConfig
 from megatron_ztt.parallel.sharding import merge_shards
 
@@ -68,29 +73,131 @@ def read_meta(tag_dir: str) -> dict:
         with open(path) as f:
             meta = json.load(f)
     except (OSError, ValueError) as error:
-        raise CheckpointError(f"{path} is unreadable ({error}); use an earlier checkpoint "
-                              f"folder of the same run") from error
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint format {meta.get('format_version')!r}, this "
-                              f"megatron_ztt reads format {FORMAT_VERSION}; use the version "
-                              f"that wrote it (its ztt_meta.json lists the versions)")
+        raise CheckpointError(f"{path} is unreadable or corrupt ({error}); use another "
+                              f"checkpoint folder of the same run") from None
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        found = meta.get("format_version") if isinstance(meta, dict) else None
+        raise CheckpointError(f"{path}: checkpoint format {found!r}, this megatron_ztt reads "
+                              f"format {FORMAT_VERSION}; use the version that wrote it (its "
+                              f"ztt_meta.json lists the versions)")
     return meta
 
 
-def resolve(path: str) -> Tuple[str, str]:
-    """A checkpoint root (with ``latest``) or one iteration's folder -> (root, tag)."""
+_TAG = re.compile(r"iter_(\d+)")
+
+
+def iteration_tags(root: str) -> List[str]:
+    """The ``iter_N`` folders of a checkpoint root, oldest first (complete or not)."""
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return []
+    tags = [n for n in names if _TAG.fullmatch(n) and os.path.isdir(os.path.join(root, n))]
+    return sorted(tags, key=lambda t: int(_TAG.fullmatch(t).group(1)))
+
+
+def complete_tags(root: str) -> List[str]:
+    """The complete checkpoints of a root, oldest first."""
+    return [t for t in iteration_tags(root) if is_complete(os.path.join(root, t))]
+
+
+def read_latest(root: str) -> Optional[str]:
+    try:
+        with open(os.path.join(root, LATEST)) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def repair_latest(root: str) -> Optional[str]:
+    """Point ``latest`` at the newest complete checkpoint and remove stale ``latest`` temporary
+    files; returns that tag. Call on one rank only.
+
+    A process killed after a checkpoint's folder was complete but before ``latest`` moved
+    leaves ``latest`` one save behind; this repairs it.
+    """
+    for name in os.listdir(root) if os.path.isdir(root) else []:
+        if name.startswith(f".{LATEST}.tmp") or name.startswith(f"{LATEST}.tmp"):
+            try:
+                os.remove(os.path.join(root, name))
+            except OSError:
+                pass
+    tags = complete_tags(root)
+    if tags and read_latest(root) != tags[-1]:
+        write_text_atomic(os.path.join(root, LATEST), tags[-1])
+    return tags[-1] if tags else None
+
+
+def resolve(path: str, note: bool = True) -> Tuple[str, str]:
+    """A checkpoint root or one iteration's folder -> (root, tag).
+
+    For a root, the newest complete checkpoint: what ``latest`` names unless a crash came
+    between a checkpoint's completion and the move of ``latest`` (a note then says which one
+    is used).
+    """
     if not os.path.exists(path):
         raise CheckpointError(f"no checkpoint at {path}: the path does not exist")
-    latest = os.path.join(path, LATEST)
-    if os.path.isfile(latest):
-        with open(latest) as f:
-            tag = f.read().strip()
-        if not is_complete(os.path.join(path, tag)):
-            raise CheckpointError(f"{latest} points to {tag}, which is not a complete checkpoint")
-        return path, tag
     if is_complete(path):
         return os.path.dirname(os.path.abspath(path)), os.path.basename(os.path.abspath(path))
+    tags = complete_tags(path)
+    latest = read_latest(path)
+    if tags:
+        if note and latest is not None and latest != tags[-1] and (
+                not dist.is_initialized() or dist.get_rank() == 0):
+            print(f"note: {os.path.join(path, LATEST)} names {latest or 'nothing'}, but "
+                  f"{tags[-1]} is the newest complete checkpoint: using {tags[-1]}",
+                  file=sys.stderr, flush=True)
+        return path, tags[-1]
+    if latest is not None:
+        raise CheckpointError(f"{os.path.join(path, LATEST)} points to {latest}, which is not "
+                              f"a complete checkpoint, and {path} holds no complete one")
+    if is_checkpoint_folder(path):
+        raise CheckpointError(f"{path} is not a complete checkpoint (no {META}; the save "
+                              f"may have been interrupted)")
     raise CheckpointError(f"no checkpoint at {path}: expected a '{LATEST}' file or {META}")
+
+
+def is_checkpoint_folder(path: str) -> bool:
+    return bool(_TAG.fullmatch(os.path.basename(os.path.abspath(path))))
+
+
+def previous_complete(root: str, tag: str) -> Optional[str]:
+    """The newest complete checkpoint older than ``tag`` in ``root``, or None."""
+    if not _TAG.fullmatch(tag):
+        return None
+    number = int(_TAG.fullmatch(tag).group(1))
+    older = [t for t in complete_tags(root) if int(_TAG.fullmatch(t).group(1)) < number]
+    return older[-1] if older else None
+
+
+def fallback_advice(root: str, tag: str) -> str:
+    previous = previous_complete(root, tag)
+    if previous is None:
+        return "there is no older complete checkpoint to fall back to"
+    return (f"the previous complete checkpoint is {os.path.join(root, previous)}: to resume "
+            f"from it, move {os.path.join(root, tag)} out of {root} (e.g. rename it to "
+            f"{tag}.corrupt) and resume with train.load=auto")
+
+
+def check_readable(root: str, tag: str) -> None:
+    """Fail, naming the file, if a ``.pt`` file of the checkpoint is truncated.
+
+    torch's files are zip archives whose directory is at the end, so opening it finds a
+    truncated file without reading the tensors. The error names the previous complete
+    checkpoint and how to resume from it.
+    """
+    tag_dir = os.path.join(root, tag)
+    for folder, _, names in sorted(os.walk(tag_dir)):
+        for name in sorted(names):
+            path = os.path.join(folder, name)
+            if not name.endswith(".pt"):
+                continue
+            try:
+                with zipfile.ZipFile(path):
+                    pass
+            except (zipfile.BadZipFile, OSError) as error:
+                raise CheckpointError(f"{path} is truncated or corrupt ({error}); "
+                                      f"{fallback_advice(root, tag)}") from None
 
 
 def latest_iteration(root: str) -> Optional[int]:

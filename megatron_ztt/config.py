@@ -9,6 +9,8 @@ value of the wrong type fails at once naming the key; cross-field rules are chec
 
 from __future__ import annotations
 
+import argparse
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from typing import List, Optional
@@ -197,3 +199,22 @@ def validate(config: RunConfig) -> None:
     if config.logging.interval < 1:
         fail("logging.interval", f"must be >= 1, got {config.logging.interval}")
     config.model.check_parallel_layout(parallel.tensor, parallel.pipeline)
+
+
+def exit_threshold_arg(allow_inf: bool = False):
+    """argparse type of --exit-threshold (ztt eval, ztt generate): a number >= 0, never NaN;
+    infinity ("run every cycle") only where ``allow_inf``, since JSON has no infinity."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if math.isnan(value) or value < 0 or (math.isinf(value) and not allow_inf):
+            kind = "a number >= 0 or 'inf'" if allow_inf else "a finite number >= 0"
+            raise argparse.ArgumentTypeError(
+                f"must be {kind} (0 leaves after the first cycle, anything above 1 never "
+                f"leaves), got {text!r}")
+        return value
+
+    parse.__name__ = "exit threshold"
+    return parse

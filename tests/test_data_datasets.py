@@ -298,6 +298,20 @@ def test_same_size_corruption_is_found_by_checksum_or_token_range(corpus, tmp_pa
         D.verify_tokenizer_matches([prefix], corpus["tokenizer"])
 
 
+def test_ids_beyond_the_vocabulary_are_refused_without_the_checksum(corpus, tmp_path):
+    """A .bin changed at the same size, sidecar intact, checksums off (the default): training
+    must not start (it would crash later with IndexError in the embedding)."""
+    prefix = _copy_prefix(corpus["A"], tmp_path / "data")
+    with open(prefix + ".bin", "r+b") as stream:
+        stream.seek(2000)
+        stream.write(np.array([4000], dtype=np.uint16).tobytes())
+    cfg = D.DataConfig(blend=[prefix], split="90,5,5", cache_dir=str(tmp_path / "cache"))
+    assert not cfg.verify_checksums
+    with pytest.raises(D.DataError, match=r"data\.bin: token id 4000 is outside the "
+                                          r"vocabulary .*changed or corrupted"):
+        D.build_datasets(cfg, corpus["tokenizer"], SEQ, 1, (10, 1, 1))
+
+
 # ---------------------------------------------------------------------- tokenizer mismatch
 
 

@@ -82,6 +82,22 @@ def test_long_documents_with_awkward_line_starts_match_whole_document_encoding(m
     assert _read_back(tmp_path / "long")[1] == [sp.encode(text)]
 
 
+def test_very_long_lines_are_cut_at_spaces_and_match_whole_document_encoding(model, tmp_path):
+    # A document that is one huge line is encoded in pieces cut before single spaces (bounded
+    # memory); the ids must equal SentencePiece's for the whole text.
+    words = ["word", "  double", "\ttab", "1234", "😀", "é", "—dash", "▁", " \u3000wide", "x.",
+             "ünï", "(paren)", "   ", "a"]
+    text = " ".join(f"{words[i % len(words)]}{i}" for i in range(40_000)) + " end"
+    assert "\n" not in text and len(text) > 5 * pp.LONG_LINE_CHARS
+    pieces = list(pp._pieces(text))
+    assert len(pieces) > 50 and "".join(pieces) == text
+    assert max(map(len, pieces)) <= pp.PIECE_CHARS + pp.LONG_LINE_CHARS
+    (tmp_path / "line.txt").write_text(text, encoding="utf-8")
+    pp.preprocess([str(tmp_path / "line.txt")], model, str(tmp_path / "line"), progress=False)
+    sp = spm.SentencePieceProcessor(model_file=model)
+    assert _read_back(tmp_path / "line")[1] == [sp.encode(text)]
+
+
 def test_unigram_models_are_encoded_whole_and_round_trip(tmp_path):
     unigram = train_tokenizer([str(SAMPLE_CORPUS)], 1500, str(tmp_path / "uni"),
                               model_type="unigram", input_sentence_size=4000).model_path
@@ -231,3 +247,50 @@ def test_unreadable_tokenizer_is_an_error(tmp_path, capsys):
                "--no-progress"])
     assert rc == 1
     assert "nope.model" in capsys.readouterr().err
+
+
+def test_full_disk_is_one_error_and_leaves_nothing(model, tmp_path):
+    from disk_helpers import ztt_on_full_disk
+
+    out = tmp_path / "out"
+    result = ztt_on_full_disk(100_000, "preprocess", "--input", str(SAMPLE_CORPUS),
+                              "--tokenizer", model, "--output-prefix", str(out / "data"),
+                              "--no-progress")
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert f"cannot write {out / 'data'}.bin/.idx: File too large" in result.stderr
+    assert list(out.iterdir()) == []  # no temporary files either
+
+
+def test_sigterm_stops_cleanly_and_leaves_no_temporary_files(model, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    big = tmp_path / "big.txt"
+    text = "".join(p.read_text(encoding="utf-8-sig") for p in sorted(SAMPLE_CORPUS.glob("*.txt")))
+    big.write_text(text * 8, encoding="utf-8")
+    out = tmp_path / "out"
+    out.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_ztt.cli", "preprocess", "--input",
+                             str(big), "--tokenizer", model, "--output-prefix",
+                             str(out / "data"), "--no-progress"],
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.time() + 120
+        while not list(out.glob("*.tmp-*")):  # the run has started writing
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "interrupted by SIGTERM" in err and "Traceback" not in err, err
+    assert list(out.iterdir()) == []

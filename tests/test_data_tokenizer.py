@@ -211,3 +211,37 @@ def test_expand_inputs_rejects_unsupported_and_empty_directories(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(sources.InputError, match="holds no"):
         sources.expand_inputs([tmp_path / "empty"])
+
+
+def test_full_disk_is_one_error_and_leaves_nothing(tmp_path):
+    from disk_helpers import ztt_on_full_disk
+
+    out = tmp_path / "out"
+    result = ztt_on_full_disk(1000, "tokenizer", "train", "--input", str(SAMPLE_CORPUS / "pg55.txt"),
+                              "--vocab-size", "400", "--output", str(out / "tok"))
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert f"cannot write {out / 'tok'}.model/.vocab: File too large" in result.stderr
+    assert list(out.iterdir()) == []
+
+
+def test_lines_all_longer_than_the_sentence_limit_are_a_clear_error(tmp_path):
+    long_lines = tmp_path / "long.txt"
+    words = (SAMPLE_CORPUS / "pg55.txt").read_text(encoding="utf-8-sig").split()
+    long_lines.write_text("".join(" ".join(words[i * 2000:(i + 1) * 2000]) + "\n"
+                                  for i in range(5)))
+    longest = max(len(line.encode()) for line in long_lines.read_text().splitlines())
+    with pytest.raises(TokenizerError, match=r"every one of the 5 sampled lines is longer than "
+                                             r"--max-sentence-length \(8,192 bytes; the longest "
+                                             rf"has {longest:,}\)"):
+        train_tokenizer([str(long_lines)], 400, str(tmp_path / "tok"))
+    assert not list(tmp_path.glob("tok*"))
+    # raising the limit as the message says works
+    train_tokenizer([str(long_lines)], 400, str(tmp_path / "tok"), max_sentence_length=longest)
+
+
+def test_empty_model_file_is_not_a_sentencepiece_model(tmp_path):
+    empty = tmp_path / "empty.model"
+    empty.write_bytes(b"")
+    with pytest.raises(TokenizerError, match="empty.model: not a SentencePiece model"):
+        ZTTTokenizer(empty)

@@ -209,3 +209,52 @@ def test_cli_generate_refuses_early_exit_without_zero_tokens(seeded, tmp_path, c
                  "--exit-threshold", "0.5"])
     assert code == 1
     assert "zero tokens" in capsys.readouterr().err
+
+
+def test_cli_generate_refuses_an_empty_prompt_and_cuts_one_beyond_the_context(exported,
+                                                                             capsys):
+    from megatron_ztt.cli import main
+    from megatron_ztt.inference.generate import fit_prompt
+
+    model, config, path = exported
+    assert main(["generate", "--model", str(path), "--prompt", ""]) == 1
+    err = capsys.readouterr().err
+    assert "the prompt is empty" in err and "Traceback" not in err
+    with pytest.raises(ValueError, match="the prompt is empty"):
+        fit_prompt(torch.zeros(1, 0, dtype=torch.long), 4, config.seq_length)
+
+    long_prompt = "Dorothy lived in the midst of the great Kansas prairies " * 4
+    code = main(["generate", "--model", str(path), "--prompt", long_prompt,
+                 "--max-new-tokens", "4"])
+    out, err = capsys.readouterr()
+    assert code == 0 and out.strip()
+    room = config.seq_length - 4
+    assert (f"exceeds the model's context of {config.seq_length}: using its last {room} "
+            f"tokens") in err
+    assert "Token indices sequence length" not in err  # no second, transformers warning
+    assert main(["generate", "--model", str(path), "--prompt", "x",
+                 "--max-new-tokens", str(config.seq_length)]) == 1
+    assert "leaves no room for the prompt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["generate", "eval"])
+@pytest.mark.parametrize("value", ["-1", "nan", "NaN", "-inf", "x"])
+def test_exit_threshold_must_be_a_number_at_least_zero(command, value, capsys):
+    from megatron_ztt.cli import main
+
+    args = (["generate", "--model", "m", "--prompt", "p"] if command == "generate"
+            else ["eval", "--checkpoint", "c"])
+    with pytest.raises(SystemExit) as exit_info:
+        main(args + [f"--exit-threshold={value}"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--exit-threshold: must be a" in err and repr(value) in err
+
+
+def test_exit_threshold_inf_only_for_generate():
+    from megatron_ztt.config import exit_threshold_arg
+
+    assert exit_threshold_arg(allow_inf=True)("inf") == math.inf
+    assert exit_threshold_arg()("0.25") == 0.25 and exit_threshold_arg()("0") == 0.0
+    with pytest.raises(Exception, match="finite"):
+        exit_threshold_arg()("inf")

@@ -319,3 +319,92 @@ def test_export_works_with_the_transformers_training_stack(seeded, tmp_path):
     assert plain.keys() == checkpointed.keys()
     for name, grad in plain.items():
         assert torch.allclose(checkpointed[name], grad, atol=1e-6), name
+
+
+def test_overwrite_replaces_only_a_previous_export(seeded, tmp_path, capsys):
+    """--overwrite on a run directory, a checkpoint folder or an export holding a user's own
+    file refuses, touching nothing."""
+    from megatron_ztt.cli import main
+
+    model, config, export = build_and_export("ztt-gqa", tmp_path / "export")
+    from megatron_ztt.parallel.sharding import gather_full_state_dict
+
+    state = gather_full_state_dict(model)
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / "iter_0000010").mkdir(parents=True)
+    (run_dir / "checkpoints" / "latest").write_text("iter_0000010")
+    (run_dir / "config.json").write_text('{"model": {}}')
+    (run_dir / "tensorboard").mkdir()
+    (export / "my_eval_results.json").write_text("{}")
+    for target in (run_dir, run_dir / "checkpoints", run_dir / "config.json", export):
+        before = sorted(str(p) for p in tmp_path.rglob("*"))
+        with pytest.raises(ExportError, match="not a ZTT export|my_eval_results.json"):
+            export_hf(config, state, None, target, "fp32", overwrite=True)
+        assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+    ckpt_dir = tmp_path / "ckpt"
+    ckpt_dir.mkdir()
+    code = main(["export-hf", "--checkpoint", str(ckpt_dir), "--output", str(run_dir),
+                 "--overwrite"])
+    assert code == 1 and (run_dir / "tensorboard").is_dir()
+    assert "is not a ZTT export" in capsys.readouterr().err
+
+
+def _fake_run(tmp_path, iteration=4, consumed=40, seq_length=16):
+    """A checkpoint folder with metadata only, and the run's TensorBoard log."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from megatron_ztt import checkpoint as ckpt
+
+    run = tmp_path / "run"
+    tag_dir = run / "checkpoints" / ckpt.tag_for(iteration)
+    tag_dir.mkdir(parents=True)
+    (tag_dir / ckpt.META).write_text(json.dumps({
+        "format_version": ckpt.FORMAT_VERSION, "iteration": iteration,
+        "consumed_train_samples": consumed,
+        "config": {"run": {"name": "tiny"}, "model": {"seq_length": seq_length},
+                   "data": {"blend": ["data/books"]}}}))
+    writer = SummaryWriter(str(run / "tensorboard"))
+    for step, loss in ((2, 5.5), (4, 5.25), (6, 5.0)):  # step 6: after the checkpoint
+        writer.add_scalar("lm loss validation", loss, step)
+    writer.close()
+    return run / "checkpoints"
+
+
+def test_export_has_a_model_card_left_padding_context_and_normal_permissions(
+        seeded, tmp_path, tokenizer_model):
+    import os
+    import stat
+
+    from transformers import AutoTokenizer
+
+    summary = hf_export.training_summary(_fake_run(tmp_path))
+    assert summary["iteration"] == 4 and summary["training_tokens"] == 40 * 16
+    assert (summary["validation_loss"], summary["validation_iteration"]) == (5.25, 4)
+
+    old_umask = os.umask(0o022)
+    try:
+        model, config, path = build_and_export("ztt-gqa", tmp_path / "export", tokenizer_model,
+                                               exit_threshold=0.3)
+        _, _, path2 = build_and_export("ztt-gqa", tmp_path / "export2", None)
+        os.umask(0o077)
+        _, _, private = build_and_export("ztt-gqa", tmp_path / "private", None)
+    finally:
+        os.umask(old_umask)
+    for directory, dir_mode, file_mode in ((path, 0o755, 0o644), (private, 0o700, 0o600)):
+        assert stat.S_IMODE(directory.stat().st_mode) == dir_mode
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in directory.iterdir()}
+        assert set(modes.values()) == {file_mode}, modes
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+    assert tokenizer.padding_side == "left"
+    assert tokenizer.model_max_length == config.seq_length
+
+    card = (path / "README.md").read_text()
+    assert "trust_remote_code=True" in card and "library_name: transformers" in card
+    assert f"| distinct layers (L) / cycles (C) | {config.num_layers} / {config.num_cycles} |" in card
+    assert "| default exit threshold | 0.3 " in card
+    assert "training | not recorded" in (path2 / "README.md").read_text()
+
+    card = hf_export.model_card(config, torch.float32, safetensors_tensors(path), summary, "m")
+    assert "| trained for | 4 iterations, 640 tokens (checkpoint iter_0000004) |" in card
+    assert "| final validation loss | 5.2500 (iteration 4) |" in card

@@ -247,12 +247,16 @@ def _max_token_id(prefix: str, dtype: np.dtype) -> int:
     return max(int(tokens[i:i + _CHUNK].max()) for i in range(0, tokens.size, _CHUNK))
 
 
-def verify_tokenizer_matches(prefixes: Sequence[str], tokenizer) -> None:
+def verify_tokenizer_matches(prefixes: Sequence[str], tokenizer,
+                             dtypes: dict | None = None) -> None:
     """Refuse to train with a tokenizer other than the one that made the token ids.
 
     With the sidecar ``PREFIX.tokenizer.json`` written by ``ztt preprocess``, the tokenizer's
-    sha256 and vocab size must equal the recorded ones. Without it (files from elsewhere), every
-    token id in the ``.bin`` must be below the tokenizer's vocab size.
+    sha256 and vocab size must equal the recorded ones. With or without it, every token id in
+    the ``.bin`` must be below the tokenizer's vocab size: a file changed in place at the same
+    size (which only the opt-in checksum would notice) would otherwise crash training with an
+    IndexError at some later step. The max is a chunked vectorised pass over the memory-mapped
+    file (about disk read speed). ``dtypes``: prefix -> token dtype, when already known.
     """
     fingerprint = getattr(tokenizer, "fingerprint", None)  # ZTTTokenizer has one
     sha_note = f", sha256 {fingerprint[:12]}…" if fingerprint else ""
@@ -271,14 +275,15 @@ def verify_tokenizer_matches(prefixes: Sequence[str], tokenizer) -> None:
                     f"recorded in {sidecar_path(prefix)}) but training uses {described}; "
                     f"{advice}"
                 )
-        else:
-            dtype = validate_indexed_dataset(prefix).dtype
-            largest = _max_token_id(prefix, dtype)
-            if largest >= tokenizer.vocab_size:
-                raise DataError(
-                    f"{prefix}.bin: token id {largest} is outside the vocabulary of "
-                    f"{described}; {advice}"
-                )
+        dtype = (dtypes or {}).get(prefix) or validate_indexed_dataset(prefix).dtype
+        largest = _max_token_id(prefix, dtype)
+        if largest >= tokenizer.vocab_size:
+            cause = ("the file was changed or corrupted after `ztt preprocess` wrote it"
+                     if recorded is not None else "it was made with another tokenizer?")
+            raise DataError(
+                f"{prefix}.bin: token id {largest} is outside the vocabulary of "
+                f"{described} ({cause}); {advice}"
+            )
 
 
 # ----------------------------------------------------------------------------------- build
@@ -344,7 +349,8 @@ def build_datasets(
     if cfg.verify_checksums:
         for prefix in all_prefixes:
             verify_bin_checksum(prefix)
-    verify_tokenizer_matches(all_prefixes, tokenizer)
+    verify_tokenizer_matches(all_prefixes, tokenizer,
+                             {prefix: info.dtype for prefix, info in infos.items()})
 
     # megatron-core never finishes building a split whose documents hold no tokens: check here.
     for index, name in enumerate(SPLIT_NAMES):

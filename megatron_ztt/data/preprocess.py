@@ -17,11 +17,16 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
+import re
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +48,34 @@ BATCH_DOCUMENTS = 256
 
 class PreprocessError(Exception):
     """Preprocessing cannot produce a dataset; the message says why."""
+
+
+class PreprocessInterrupted(PreprocessError):
+    """SIGTERM (or SIGHUP) arrived: the run stops and removes its temporary files."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name}: stopped, and removed "
+                         "the temporary files (no output was written)")
+
+
+@contextlib.contextmanager
+def _stop_cleanly_on_termination():
+    """Turn SIGTERM/SIGHUP into an exception, so that the ``finally`` clauses that remove the
+    temporary files run (the default action kills the process on the spot). Main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise PreprocessInterrupted(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def sidecar_path(prefix: str | os.PathLike) -> Path:
@@ -81,7 +114,8 @@ class PreprocessReport:
 
 # ------------------------------------------------------------------------- worker processes
 
-# Long documents are encoded in pieces of about this many characters, cut after a newline.
+# Long documents are encoded in pieces of about this many characters, cut after a newline
+# (or, on very long lines, before a space).
 PIECE_CHARS = 4096
 
 
@@ -118,14 +152,50 @@ def continuation_model(model_proto: bytes) -> bytes | None:
     return proto.SerializeToString()
 
 
-def _pieces(text: str) -> list[str]:
-    pieces, start = [], 0
+# A line longer than this is cut at single spaces too (see _piece_end).
+LONG_LINE_CHARS = 16 * PIECE_CHARS
+# Pieces encoded per SentencePiece call; their ids become one numpy array at once, so a
+# huge document never exists as one Python list of ints (about 36 bytes per token).
+PIECES_PER_CALL = 256
+# A single space between two non-space characters: SentencePiece (BPE, whitespace not a
+# suffix) starts a new word at that space, so no piece spans the cut.
+_SPACE_CUT = re.compile(r"(?<=\S) (?=\S)")
+
+
+def splits_at_spaces(model_proto: bytes) -> bool:
+    """Whether a cut before a single space is exact too: SentencePiece splits words at
+    whitespace (split_by_whitespace, the default and what `ztt tokenizer train` uses)."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model_proto)
+    return proto.trainer_spec.split_by_whitespace
+
+
+def _piece_end(text: str, start: int, space_cuts: bool = True) -> int:
+    """Where the piece that starts at ``start`` ends: after the first newline past
+    PIECE_CHARS; on a line longer than LONG_LINE_CHARS, before a single space past PIECE_CHARS
+    (the next piece then starts with that space). Text with neither stays whole."""
+    target = start + PIECE_CHARS
+    if target >= len(text):
+        return len(text)
+    window = target + LONG_LINE_CHARS  # every search is bounded: linear time overall
+    newline = text.find("\n", target, window)
+    if newline >= 0:
+        return newline + 1
+    space = _SPACE_CUT.search(text, target, window) if space_cuts else None
+    if space is not None:
+        return space.start()
+    newline = text.find("\n", window)
+    return len(text) if newline < 0 else newline + 1
+
+
+def _pieces(text: str, space_cuts: bool = True) -> Iterator[str]:
+    start = 0
     while start < len(text):
-        cut = text.find("\n", start + PIECE_CHARS)
-        end = len(text) if cut < 0 else cut + 1
-        pieces.append(text[start:end])
+        end = _piece_end(text, start, space_cuts)
+        yield text[start:end]
         start = end
-    return pieces
 
 
 _worker_state: dict = {}
@@ -137,30 +207,38 @@ def _init_encoder(model_proto: bytes, continuation_proto: bytes | None, eod: int
     _worker_state["continuation"] = (
         spm.SentencePieceProcessor(model_proto=continuation_proto) if continuation_proto else None
     )
+    _worker_state["space_cuts"] = bool(continuation_proto) and splits_at_spaces(model_proto)
     _worker_state["eod"] = eod
     _worker_state["dtype"] = np.dtype(dtype_name)
 
 
-def encode_document(text: str) -> list[int]:
-    """SentencePiece's encoding of the whole ``text`` (piecewise when that is exact)."""
+def encode_document(text: str, dtype=np.int64) -> np.ndarray:
+    """SentencePiece's encoding of the whole ``text`` (piecewise when that is exact).
+
+    Piecewise, memory stays near the size of the text plus its ids in ``dtype``, however long
+    the document or its lines: pieces are encoded a few at a time and kept as numpy arrays.
+    """
     sp, continuation = _worker_state["sp"], _worker_state["continuation"]
     if continuation is None or len(text) <= PIECE_CHARS:
-        return sp.encode(text)
-    first, *rest = _pieces(text)
-    ids = sp.encode(first)
-    for piece_ids in continuation.encode(rest):
-        ids.extend(piece_ids)
-    return ids
+        return np.asarray(sp.encode(text), dtype=dtype)
+    pieces = _pieces(text, _worker_state["space_cuts"])
+    arrays = [np.asarray(sp.encode(next(pieces)), dtype=dtype)]
+    while True:
+        group = list(itertools.islice(pieces, PIECES_PER_CALL))
+        if not group:
+            break
+        arrays += [np.asarray(ids, dtype=dtype) for ids in continuation.encode(group)]
+    return np.concatenate(arrays)
 
 
 def _encode_batch(texts: list[str]) -> list[np.ndarray]:
     eod, dtype = _worker_state["eod"], _worker_state["dtype"]
     encoded = []
     for text in texts:
-        ids = encode_document(text)
+        ids = encode_document(text, dtype)
         if eod is not None:
-            ids.append(eod)
-        encoded.append(np.asarray(ids, dtype=dtype))
+            ids = np.append(ids, np.asarray(eod, dtype=dtype))
+        encoded.append(ids)
     return encoded
 
 
@@ -220,6 +298,29 @@ def _install(temporary: dict[str, Path], final: dict[str, Path]) -> None:
         os.replace(temporary[key], final[key])
 
 
+def _output_error(err: OSError, prefix: Path) -> PreprocessError:
+    where = f" ({err.filename})" if err.filename else ""
+    return PreprocessError(
+        f"cannot write {prefix}.bin/.idx: {err.strerror or err}{where}; free disk space or "
+        f"choose a writable --output-prefix (nothing was written under {prefix})"
+    )
+
+
+def _cleanup(builder, temporary_paths) -> None:
+    """Close and remove the temporary files, never raising: on a full or read-only disk,
+    closing (which flushes) fails again, and that must not hide the first error."""
+    if builder is not None:
+        try:
+            builder.data_file.close()  # still open when a failure came before finalize()
+        except OSError:
+            pass
+    for path in temporary_paths:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
 def preprocess(
     inputs: list[str],
     tokenizer_model: str,
@@ -246,7 +347,10 @@ def preprocess(
     eod = tokenizer.eod if append_eod else None
 
     prefix = Path(output_prefix)
-    prefix.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise _output_error(err, prefix) from None
     tag = f".tmp-{os.getpid()}"
     final = {"bin": Path(f"{prefix}.bin"), "idx": Path(f"{prefix}.idx"),
              "sidecar": sidecar_path(prefix)}
@@ -294,12 +398,11 @@ def preprocess(
         }
         temporary["sidecar"].write_text(json.dumps(sidecar, indent=2) + "\n")
         _install(temporary, final)
+    except OSError as err:  # reading the inputs reports InputError: this is the output side
+        raise _output_error(err, prefix) from None
     finally:
         bar.close()
-        if builder is not None:
-            builder.data_file.close()  # still open when a failure came before finalize()
-        for path in temporary.values():
-            path.unlink(missing_ok=True)
+        _cleanup(builder, temporary.values())
     return PreprocessReport(
         output_prefix=str(prefix), documents=stats.documents, tokens=tokens,
         skipped_empty=stats.empty, skipped_invalid=stats.invalid,
@@ -333,11 +436,15 @@ def run(args: argparse.Namespace) -> int:
     from megatron_ztt.data.tokenizer import TokenizerError
 
     try:
-        report = preprocess(
-            args.input, args.tokenizer, args.output_prefix, workers=args.workers,
-            json_key=args.json_key, append_eod=args.append_eod, on_error=args.on_error,
-            progress=False if args.no_progress else None,
-        )
+        with _stop_cleanly_on_termination():
+            report = preprocess(
+                args.input, args.tokenizer, args.output_prefix, workers=args.workers,
+                json_key=args.json_key, append_eod=args.append_eod, on_error=args.on_error,
+                progress=False if args.no_progress else None,
+            )
+    except PreprocessInterrupted as err:
+        print(f"ztt preprocess: {err}", file=sys.stderr)
+        return 128 + err.signum
     except (sources.InputError, PreprocessError, TokenizerError) as err:
         print(f"ztt preprocess: error: {err}", file=sys.stderr)
         return 1

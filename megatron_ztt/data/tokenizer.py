@@ -91,7 +91,7 @@ def _spm_reason(err: Exception) -> str:
     # -> keep the sentence meant for the user.
     message = str(err)
     match = re.search(r"\]\s*(.+)$", message, re.S)
-    return match.group(1).strip() if match else message
+    return match.group(1).strip() if match else message.strip()
 
 
 def sample_lines(lines: Iterable[str], size: int, seed: int) -> tuple[int, list[str]]:
@@ -119,7 +119,25 @@ def _write_atomically(path: Path, content: bytes) -> None:
         tmp.write_bytes(content)
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # never hide the error that got us here
+            pass
+
+
+def _check_sentence_lengths(sample: list[str], max_sentence_length: int) -> None:
+    """SentencePiece drops lines longer than max_sentence_length bytes without a word, and
+    with none left fails with an empty reason: say so first."""
+    longest = max(len(line.encode("utf-8")) for line in sample)
+    if longest > max_sentence_length and all(
+            len(line.encode("utf-8")) > max_sentence_length for line in sample):
+        raise TokenizerError(
+            f"every one of the {len(sample):,} sampled lines is longer than "
+            f"--max-sentence-length ({max_sentence_length:,} bytes; the longest has "
+            f"{longest:,}), and SentencePiece leaves such lines out: raise "
+            f"--max-sentence-length to at least {longest:,}, or break the text into shorter "
+            f"lines"
+        )
 
 
 def train_tokenizer(
@@ -159,6 +177,7 @@ def train_tokenizer(
         raise TokenizerError(
             f"no text to train on: {len(files)} input file(s) held no non-empty lines"
         )
+    _check_sentence_lengths(sample, max_sentence_length)
     output = Path(output_prefix)
     final_files = [Path(f"{output}.model"), Path(f"{output}.vocab")]
     # The model is trained into memory (model_writer) rather than to model_prefix, which
@@ -189,9 +208,16 @@ def train_tokenizer(
         f"{processor.id_to_piece(i)}\t{processor.get_score(i):g}\n"
         for i in range(processor.get_piece_size())
     )
-    output.parent.mkdir(parents=True, exist_ok=True)
-    for final, content in zip(final_files, (model_proto, vocab_text.encode("utf-8"))):
-        _write_atomically(final, content)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        for final, content in zip(final_files, (model_proto, vocab_text.encode("utf-8"))):
+            _write_atomically(final, content)
+    except OSError as err:
+        where = f" ({err.filename})" if err.filename else ""
+        raise TokenizerError(
+            f"cannot write {output}.model/.vocab: {err.strerror or err}{where}; free disk space "
+            "or choose a writable --output"
+        ) from None
     seconds = time.perf_counter() - start
     return TrainReport(
         model_path=str(final_files[0]), vocab_path=str(final_files[1]), model_type=model_type,
@@ -274,6 +300,9 @@ class ZTTTokenizer(MegatronTokenizerBase):
         self._load(model_proto)
 
     def _load(self, model_proto: bytes) -> None:
+        if not model_proto:  # SentencePiece "loads" an empty file as a model without pieces
+            raise TokenizerError(f"{self.path}: not a SentencePiece model (the file is empty); "
+                                 "point to the .model file `ztt tokenizer train` wrote")
         try:
             self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
         except RuntimeError as err:

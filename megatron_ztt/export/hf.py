@@ -21,6 +21,7 @@ so OUT_DIR either does not exist or is complete; an existing OUT_DIR is replaced
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import shutil
@@ -233,7 +234,8 @@ def build_hf_tokenizer(tokenizer_model: str | os.PathLike):
     special_ids = {"unk": spec.unk_id, "bos": spec.bos_id, "eos": spec.eos_id, "pad": spec.pad_id}
     special_ids = {role: i if i >= 0 else None for role, i in special_ids.items()}
     tokens = {f"{role}_token": proto.pieces[i].piece for role, i in special_ids.items() if i is not None}
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **tokens)
+    # Left padding: batched generation appends after the last real token of every row.
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, padding_side="left", **tokens)
 
     processor = spm.SentencePieceProcessor(model_file=str(path))
     for role, i in special_ids.items():
@@ -282,6 +284,167 @@ def _write_weights(hf_state: Dict[str, torch.Tensor], directory: Path, max_shard
         (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
+# What an export writes: only a directory made of these is replaced by --overwrite.
+EXPORT_FILE_PATTERNS = ("config.json", "generation_config.json", "README.md",
+                        "model*.safetensors", "model.safetensors.index.json",
+                        "tokenizer*.json", "tokenizer.model", "special_tokens_map.json",
+                        "added_tokens.json", "chat_template.jinja") + tuple(EXPORTED_CODE)
+# the files that mark a directory as a ZTT export (older exports had no cycle_engine.py)
+MARKER_FILES = ("configuration_ztt.py", "modeling_ztt.py")
+
+
+def is_ztt_export(path: Path) -> bool:
+    """A directory written by ``export_hf``: config.json of model_type "ztt" and our code."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (isinstance(config, dict) and config.get("model_type") == "ztt"
+            and all((path / name).is_file() for name in MARKER_FILES))
+
+
+def check_replaceable(output: Path) -> None:
+    """--overwrite replaces a previous ZTT export only, and only one holding nothing else."""
+    if not output.is_dir() or not is_ztt_export(output):
+        raise ExportError(f"{output} exists and is not a ZTT export (no config.json of "
+                          f"model_type 'ztt' with {' and '.join(MARKER_FILES)}); --overwrite "
+                          f"replaces only a previous export: choose a new --output")
+    foreign = sorted(entry.name for entry in output.iterdir()
+                     if entry.is_dir() or not any(fnmatch.fnmatch(entry.name, pattern)
+                                                  for pattern in EXPORT_FILE_PATTERNS))
+    if foreign:
+        raise ExportError(f"{output} is a ZTT export but also holds {', '.join(foreign[:5])}"
+                          f"{' ...' if len(foreign) > 5 else ''}, which an export does not "
+                          f"write; --overwrite would delete them: move them out or choose a "
+                          f"new --output")
+
+
+def _give_normal_permissions(directory: Path) -> None:
+    """mkdtemp makes the staging directory 0700 (and safetensors writes 0600 files): give the
+    export the modes any new file gets, 0777/0666 less the umask, so that the other users of
+    a shared file system can read it as they can read the user's other files."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for folder, _, files in os.walk(directory):
+        os.chmod(folder, 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(folder, name), 0o666 & ~umask)
+
+
+def training_summary(checkpoint: str | os.PathLike) -> dict:
+    """What a checkpoint's metadata and its run directory say about the training (for the
+    model card): iteration, training tokens, and the last validation loss logged to
+    TensorBoard at or before the checkpoint's iteration (when the run's tensorboard/ is there)."""
+    from megatron_ztt.checkpoint import read_meta, resolve
+
+    root, tag = resolve(str(checkpoint), note=False)  # load_checkpoint_state gave the note
+    meta = read_meta(os.path.join(root, tag))
+    run = meta["config"].get("run", {})
+    summary = {"checkpoint": tag, "iteration": meta["iteration"],
+               "training_tokens": meta["consumed_train_samples"]
+               * meta["config"]["model"]["seq_length"],
+               "run_name": run.get("name"), "data": meta["config"].get("data", {}).get("blend")}
+    loss = _last_validation_loss(Path(root).parent / "tensorboard", meta["iteration"])
+    if loss is not None:
+        summary["validation_loss"], summary["validation_iteration"] = loss
+    return summary
+
+
+def _last_validation_loss(log_dir: Path, iteration: int) -> Optional[Tuple[float, int]]:
+    if not log_dir.is_dir():
+        return None
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+        events.Reload()
+        if "lm loss validation" not in events.Tags().get("scalars", []):
+            return None
+        points = [e for e in events.Scalars("lm loss validation") if e.step <= iteration]
+    except Exception:  # noqa: BLE001 - the card says "not recorded" rather than failing
+        return None
+    return (points[-1].value, points[-1].step) if points else None
+
+
+def model_card(config: ZTTConfig, dtype: torch.dtype, hf_state: Mapping[str, torch.Tensor],
+               training: Optional[Mapping], name: str) -> str:
+    """README.md of the export: architecture, cycles, exit threshold, training, how to load."""
+    from huggingface_hub import ModelCardData
+
+    parameters = sum(t.numel() for t in hf_state.values())
+    kind = {"head_tail": "head-tail cycling: layer 1 and layer L once, layers 2..L-1 cycled",
+            "basic": "basic cycling: all L layers cycled", "vanilla": "no cycling"}
+    threshold = config.exit_threshold
+    rows = [
+        ("model", "ZTT (Zero Token Transformer)" if config.zero_token and config.gate
+         else f"{config.cycle_mode} baseline"),
+        ("cycle mode", f"`{config.cycle_mode}` ({kind.get(config.cycle_mode, '')})"),
+        ("distinct layers (L) / cycles (C)", f"{config.num_layers} / {config.num_cycles}"),
+        ("layer applications per token", str(config.num_applications)),
+        ("zero token / gate", f"{'yes' if config.zero_token else 'no'} / "
+                              f"{'yes' if config.gate else 'no'}"),
+        ("default exit threshold", "none (every cycle runs)" if threshold is None else
+         f"{threshold:g} (a cycle's mean zero attention >= this skips the remaining cycles)"),
+        ("hidden size / FFN", f"{config.hidden_size} / {config.ffn_size} ({config.activation})"),
+        ("attention heads / key-value groups", f"{config.num_attention_heads} / "
+                                               f"{config.query_groups}"),
+        ("normalization", config.normalization),
+        ("vocabulary / context", f"{config.vocab_size} / {config.seq_length} tokens"),
+        ("parameters", f"{parameters:,} ({'tied' if config.tie_embeddings else 'untied'} "
+                       f"embeddings; weights in {str(dtype).replace('torch.', '')})"),
+    ]
+    if training:
+        loss = training.get("validation_loss")
+        rows += [
+            ("trained for", f"{training['iteration']:,} iterations, "
+                            f"{training['training_tokens']:,} tokens "
+                            f"(checkpoint {training['checkpoint']})"),
+            ("final validation loss", "not recorded" if loss is None else
+             f"{loss:.4f} (iteration {training['validation_iteration']:,})"),
+        ]
+        if training.get("data"):
+            rows.append(("training data", ", ".join(f"`{d}`" for d in training["data"])))
+    else:
+        rows.append(("training", "not recorded (exported from weights, not a checkpoint)"))
+    table = "\n".join(f"| {key} | {value} |" for key, value in rows)
+    exit_options = (',\n                     exit_threshold=0.4, exit_mode="token")   # both optional'
+                    if config.zero_token else ")")
+    header = ModelCardData(library_name="transformers", pipeline_tag="text-generation",
+                           tags=["ztt", "zero-token-transformer", "looped-transformer",
+                                 "custom_code"]).to_yaml()
+    return f"""---
+{header}
+---
+
+# {name}
+
+A Zero Token Transformer exported by `ztt export-hf` (megatron_ztt): a decoder-only language
+model whose middle layers are reused for several cycles, with a learned zero key in every
+attention, a per-cycle gate and early exit. The model code ships in this directory
+(`configuration_ztt.py`, `modeling_ztt.py`), so loading needs `trust_remote_code=True`.
+
+| | |
+|---|---|
+{table}
+
+## Use
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("{name}", trust_remote_code=True)
+tokenizer = AutoTokenizer.from_pretrained("{name}", trust_remote_code=True)
+inputs = tokenizer("Once upon a time", return_tensors="pt")
+out = model.generate(**inputs, max_new_tokens=64, do_sample=False{exit_options}
+print(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:]))
+print(model.mean_cycles_used)   # cycles the new tokens ran
+```
+
+The tokenizer pads on the left (for batched generation) and adds no BOS/EOS; the context is
+{config.seq_length} tokens.
+"""
+
+
 def _move_into_place(staging: Path, output: Path) -> None:
     """Rename the finished export to ``output``; an old ``output`` goes only after that."""
     if not output.exists():
@@ -301,12 +464,14 @@ def _move_into_place(staging: Path, output: Path) -> None:
 def export_hf(config: ZTTConfig, full_state: Mapping[str, torch.Tensor],
               tokenizer_model: str | os.PathLike | None, output_dir: str | os.PathLike,
               dtype: str | torch.dtype = "bf16", *, overwrite: bool = False,
-              max_shard_size: int | str = "5GB") -> Path:
+              max_shard_size: int | str = "5GB",
+              training: Optional[Mapping] = None) -> Path:
     """Write a Hugging Face model directory; returns its path.
 
     ``full_state``: canonical full state dict (see the module docstring). ``tokenizer_model``:
     the run's SentencePiece ``.model``; None writes the weights without a tokenizer (benchmarks,
     tests), with the project's special ids. ``dtype``: "bf16", "fp32" or a torch dtype.
+    ``training``: what :func:`training_summary` knows of the run, for the model card.
     """
     torch_dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
     if torch_dtype not in DTYPES.values():
@@ -314,6 +479,8 @@ def export_hf(config: ZTTConfig, full_state: Mapping[str, torch.Tensor],
     output = Path(output_dir).absolute()
     if output.exists() and not overwrite:
         raise ExportError(f"{output} already exists; choose another --output or pass --overwrite")
+    if output.exists():
+        check_replaceable(output)
 
     # without a tokenizer, the ids of the project's tokenizer convention
     tokenizer, special_ids = None, dict(SPECIAL_IDS)
@@ -325,6 +492,8 @@ def export_hf(config: ZTTConfig, full_state: Mapping[str, torch.Tensor],
     exported_config = hf_config(config, special_ids, torch_dtype)
     hf_state = to_hf_state(config, full_state, torch_dtype)
     _check_against_template(hf_state, exported_config)
+    if tokenizer is not None:
+        tokenizer.model_max_length = config.seq_length  # the context it was trained on
 
     from transformers import GenerationConfig
 
@@ -339,6 +508,9 @@ def export_hf(config: ZTTConfig, full_state: Mapping[str, torch.Tensor],
         _write_weights(hf_state, staging, max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
+        (staging / "README.md").write_text(
+            model_card(config, torch_dtype, hf_state, training, output.name), encoding="utf-8")
+        _give_normal_permissions(staging)
         _move_into_place(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -373,9 +545,12 @@ def load_checkpoint_state(checkpoint: str | os.PathLike):
 
 def run(args: argparse.Namespace) -> int:
     try:
+        if args.overwrite and Path(args.output).exists():  # before the slow part
+            check_replaceable(Path(args.output).absolute())
         config, full_state, tokenizer_model = load_checkpoint_state(args.checkpoint)
         path = export_hf(config, full_state, tokenizer_model, args.output, args.dtype,
-                         overwrite=args.overwrite, max_shard_size=args.max_shard_size)
+                         overwrite=args.overwrite, max_shard_size=args.max_shard_size,
+                         training=training_summary(args.checkpoint))
     except (ExportError, FileNotFoundError, KeyError, ValueError) as error:
         print(f"ztt export-hf: error: {error}", file=sys.stderr)
         return 1

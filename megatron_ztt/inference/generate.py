@@ -60,13 +60,44 @@ def load(directory: str | os.PathLike, dtype: str = "auto"):
     return model.eval(), tokenizer
 
 
+def fit_prompt(input_ids, max_new_tokens: int, context: int | None, notice=None):
+    """The prompt's ids [1, n], checked against the model's context (its training
+    seq_length): an empty prompt or one that cannot leave room for the new tokens is an
+    error; a prompt that with the new tokens exceeds the context keeps its last tokens, and
+    ``notice(message)`` says so."""
+    length = input_ids.shape[1]
+    if length == 0:
+        raise ValueError("the prompt is empty (it encodes to no tokens): give some text to "
+                         "continue")
+    if not context:
+        return input_ids
+    if max_new_tokens >= context:
+        raise ValueError(f"--max-new-tokens {max_new_tokens} leaves no room for the prompt in "
+                         f"the model's context of {context} tokens: use at most {context - 1}")
+    room = context - max_new_tokens
+    if length > room:
+        if notice is not None:
+            notice(f"the prompt has {length} tokens; with {max_new_tokens} new tokens that "
+                   f"exceeds the model's context of {context}: using its last {room} tokens")
+        return input_ids[:, -room:]
+    return input_ids
+
+
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64,
                   exit_threshold: float | None = None, exit_mode: str | None = None,
-                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None):
-    """-> (continuation, mean cycles per new token). temperature 0 is greedy decoding."""
+                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                  notice=None):
+    """-> (continuation, mean cycles per new token). temperature 0 is greedy decoding.
+
+    ``notice(message)`` is told when the prompt is cut to fit the context (see fit_prompt).
+    """
     import torch
 
-    inputs = tokenizer(prompt, return_tensors="pt")
+    inputs = tokenizer(prompt, return_tensors="pt", verbose=False)  # fit_prompt says it
+    context = getattr(model.config, "max_position_embeddings", None)
+    input_ids = fit_prompt(inputs["input_ids"], max_new_tokens, context, notice)
+    if input_ids.shape[1] != inputs["input_ids"].shape[1]:
+        inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
     sampling = temperature > 0
     options = dict(max_new_tokens=max_new_tokens, do_sample=sampling,
                    pad_token_id=tokenizer.pad_token_id)
@@ -87,7 +118,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="exported model directory, or a training checkpoint directory")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--exit-threshold", type=float, default=None,
+    from megatron_ztt.config import exit_threshold_arg
+
+    parser.add_argument("--exit-threshold", type=exit_threshold_arg(allow_inf=True), default=None,
                         help="stop cycling once a cycle's mean zero attention reaches this "
                              "(default: the model config's; 'inf' runs every cycle)")
     parser.add_argument("--exit-mode", choices=("sequence", "token"), default=None,
@@ -109,6 +142,10 @@ def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         print("ztt generate: error: --max-new-tokens must be >= 1", file=sys.stderr)
         return 1
+    if not args.prompt:  # checked again on the token ids, once the tokenizer is loaded
+        print("ztt generate: error: the prompt is empty: give some text to continue",
+              file=sys.stderr)
+        return 1
     torch.manual_seed(args.seed)
     try:
         with exported_model_dir(args.model) as directory:
@@ -117,9 +154,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"ztt generate: error: cannot load {args.model}: {error}", file=sys.stderr)
         return 1
     try:
-        text, mean_cycles = generate_text(model, tokenizer, args.prompt, args.max_new_tokens,
-                                          args.exit_threshold, args.exit_mode, args.temperature,
-                                          args.top_k, args.top_p)
+        text, mean_cycles = generate_text(
+            model, tokenizer, args.prompt, args.max_new_tokens, args.exit_threshold,
+            args.exit_mode, args.temperature, args.top_k, args.top_p,
+            notice=lambda message: print(f"ztt generate: note: {message}", file=sys.stderr))
     except ValueError as error:  # e.g. an exit threshold for a model without zero tokens
         print(f"ztt generate: error: {error}", file=sys.stderr)
         return 1

@@ -150,8 +150,8 @@ class ZTTConfig:
             if not self.zero_token:
                 fail("exit_threshold", "early exit reads the zero attention, so it needs "
                      "zero_token=true")
-            if self.exit_threshold < 0:
-                fail("exit_threshold", f"must be >= 0, got {self.exit_threshold}")
+            if math.isnan(self.exit_threshold) or self.exit_threshold < 0:
+                fail("exit_threshold", f"must be a number >= 0, got {self.exit_threshold}")
         for name in ("attention_dropout", "hidden_dropout"):
             if not 0 <= getattr(self, name) < 1:
                 fail(name, f"must be in [0, 1), got {getattr(self, name)}")

@@ -18,8 +18,10 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from megatron_ztt.checkpoint import (FORMAT_VERSION, LATEST, META, TOKENIZER, CheckpointError,
-                                     is_complete, rank_state_file, read_meta, tag_for)
+from megatron_ztt.checkpoint import (FORMAT_VERSION, META, TOKENIZER, CheckpointError,
+                                     check_readable, fallback_advice, is_complete,
+                                     iteration_tags, rank_state_file, read_latest, read_meta,
+                                     repair_latest, tag_for)
 from megatron_ztt.files import save_torch_atomic, write_text_atomic
 
 
@@ -38,6 +40,9 @@ def save(engine, config, state: TrainingState, layout: Dict[str, int],
     tag_dir = os.path.join(root, tag)
     rank = dist.get_rank()
     if is_complete(tag_dir):  # already saved at this iteration (e.g. interval + end of run)
+        if rank == 0:
+            repair_latest(root)  # a crash may have come before `latest` moved to it
+        dist.barrier()
         return tag_dir
     os.makedirs(tag_dir, exist_ok=True)
     dist.barrier()
@@ -64,7 +69,7 @@ def save(engine, config, state: TrainingState, layout: Dict[str, int],
             "versions": _versions(),
         }
         write_text_atomic(os.path.join(tag_dir, META), json.dumps(meta, indent=2))
-        write_text_atomic(os.path.join(root, LATEST), tag)
+        repair_latest(root)  # -> this tag, the newest complete one
         _prune(root, config.checkpoint.keep_last)
     dist.barrier()
     return tag_dir
@@ -72,14 +77,14 @@ def save(engine, config, state: TrainingState, layout: Dict[str, int],
 
 def _prune(root: str, keep_last: int) -> None:
     """Delete all but the newest ``keep_last`` complete checkpoints (and stale partial ones)."""
-    with open(os.path.join(root, LATEST)) as f:
-        latest = f.read().strip()
-    tags = sorted(t for t in os.listdir(root)
-                  if t.startswith("iter_") and os.path.isdir(os.path.join(root, t)))
+    latest = read_latest(root)
+    tags = iteration_tags(root)
+    if latest not in tags:
+        return
     complete = [t for t in tags if is_complete(os.path.join(root, t))]
     keep = set(complete[-keep_last:]) | {latest}
-    for tag in tags:
-        if tag not in keep and tag <= latest:
+    for tag in tags[:tags.index(latest)]:
+        if tag not in keep:
             shutil.rmtree(os.path.join(root, tag), ignore_errors=True)
 
 
@@ -103,9 +108,26 @@ def load(engine, root: str, tag: str, layout: Dict[str, int]) -> Tuple[TrainingS
         raise CheckpointError(f"{tag_dir} was saved with another parallel layout ({details}); "
                               f"resume with the same layout, or start a new run from its "
                               f"weights with train.init_weights={tag_dir}")
-    engine.load(tag_dir)
+    _check_readable_on_rank0(root, tag)
+    try:
+        engine.load(tag_dir)
+    except CheckpointError as error:
+        raise CheckpointError(f"{error}; {fallback_advice(root, tag)}") from None
     rank_file = os.path.join(tag_dir, rank_state_file(dist.get_rank()))
     extra = torch.load(rank_file, weights_only=False) if os.path.isfile(rank_file) else None
     state = TrainingState(meta["iteration"], meta["consumed_train_samples"],
                           meta.get("skipped_steps", 0))
     return state, extra
+
+
+def _check_readable_on_rank0(root: str, tag: str) -> None:
+    """Collective: rank 0 checks the files, every rank raises the same error (none hangs)."""
+    message = [None]
+    if dist.get_rank() == 0:
+        try:
+            check_readable(root, tag)
+        except CheckpointError as error:
+            message[0] = str(error)
+    dist.broadcast_object_list(message, src=0)
+    if message[0] is not None:
+        raise CheckpointError(message[0])

@@ -63,8 +63,10 @@ def validate(engine, valid_set, config) -> Dict[str, float]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True,
                         help="checkpoint folder (with 'latest') or one iteration's folder")
-    parser.add_argument("--exit-threshold", type=float, nargs="*", default=[],
-                        help="also evaluate with early exit at these thresholds")
+    from megatron_ztt.config import exit_threshold_arg
+
+    parser.add_argument("--exit-threshold", type=exit_threshold_arg(), nargs="*", default=[],
+                        help="also evaluate with early exit at these thresholds (finite, >= 0)")
     parser.add_argument("--iters", type=int, default=None,
                         help="validation batches (default: the run's eval.iters)")
     parser.add_argument("--split", choices=["valid", "test"], default="valid")
@@ -76,18 +78,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_ztt.checkpoint import CheckpointError, load_trained
+    from megatron_ztt.checkpoint import CheckpointError
+    from megatron_ztt.data.datasets import DataError
+    from megatron_ztt.data.tokenizer import TokenizerError
+    from megatron_ztt.model.config import ConfigError
+
+    try:
+        return _run(args)
+    except (CheckpointError, ConfigError, DataError, TokenizerError) as error:
+        print(f"ztt eval: error: {error}", file=sys.stderr, flush=True)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from megatron_ztt.checkpoint import load_trained
     from megatron_ztt.config import validate as validate_config
     from megatron_ztt.files import write_text_atomic
-    from megatron_ztt.model.config import ConfigError
     from megatron_ztt.model.ztt import ZTTModel
     from megatron_ztt.parallel.sharding import load_full_state_dict
 
-    try:
-        trained = load_trained(args.checkpoint, args.overrides)
-    except (CheckpointError, ConfigError) as error:
-        print(f"ztt eval: error: {error}", file=sys.stderr, flush=True)
-        return 2
+    trained = load_trained(args.checkpoint, args.overrides)
     config = trained.run_config
     # one process evaluates the merged weights, whatever layout trained them
     config.parallel.tensor = config.parallel.pipeline = 1

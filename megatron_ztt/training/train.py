@@ -21,7 +21,8 @@ from typing import Dict, List, Optional
 
 import torch.distributed as dist
 
-from megatron_ztt.checkpoint import LATEST, CheckpointError, resolve
+from megatron_ztt.checkpoint import (CheckpointError, complete_tags, read_latest, repair_latest,
+                                     resolve)
 from megatron_ztt.config import RunConfig, load_config
 from megatron_ztt.files import write_text_atomic
 from megatron_ztt.model.config import ConfigError
@@ -65,11 +66,31 @@ def resume_point(config: RunConfig):
         return None
     if load == "auto":
         root = config.checkpoint_dir
-        if not os.path.isfile(os.path.join(root, LATEST)):
+        if not complete_tags(root):
+            if read_latest(root) is not None:  # `latest` names a missing or partial save
+                resolve(root)  # raises, saying so
             log(f"no checkpoint in {root} yet: starting from scratch")
             return None
-        return resolve(root)
-    return resolve(load)
+        point = resolve(root)  # the newest complete checkpoint
+        if dist.get_rank() == 0:
+            repair_latest(root)
+        return point
+    point = resolve(load)
+    _refuse_to_save_over_newer(config, *point)
+    return point
+
+
+def _refuse_to_save_over_newer(config: RunConfig, root: str, tag: str) -> None:
+    """Resuming from an older checkpoint of this run's own folder would save over newer ones."""
+    if os.path.abspath(root) != os.path.abspath(config.checkpoint_dir):
+        return
+    tags = complete_tags(root)
+    newer = tags[tags.index(tag) + 1:] if tag in tags else []
+    if newer:
+        raise CheckpointError(
+            f"train.load={os.path.join(root, tag)}: {root} also holds newer checkpoints "
+            f"({', '.join(newer)}) that this run would save over; move them out of {root} "
+            f"and use train.load=auto, or set run.dir to a new folder")
 
 
 # --------------------------------------------------------------------------- steps

@@ -1,0 +1,138 @@
+"""Checkpoints after a crash: `latest` left one save behind, stale temporary files, truncated
+or corrupt checkpoints, and the commands that read them (resume, ztt eval)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from distributed import run_distributed
+from train_helpers import micro_config
+
+from megatron_ztt import checkpoint as ckpt
+from megatron_ztt.training.checkpoint import _prune
+
+
+def _fake_checkpoint(root, iteration, complete=True):
+    tag_dir = root / ckpt.tag_for(iteration)
+    tag_dir.mkdir(parents=True)
+    if complete:
+        (tag_dir / ckpt.META).write_text(json.dumps({"format_version": ckpt.FORMAT_VERSION,
+                                                     "iteration": iteration}))
+    return tag_dir
+
+
+def test_newest_complete_checkpoint_wins_over_a_stale_latest(tmp_path, capsys):
+    root = tmp_path / "checkpoints"
+    for iteration in (5, 10):
+        _fake_checkpoint(root, iteration)
+    _fake_checkpoint(root, 15, complete=False)  # a save cut short
+    (root / "latest").write_text("iter_0000005")  # killed before `latest` moved to 10
+    (root / "latest.tmp4242").write_text("iter_0000010")
+    assert ckpt.resolve(str(root)) == (str(root), "iter_0000010")
+    assert "iter_0000010 is the newest complete checkpoint" in capsys.readouterr().err
+    assert ckpt.repair_latest(str(root)) == "iter_0000010"
+    assert (root / "latest").read_text() == "iter_0000010"
+    assert sorted(os.listdir(root)) == ["iter_0000005", "iter_0000010", "iter_0000015", "latest"]
+    # iteration order, not string order, and renamed folders are not checkpoints
+    _fake_checkpoint(root, 100_000_000)
+    (root / "iter_0000010").rename(root / "iter_0000010.corrupt")
+    assert ckpt.complete_tags(str(root)) == ["iter_0000005", "iter_100000000"]
+    ckpt.repair_latest(str(root))
+    _prune(str(root), keep_last=1)
+    assert sorted(os.listdir(root)) == ["iter_0000010.corrupt", "iter_100000000", "latest"]
+
+
+def test_corrupt_meta_is_a_checkpoint_error(tmp_path):
+    tag_dir = _fake_checkpoint(tmp_path, 3)
+    (tag_dir / ckpt.META).write_text('{"format_version": 1, "iter')
+    with pytest.raises(ckpt.CheckpointError, match="ztt_meta.json is unreadable or corrupt"):
+        ckpt.read_meta(str(tag_dir))
+
+
+def _crash_worker(rank, data, run_dir):
+    from megatron_ztt.training.train import train
+
+    out = {}
+    train(micro_config(data, run_dir, "train.train_iters=4", "checkpoint.interval=2"))
+    root = f"{run_dir}/checkpoints"
+    # kill -9 after iter_0000004 was complete but before `latest` moved to it
+    with open(f"{root}/latest", "w") as f:
+        f.write("iter_0000002")
+    with open(f"{root}/latest.tmp999", "w") as f:
+        f.write("iter_0000004")
+    result = train(micro_config(data, run_dir, "train.train_iters=6", "checkpoint.interval=2",
+                                "train.load=auto"))
+    out["resumed_losses"] = sorted(result.losses)
+    out["listing"] = sorted(n for n in os.listdir(root) if n.startswith(("iter_", "latest")))
+    with open(f"{root}/latest") as f:
+        out["latest"] = f.read()
+    # a truncated newest checkpoint: the error names the file and the way back
+    model_file = f"{root}/iter_0000006/{ckpt.model_file(0, 0)}"
+    with open(model_file, "r+b") as f:
+        f.truncate(os.path.getsize(model_file) // 2)
+    try:
+        train(micro_config(data, run_dir, "train.train_iters=8", "train.load=auto"))
+        out["truncated_error"] = None
+    except ckpt.CheckpointError as error:
+        out["truncated_error"] = str(error)
+    # resuming from an older checkpoint of the same folder would save over the newer ones
+    try:
+        train(micro_config(data, run_dir, "train.train_iters=8",
+                           f"train.load={root}/iter_0000004"))
+        out["older_error"] = None
+    except ckpt.CheckpointError as error:
+        out["older_error"] = str(error)
+    return out
+
+
+@pytest.fixture(scope="module")
+def crashed_run(sample_data, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("crash") / "run"
+    (out,) = run_distributed(_crash_worker, world_size=1, args=(sample_data, str(run_dir)))
+    return out, run_dir
+
+
+def test_resume_after_a_kill_before_latest_moved_uses_the_newest_checkpoint(crashed_run):
+    out, _ = crashed_run
+    assert out["resumed_losses"] == [5, 6]  # from iteration 4, not 2
+    assert out["latest"] == "iter_0000006"
+    assert out["listing"] == ["iter_0000002", "iter_0000004", "iter_0000006", "latest"]
+
+
+def test_truncated_newest_checkpoint_names_the_file_and_the_previous_one(crashed_run):
+    out, run_dir = crashed_run
+    error = out["truncated_error"]
+    assert error and f"iter_0000006/{ckpt.model_file(0, 0)} is truncated" in error, error
+    assert f"previous complete checkpoint is {run_dir}/checkpoints/iter_0000004" in error
+    assert "train.load=auto" in error
+    assert "newer checkpoints (iter_0000006)" in out["older_error"]
+
+
+def _ztt_eval(*args):
+    env = dict(os.environ, ZTT_DEVICE="cpu", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, "-m", "megatron_ztt.cli", "eval", *args],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_eval_reports_truncated_incomplete_and_corrupt_checkpoints_in_one_line(crashed_run,
+                                                                               tmp_path, capsys):
+    from megatron_ztt.cli import main
+
+    partial = _fake_checkpoint(tmp_path, 7, complete=False)
+    assert main(["eval", "--checkpoint", str(partial)]) == 2
+    assert "is not a complete checkpoint" in capsys.readouterr().err
+    corrupt = _fake_checkpoint(tmp_path, 8)
+    (corrupt / ckpt.META).write_text("{not json")
+    assert main(["eval", "--checkpoint", str(corrupt)]) == 2
+    assert "unreadable or corrupt" in capsys.readouterr().err
+
+    _, run_dir = crashed_run
+    result = _ztt_eval("--checkpoint", f"{run_dir}/checkpoints/iter_0000006")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "iter_0000006/mp_rank_00_model_states.pt" in result.stderr, result.stderr[-2000:]

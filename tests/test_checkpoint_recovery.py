@@ -135,4 +135,4 @@ def test_eval_reports_truncated_incomplete_and_corrupt_checkpoints_in_one_line(c
     result = _ztt_eval("--checkpoint", f"{run_dir}/checkpoints/iter_0000006")
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
-    assert "iter_0000006/mp_rank_00_model_states.pt" in result.stderr, result.stderr[-2000:]
+    assert f"iter_0000006/{ckpt.model_file(0, 0)}" in result.stderr, result.stderr[-2000:]

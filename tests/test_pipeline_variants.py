@@ -14,7 +14,8 @@ from distributed import run_distributed
 from train_helpers import micro_config
 
 BASE = ["model.num_layers=4", "model.num_cycles=3", "train.clip_grad=0.0",
-        "parallel.zero_stage=0", "train.micro_batch_size=2", "train.global_batch_size=4"]
+        "parallel.zero_stage=0", "train.nonfinite_loss=stop", "train.micro_batch_size=2",
+        "train.global_batch_size=4"]
 NO_EXITS = "model.exit_loss_weights=[0.0,0.0,1.0]"
 EXITS = "model.exit_loss_weights=[0.3,0.3,1.0]"
 VARIANTS = {

@@ -7,11 +7,11 @@ parallelism (and, optionally, the earlier replicated pipeline) at the same proce
 
 Each (size, layout) trains a few steps through the normal entry point (``torchrun -m
 megatron_ztt.train``, fp32, ZeRO-1) and reads ``status.json``: parameters and optimizer-state
-bytes per rank, median step time. The pipeline bubble of C virtual stages per rank and m
-micro batches is stated as (P-1)/(C m + P-1) ~ (P-1)/(C m) (interleaved 1F1B) and measured as
-the lost fraction against a perfect split of PP=1's step, 1 - (T_1 / P) / T_P (the same cores
-in total; this includes the point-to-point transfers, and on shared cores the load of the
-machine). Writes a JSON report and prints a Markdown table.
+bytes per rank, median step time, tokens/s. The pipeline bubble of C virtual stages per rank
+and m micro batches is stated as (P-1)/(C m + P-1) ~ (P-1)/(C m) (interleaved 1F1B; plain
+1F1B, the replicated design: (P-1)/(m + P-1)). ``--cores`` threads are split over the
+processes (one per process when there are more processes than cores). Writes a JSON report and
+prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -130,20 +130,11 @@ def main():
             print(json.dumps(results[-1]), flush=True)
             (out_dir / "report.json").write_text(json.dumps(
                 {"settings": vars(args), "results": results}, indent=2))
-    single = {r["size"]: r["step_seconds_median"] for r in results if r["layout"] == "PP=1"}
-    for r in results:
-        if "bubble" in r and r["size"] in single:
-            ideal = single[r["size"]] / r["processes"]
-            r["measured_loss_vs_perfect_split"] = 1 - ideal / r["step_seconds_median"]
-    (out_dir / "report.json").write_text(json.dumps({"settings": vars(args), "results": results},
-                                                    indent=2))
     print("| size | layout | parameters per rank | optimizer state MiB per rank | step s | "
-          "tokens/s | stated bubble | measured loss vs perfect split |")
-    print("|---|---|---|---|---|---|---|---|")
+          "tokens/s | bubble |")
+    print("|---|---|---|---|---|---|---|")
     for r in results:
         bubble = f"{r['bubble']:.3f} (m={r['micro_batches']})" if "bubble" in r else "-"
-        measured = r.get("measured_loss_vs_perfect_split")
-        bubble += f" | {measured:.2f}" if measured is not None else " | -"
         print(f"| {r['size']} | {r['layout']} | "
               f"{', '.join(f'{p:,}' for p in r['parameters_per_rank'])} | "
               f"{', '.join(str(b) for b in r['optimizer_state_mib_per_rank'])} | "

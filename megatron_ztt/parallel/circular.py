@@ -264,14 +264,15 @@ def pipeline_stages(module: CircularStage, micro_batch: int, device, training: b
 def build_schedule(module: CircularStage, micro_batches: int, micro_batch: int,
                    loss_fn: Callable, device, log: Callable[[str], None] = print):
     """The training schedule over this rank's C virtual stages."""
-    from torch.distributed.pipelining import (Schedule1F1B, ScheduleInterleaved1F1B,
-                                              ScheduleLoopedBFS)
+    from torch.distributed.pipelining import (Schedule1F1B, ScheduleGPipe,
+                                              ScheduleInterleaved1F1B, ScheduleLoopedBFS)
 
     cycles, size = module.config.num_cycles, module.size
     stages = pipeline_stages(module, micro_batch, device)
     # each micro batch's loss is already divided by the micro-batch count
-    if cycles == 1:
-        return Schedule1F1B(stages[0], micro_batches, loss_fn=loss_fn, scale_grads=False)
+    if cycles == 1:  # one stage per rank; 1F1B needs at least as many micro batches as stages
+        single = Schedule1F1B if micro_batches >= size else ScheduleGPipe
+        return single(stages[0], micro_batches, loss_fn=loss_fn, scale_grads=False)
     rounds = max(1, micro_batches // size)
     if micro_batches % rounds == 0:
         return ScheduleInterleaved1F1B(stages, micro_batches, loss_fn=loss_fn, scale_grads=False)

@@ -4,11 +4,12 @@ With P pipeline ranks, the cycled layers (layers 2..L-1 for ``head_tail``, all L
 ``basic``, and the L layers as one cycle for ``vanilla``) are split into P equal slices and
 rank r holds slice r, once. A micro batch goes around the ring C times::
 
-          cycle 1            cycle 2            cycle C
-    rank 0: emb, head, s0 -> s0 ------------> ... s0
-    rank 1:        s1 ---/   s1 ------------> ... s1
-     ...                                             \\
-    rank P-1:      s(P-1) -> s(P-1) ... -> s(P-1), tail, norm, output, loss
+    cycle 1:  rank 0 [embedding, head, slice 0] -> rank 1 [slice 1] -> ... -> rank P-1 [slice P-1, gate]
+                 +--------------------------------------------------------------------+
+                 v
+    cycle 2:  rank 0 [slice 0] -> rank 1 [slice 1] -> ... -> rank P-1 [slice P-1]
+      ...
+    cycle C:  rank 0 [slice 0] -> ... -> rank P-1 [slice P-1, tail, final norm, output] -> loss
 
 Virtual stage ``v = c * P + r`` is cycle c's pass through rank r; rank r's C virtual stages
 wrap the same :class:`CircularStage` (``torch.distributed.pipelining``: one ``PipelineStage``
@@ -31,7 +32,7 @@ and their gradient sums over the cycles in place: no copies, no tied-weight all-
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import torch
 import torch.distributed as dist
@@ -46,7 +47,6 @@ from megatron_ztt.model.layers import (OutputHead, TokenEmbedding, all_reduce_te
                                        rotary_embedding)
 from megatron_ztt.model.seeding import init_scope
 from megatron_ztt.model.ztt import GateLookup, build_gates, run_layer
-from megatron_ztt.parallel.sharding import partition_spec
 
 # DeepSpeed skips parameters with this attribute set in its gradient norm (a replica counted
 # on another stage); the name is DeepSpeed's ``PIPE_REPLICATED``.
@@ -195,9 +195,6 @@ class CircularStage(torch.nn.Module):
         if weight.grad is None:
             weight.grad = torch.zeros_like(weight)
         dist.all_reduce(weight.grad, group=parallel_state.get_embedding_group())
-
-    def local_partition_spec(self):
-        return partition_spec(self)
 
 
 class VirtualStage(torch.nn.Module):

@@ -5,7 +5,8 @@
 Trains each (model size, layout) for a few steps through the normal entry point
 (``torchrun -m megatron_ztt.train``) and reads the run's ``status.json``: median step time,
 tokens/s, peak resident memory per rank and optimizer-state bytes per rank. Layouts: DP=1,
-DP=2, TP=2, PP=2 (plus the pipeline bubble implied by its micro-batch count), and ZeRO
+DP=2, TP=2, PP=2 (the circular pipeline, plus the bubble implied by its micro-batch and
+cycle counts), and ZeRO
 stages 0/1/2 at DP=2. Writes a JSON report (and prints a Markdown table).
 
 The data can be the demo's (``work/demo/data/sample`` after ``make demo``) or any prefix
@@ -84,9 +85,11 @@ def run(size, layout, args, out_dir: Path) -> dict:
                                          for b in status["optimizer_state_bytes_per_rank"]],
     }
     if layout == "PP=2":
+        # interleaved 1F1B over C virtual stages per rank: (P-1)/(C m + P-1)
         micro_batches = args.global_batch // 4
+        cycles = config["model"]["num_cycles"]
         result["pipeline_micro_batches"] = micro_batches
-        result["pipeline_bubble_fraction"] = (2 - 1) / (micro_batches + 2 - 1)
+        result["pipeline_bubble_fraction"] = (2 - 1) / (cycles * micro_batches + 2 - 1)
     return result
 
 
@@ -115,7 +118,7 @@ def main():
     for r in results:
         if "pipeline_bubble_fraction" in r:
             print(f"{r['size']} PP=2: {r['pipeline_micro_batches']} micro batches per step, "
-                  f"bubble (p-1)/(m+p-1) = {r['pipeline_bubble_fraction']:.3f}")
+                  f"bubble (p-1)/(C m+p-1) = {r['pipeline_bubble_fraction']:.3f}")
 
 
 if __name__ == "__main__":

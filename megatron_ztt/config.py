@@ -33,7 +33,8 @@ class ParallelSection:
     tensor: int = 1
     pipeline: int = 1
     zero_stage: int = 1
-    # Pipeline partitioning: "applications" balances layer applications over stages.
+    # Unused: the circular pipeline splits the cycled layers evenly over the stages. Kept so
+    # that the configs saved in checkpoints of the earlier pipeline still load.
     pipeline_partition: str = "applications"
 
 
@@ -178,16 +179,15 @@ def validate(config: RunConfig) -> None:
     if parallel.zero_stage not in (0, 1, 2, 3):
         fail("parallel.zero_stage", f"must be 0, 1, 2 or 3, got {parallel.zero_stage}")
     if parallel.pipeline > 1 and parallel.zero_stage > 1:
-        fail("parallel.zero_stage", f"DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 "
-             f"only, got {parallel.zero_stage} with parallel.pipeline={parallel.pipeline}")
+        fail("parallel.zero_stage", f"the circular pipeline (parallel.pipeline="
+             f"{parallel.pipeline}) supports parallel.zero_stage 0 or 1 only, got "
+             f"{parallel.zero_stage}: every cycle's backward adds into the same shared "
+             f"parameters, which ZeRO-2's gradient partitioning (and ZeRO-3) refuses")
     if parallel.zero_stage == 3 and parallel.tensor > 1:
         fail("parallel.zero_stage", "ZeRO-3 with tensor parallelism is not supported; use 1 or 2")
     if train.nonfinite_loss == "skip" and parallel.zero_stage == 0:
         fail("train.nonfinite_loss", "skip relies on the ZeRO optimizer's overflow check "
              "(parallel.zero_stage >= 1); use stop with parallel.zero_stage=0")
-    if parallel.pipeline_partition not in ("applications", "uniform"):
-        fail("parallel.pipeline_partition", f"must be applications or uniform, got "
-             f"{parallel.pipeline_partition!r}")
     if not config.data.blend:
         fail("data.blend", "no dataset given: set data.blend=[PREFIX] (files PREFIX.bin/.idx)")
     if not config.data.tokenizer:

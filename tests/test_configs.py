@@ -36,3 +36,14 @@ def test_config_overrides_and_errors():
         load_config("no/such.yaml")
     with pytest.raises(ConfigError, match="section.key=value"):
         load_config(str(CONFIGS[0]), ["train.lr"])
+
+
+def test_circular_pipeline_refuses_zero_2_and_3_naming_both_settings():
+    from megatron_ztt.model.config import ConfigError
+
+    for stage in (2, 3):
+        with pytest.raises(ConfigError) as error:
+            load_config(str(CONFIGS[0]), ["data.blend=[a]", "data.tokenizer=t",
+                                          "parallel.pipeline=2", f"parallel.zero_stage={stage}"])
+        assert "parallel.zero_stage" in str(error.value)
+        assert "parallel.pipeline=2" in str(error.value)

@@ -29,7 +29,11 @@ def test_bad_settings_are_named(overrides, setting):
 @pytest.mark.parametrize("overrides,tp,pp,fragment", [
     (dict(num_attention_heads=6, hidden_size=96, num_query_groups=None), 4, 1, "num_attention_heads"),
     (dict(num_attention_heads=8, num_query_groups=2), 4, 1, "num_query_groups"),
-    (dict(num_layers=3, num_cycles=1), 1, 4, "more pipeline stages than layer applications"),
+    (dict(num_layers=3, num_cycles=1), 1, 4, "more pipeline stages than cycled layers"),
+    (dict(num_layers=5), 1, 2, "do not split evenly over 2 stages"),
+    (dict(num_layers=3, cycle_mode="basic", num_cycles=2), 1, 2, "do not split evenly"),
+    (dict(num_layers=2, cycle_mode="vanilla", num_cycles=1, gate=False, zero_token=False), 1, 3,
+     "more pipeline stages than cycled layers"),
     (dict(vocab_size=100, make_vocab_size_divisible_by=2), 8, 1, "padded vocabulary"),
 ])
 def test_impossible_layouts_are_named(overrides, tp, pp, fragment):

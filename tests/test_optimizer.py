@@ -54,5 +54,12 @@ def test_deepspeed_config_batch_arithmetic():
     ds = deepspeed_config(config, world_size=4)
     assert ds["gradient_accumulation_steps"] == 2
     assert ds["train_batch_size"] == 16 and ds["train_micro_batch_size_per_gpu"] == 2
-    piped = deepspeed_config(_config("parallel.pipeline=2"), world_size=2)
-    assert piped["pipeline"]["grad_partitioned"] is False
+    # the circular pipeline's schedule accumulates the micro batches before DeepSpeed steps
+    piped = deepspeed_config(_config("train.micro_batch_size=2", "train.global_batch_size=16",
+                                     "parallel.pipeline=2"), world_size=4)
+    assert piped["gradient_accumulation_steps"] == 1
+    assert piped["train_micro_batch_size_per_gpu"] == 8 and piped["train_batch_size"] == 16
+    assert piped["gradient_clipping"] == 1.0
+    unzeroed = deepspeed_config(_config("parallel.pipeline=2", "parallel.zero_stage=0",
+                                        "train.nonfinite_loss=stop"), world_size=2)
+    assert unzeroed["gradient_clipping"] == 0.0  # the engine clips by the global norm itself

@@ -1,6 +1,7 @@
-"""Pipeline parallelism across cycles, on real gloo processes: PP=2 and PP=2 x TP=2 follow
-PP=1, the shared middle layers stay identical on every stage, each stage holds only its own
-zero keys, resume is exact, and the export reads a pipeline checkpoint."""
+"""The circular pipeline on real gloo processes: PP=2, PP=2 x TP=2 and PP=2 x DP=2 (ZeRO-1)
+follow PP=1's losses over optimizer steps (clipping by the norm over all stages on), each rank
+holds its slice of the middle layers once and only its own zero keys, the tied embedding's two
+copies stay identical, resume is exact, and the export reads a pipeline checkpoint."""
 
 import math
 import os
@@ -32,6 +33,7 @@ def _train_runs(rank, data, root, weights, runs):
         result = train(micro_config(data, f"{root}/{name}", *PIPE, f"train.init_weights={weights}",
                                     f"train.lr_decay_iters={STEPS}", *overrides))
         out[name] = result.losses
+        out[f"{name} validation"] = result.validation
     return out
 
 
@@ -59,20 +61,22 @@ def pipeline_runs(sample_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
     weights = str(root / "initial.pt")
     run_distributed(_initial_weights, world_size=1, args=(sample_data, weights))
-    steps = f"train.train_iters={STEPS}"
+    # validation (full depth) after the last step, on the same held-out batches
+    steps = f"train.train_iters={STEPS}", f"eval.interval={STEPS}"
     (single,) = run_distributed(_train_runs, world_size=1, args=(
         sample_data, str(root), weights,
-        [("pp1", [steps]), ("pp1_frozen", ["train.train_iters=1", "train.lr=0", "train.min_lr=0"])]))
+        [("pp1", [*steps]), ("pp1_frozen", ["train.train_iters=1", "train.lr=0", "train.min_lr=0"])]))
     pipe = run_distributed(_train_runs, world_size=2, args=(
         sample_data, str(root), weights,
-        [("pp2", [steps, "parallel.pipeline=2"]),
+        [("pp2", [*steps, "parallel.pipeline=2"]),
          ("pp2_resume", ["train.train_iters=2", "parallel.pipeline=2"]),
-         ("pp2_resume", [steps, "parallel.pipeline=2", "train.load=auto"]),
+         ("pp2_resume", [*steps, "parallel.pipeline=2", "train.load=auto"]),
          ("pp2_frozen", ["train.train_iters=1", "train.lr=0", "train.min_lr=0",
                          "parallel.pipeline=2"])]))
     pipe_tensor = run_distributed(_train_runs, world_size=4, args=(
         sample_data, str(root), weights,
-        [("pp2_tp2", [steps, "parallel.pipeline=2", "parallel.tensor=2"])]))
+        [("pp2_tp2", [*steps, "parallel.pipeline=2", "parallel.tensor=2"]),
+         ("pp2_dp2", [*steps, "parallel.pipeline=2", "parallel.zero_stage=1"])]))
     return single, pipe, pipe_tensor, root
 
 
@@ -90,25 +94,43 @@ def test_pipeline_layouts_follow_single_stage_losses(pipeline_runs):
     _assert_same(pipe[0]["pp2"], reference, "PP=2")
     _assert_same(pipe[1]["pp2"], reference, "PP=2 (last stage)")
     _assert_same(pipe_tensor[0]["pp2_tp2"], reference, "PP=2 x TP=2")
+    _assert_same(pipe_tensor[0]["pp2_dp2"], reference, "PP=2 x DP=2 (ZeRO-1)")
 
 
 @pytest.mark.slow
-def test_shared_layers_stay_identical_and_zero_keys_stay_local(pipeline_runs):
+def test_pipeline_validation_matches_single_stage(pipeline_runs):
+    single, pipe, pipe_tensor, _ = pipeline_runs
+    (expected,) = single["pp1 validation"].values()
+    for name, runs in (("pp2", pipe), ("pp2_tp2", pipe_tensor), ("pp2_dp2", pipe_tensor)):
+        for rank in (0, len(runs) - 1):  # the loss lives on the last stage; every rank reports it
+            (got,) = runs[rank][f"{name} validation"].values()
+            assert got["lm loss validation"] == pytest.approx(expected["lm loss validation"],
+                                                              abs=5e-5), name
+            assert got["mean-cycles validation"] == expected["mean-cycles validation"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", ["pp2", "pp2_dp2"])
+def test_each_rank_holds_its_slice_once_and_the_tied_embedding_stays_identical(pipeline_runs,
+                                                                               run):
     *_, root = pipeline_runs
-    first, second = _stage_files(root / "pp2")
+    first, second = _stage_files(root / run)
+    layers = [{int(n.split(".")[1]) for n in stage if n.startswith("layers.")}
+              for stage in (first, second)]
+    # L=4: the head and middle layer 2 on the first rank, middle layer 3 and the tail on the
+    # last; each middle layer exists once although it runs in all 3 cycles
+    assert layers == [{0, 1}, {2, 3}]
     shared = sorted(set(first) & set(second))
-    # the middle layers (2 and 3, 0-based 1 and 2) run on both stages
-    assert any(name.startswith("layers.1.") for name in shared)
-    assert any(name.startswith("layers.2.") for name in shared)
-    for name in shared:
-        assert torch.equal(first[name], second[name]), f"replicas of {name} differ"
+    assert shared == ["embedding.word_embeddings.weight"]  # tied: the last rank's copy
+    assert torch.equal(first[shared[0]], second[shared[0]]), "the tied embedding copies differ"
     keys = [{n.split(".")[-1] for n in stage if n.startswith("zero_token_pool.")}
             for stage in (first, second)]
-    assert keys[0] and keys[1] and not keys[0] & keys[1]
-    assert "head" in keys[0] and "tail" in keys[1]
-    assert len(keys[0] | keys[1]) == 8  # every application's key, exactly once
+    assert keys[0] == {"head", "cycle1_layer2", "cycle2_layer2", "cycle3_layer2"}
+    assert keys[1] == {"cycle1_layer3", "cycle2_layer3", "cycle3_layer3", "tail"}
     gates = [{n.split(".")[1] for n in stage if n.startswith("gates.")} for stage in (first, second)]
-    assert not gates[0] & gates[1] and len(gates[0] | gates[1]) == 3
+    assert gates == [set(), {"0", "1", "2"}]  # a cycle's gate sits with its last layer
+    assert "output_head.final_norm.weight" in second and not any(
+        n.startswith("output_head.") for n in first)
 
 
 @pytest.mark.slow

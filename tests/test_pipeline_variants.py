@@ -1,5 +1,5 @@
-"""Every model variant under TP=2, PP=2 and PP=2 x TP=2 against one process: the same
-initial weights at the same seed, the same loss and the same gathered gradients for one
+"""Every model variant under TP=2, PP=2, PP=2 x TP=2 and PP=2 x DP=2 against one process: the
+same initial weights at the same seed, the same loss and the same gathered gradients for one
 global batch.
 
 All layouts build their engine through ``training.engines.build_engine`` at the same seed;
@@ -13,8 +13,9 @@ import torch
 from distributed import run_distributed
 from train_helpers import micro_config
 
-BASE = ["model.num_layers=4", "model.num_cycles=3", "train.clip_grad=0.0", "train.nonfinite_loss=stop",
-        "parallel.zero_stage=0", "train.micro_batch_size=2", "train.global_batch_size=4"]
+BASE = ["model.num_layers=4", "model.num_cycles=3", "train.clip_grad=0.0",
+        "parallel.zero_stage=0", "train.nonfinite_loss=stop", "train.micro_batch_size=2",
+        "train.global_batch_size=4"]
 NO_EXITS = "model.exit_loss_weights=[0.0,0.0,1.0]"
 EXITS = "model.exit_loss_weights=[0.3,0.3,1.0]"
 VARIANTS = {
@@ -89,6 +90,9 @@ def _gather(engine, local):
 
 
 def _run_variants(rank, data, root, layout):
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
     from megatron_ztt.training.engines import build_engine
 
     out = {}
@@ -98,8 +102,14 @@ def _run_variants(rank, data, root, layout):
         initial = engine.full_state_dict()
         captured = _capture_gradients(engine)
         engine.train()
-        result = engine.train_step(iter(_global_batch(config)), 1, collect_stats=False)
-        out[name] = {"initial": initial, "loss": result.losses.get("lm loss"),
+        # each data-parallel rank takes its share of the global batch's micro batches
+        dp = parallel_state.get_data_parallel_world_size()
+        share = _global_batch(config)[parallel_state.get_data_parallel_rank()::dp]
+        result = engine.train_step(iter(share), 1, collect_stats=False)
+        loss = result.losses.get("lm loss")
+        mean = torch.tensor([loss or 0.0], dtype=torch.float64)
+        dist.all_reduce(mean, group=parallel_state.get_data_parallel_group())
+        out[name] = {"initial": initial, "loss": None if loss is None else mean.item() / dp,
                      "grads": _gather(engine, captured)}
     return out
 
@@ -117,6 +127,8 @@ def layouts(sample_data, tmp_path_factory):
                                    tensor_parallel=2,
                                    args=(sample_data, root, ["parallel.pipeline=2",
                                                              "parallel.tensor=2"])),
+        "pp2_dp2": run_distributed(_run_variants, world_size=4, pipeline_parallel=2,
+                                   args=(sample_data, root, ["parallel.pipeline=2"])),
     }
     return runs
 
@@ -132,7 +144,7 @@ def _assert_state_equal(got, expected, what, atol=0.0):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["tp2", "pp2", "pp2_tp2"])
+@pytest.mark.parametrize("layout", ["tp2", "pp2", "pp2_tp2", "pp2_dp2"])
 def test_every_variant_matches_one_process(layouts, layout):
     reference = layouts["pp1"][0]
     last_stage = layouts[layout][-1]

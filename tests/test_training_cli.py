@@ -104,7 +104,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(sample_data, tmp_path):
     (["parallel.tensor=3"], "parallel.tensor"),
     (["parallel.zero_stage=5"], "parallel.zero_stage"),
     (["parallel.pipeline=2", "parallel.zero_stage=2"], "parallel.zero_stage"),
-    (["parallel.pipeline=9", "parallel.zero_stage=1"], "more pipeline stages than layer applications"),
+    (["parallel.pipeline=9", "parallel.zero_stage=1"], "more pipeline stages than cycled layers"),
 ])
 def test_bad_settings_fail_at_start_naming_the_key(sample_data, tmp_path, overrides, named):
     result = subprocess.run(

@@ -176,6 +176,19 @@ class ZTTConfig:
         if self.padded_vocab_size % tensor_parallel:
             fail(f"the padded vocabulary ({self.padded_vocab_size}) is not divisible by "
                  f"parallel.tensor; raise model.make_vocab_size_divisible_by")
-        if pipeline_parallel > self.num_applications:
-            fail(f"more pipeline stages than layer applications ({self.num_applications})")
+        if pipeline_parallel > 1:
+            # The circular pipeline splits the cycled block over the stages, each stage
+            # holding its slice once (parallel/circular.py): head_tail cycles layers 2..L-1,
+            # basic all L layers, vanilla runs its L layers as one cycle.
+            cycled = len(self.cycled_layers)
+            block = (f"the {cycled} cycled layers (layers 2..{self.num_layers - 1} with "
+                     f"cycle_mode=head_tail)" if self.cycle_mode == "head_tail" else
+                     f"the {cycled} layers (cycle_mode={self.cycle_mode} cycles all of them)")
+            if pipeline_parallel > cycled:
+                fail(f"more pipeline stages than cycled layers: {block} give each stage at "
+                     f"most one; use parallel.pipeline <= {cycled}")
+            if cycled % pipeline_parallel:
+                fail(f"{block} do not split evenly over {pipeline_parallel} stages (each stage "
+                     f"holds an equal slice of the cycled block); choose parallel.pipeline "
+                     f"dividing {cycled}")
 

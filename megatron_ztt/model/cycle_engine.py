@@ -8,7 +8,7 @@
     logits = output(norm(tail(x)))
 
 Three models run this loop: the training model (``megatron_ztt.model.ztt``, megatron-core
-layers), the pipeline stages (``megatron_ztt.parallel.pipeline``) and the exported Hugging
+layers), the circular pipeline stages (``megatron_ztt.parallel.circular``) and the exported Hugging
 Face model, which ships this very file next to its ``modeling_ztt.py``. What differs between
 them is only *how one layer application is computed* (tensor-parallel layers, a key/value
 cache, ...): they hand the engine a ``run(app, hidden, state, record)`` callable. Everything

@@ -1,6 +1,6 @@
 """Building blocks of the model, from megatron-core parts.
 
-Shared by the whole model (``ztt.py``) and the pipeline stages (``parallel/pipeline.py``) so
+Shared by the whole model (``ztt.py``) and the pipeline stages (``parallel/circular.py``) so
 that both run exactly the same modules.
 """
 

@@ -3,13 +3,15 @@
 The training loop (``train.py``), validation and checkpoints talk to a
 :class:`TrainingEngine` only: one optimizer step, an evaluation loss at an exit threshold,
 save, load and the canonical full state dict. :class:`DenseEngine` wraps the whole model
-(``ZTTModel``) in DeepSpeed with ZeRO stage 0-3; :class:`PipelineEngine` wraps this rank's
-pipeline stage in DeepSpeed's pipeline engine. DeepSpeed's file names, private attributes
-and entry points appear in this module (and in the pipeline stage module it drives) only.
+(``ZTTModel``) in DeepSpeed with ZeRO stage 0-3; :class:`CircularPipelineEngine` drives this
+rank's stage of the circular pipeline with ``torch.distributed.pipelining`` and steps it with a
+per-stage DeepSpeed engine (ZeRO 0-1). DeepSpeed's file names, private attributes and entry
+points appear in this module only.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, Optional
@@ -242,72 +244,171 @@ class DenseEngine(TrainingEngine):
         load_full_state_dict(module, full)
 
 
-class PipelineEngine(TrainingEngine):
-    """This rank's pipeline stage under DeepSpeed's pipeline engine (TP inside, ZeRO 0-2)."""
+class CircularPipelineEngine(TrainingEngine):
+    """This rank's stage of the circular pipeline (``parallel/circular.py``): its slice of the
+    cycled block once, C virtual stages over it, TP inside and ZeRO 0-1 over its data-parallel
+    ranks.
 
-    evaluates_exits = False  # the stages pass no exit decisions yet: full depth only
+    One step: ``torch.distributed.pipelining`` runs forward and backward of every micro batch
+    over the ring (each micro batch's objective divided by the micro-batch count, the
+    schedule's own scaling off); the tied embedding's two gradient contributions are summed;
+    DeepSpeed averages the gradients over the data-parallel group (``allreduce_gradients``) and
+    steps. Clipping uses the norm over all stages: DeepSpeed's ZeRO-1 norm is reduced over the
+    tensor x pipeline group (``CircularPipelineMPU``); without ZeRO (stage 0) DeepSpeed's
+    clipping is off and this engine clips by the same global norm itself.
+    """
 
-    @staticmethod
-    def _micro_batches(batches):
-        for batch in batches:
-            yield (batch["tokens"],), (batch["labels"], batch["loss_mask"])
+    evaluates_exits = False  # the ring carries no exit decisions yet: full depth only
+
+    def __init__(self, config, module, deepspeed_engine):
+        super().__init__(config, module, deepspeed_engine)
+        from megatron_ztt.parallel.circular import build_schedule
+
+        self.micro_batches = config.gradient_accumulation_steps(dist.get_world_size())
+        self._own_clipping = config.parallel.zero_stage == 0 and config.train.clip_grad > 0
+        self._grad_norm: Optional[float] = None
+        self._targets = []
+        self._losses: Dict[str, float] = {}
+        self._log = lambda message: print(message, flush=True) if dist.get_rank() == 0 else None
+        self.schedule = build_schedule(module, self.micro_batches, config.train.micro_batch_size,
+                                       self._micro_batch_loss, runtime.current_device(),
+                                       self._log)
+        self._eval_schedule = None
+
+    # ------------------------------------------------------------------ the ring
+    def _micro_batch_loss(self, outputs, index):
+        from megatron_ztt.parallel.circular import micro_batch_losses
+
+        labels, loss_mask = self._targets[int(index.reshape(-1)[0])]
+        objective, losses = micro_batch_losses(self.module, outputs, labels, loss_mask,
+                                               self.module.training)
+        share = 1.0 / self.micro_batches
+        final = losses[self.config.model.num_cycles].detach().float().item()
+        self._losses["lm loss"] = self._losses.get("lm loss", 0.0) + final * share
+        if self.module.training:
+            for cycle, value in losses.items():
+                key = f"lm loss cycle {cycle}"
+                self._losses[key] = self._losses.get(key, 0.0) + value.detach().float().item() * share
+        return objective * share
+
+    def _run(self, schedule, batches, evaluation: bool) -> None:
+        """One global batch through ``schedule``: the first rank feeds the tokens, the last
+        reads labels and loss masks (by micro-batch index, the schedule's target)."""
+        module = self.module
+        tokens = None
+        if module.is_first or module.is_last:
+            micro = [next(batches) for _ in range(self.micro_batches)]
+            self._targets = [(b["labels"], b.get("loss_mask")) for b in micro]
+            tokens = torch.cat([b["tokens"] for b in micro])
+        index = torch.arange(self.micro_batches, device=runtime.current_device())
+        args = (tokens,) if module.is_first else ()
+        run = schedule.eval if evaluation else schedule.step
+        run(*args, target=index, return_outputs=False)
 
     def train_step(self, batches, iteration, collect_stats):
         engine, module, config = self._ds, self.module, self.config
         module.collect_stats = collect_stats
-        module.reset_statistics()
+        module.tally.reset()
+        self._losses = {}
         skipped_before = engine.skipped_steps
-        loss = engine.train_batch(data_iter=self._micro_batches(batches))
-        losses, stats = module.read_statistics()
+        self._run(self.schedule, batches, evaluation=False)
         module.collect_stats = False
+        stats = module.read_statistics() if collect_stats else {}
+        losses = self._losses
+        nonfinite = _any_rank(any(not math.isfinite(v) for v in losses.values()))
+        if nonfinite and config.train.nonfinite_loss == "stop":
+            raise NonFiniteLossError(f"iteration {iteration}: non-finite loss ({losses}); "
+                                     f"stopping as train.nonfinite_loss=stop asks. The last "
+                                     f"checkpoint is unchanged.")
+        module.reduce_tied_embedding_grad()
+        engine.allreduce_gradients()
+        if self._own_clipping:
+            self._clip_by_global_norm(config.train.clip_grad)
+        engine.step()
+        for param in module.parameters():
+            param.grad = None
         skipped = engine.skipped_steps > skipped_before
-        if not torch.isfinite(loss).all():
-            if config.train.nonfinite_loss == "stop":
-                raise NonFiniteLossError(f"iteration {iteration}: non-finite loss ({loss.item()}); "
-                                         f"stopping as train.nonfinite_loss=stop asks")
-            if not skipped:
-                raise NonFiniteLossError(f"iteration {iteration}: non-finite loss but the "
-                                         f"optimizer did not skip the step")
-        return StepResult(losses, stats, skipped)
+        if nonfinite and not skipped:
+            raise NonFiniteLossError(f"iteration {iteration}: non-finite loss but the optimizer "
+                                     f"did not skip the step")
+        return StepResult(dict(losses), stats, skipped)
+
+    @torch.no_grad()
+    def _clip_by_global_norm(self, max_norm: float) -> None:
+        """Without ZeRO: clip every stage's (data-parallel averaged) gradients by the norm over
+        all stages, each parameter counted once (tensor shards on every tensor rank,
+        replicated parameters on tensor rank 0, the tied embedding's copy not at all)."""
+        from megatron.core import parallel_state
+
+        from megatron_ztt.parallel.circular import PIPE_REPLICATED
+
+        tensor_rank = parallel_state.get_tensor_model_parallel_rank()
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        counted = [p.grad.float() for p in self.module.parameters()
+                   if p.grad is not None and not getattr(p, PIPE_REPLICATED, False)
+                   and (getattr(p, "tensor_model_parallel", False) or tensor_rank == 0)]
+        total = torch.zeros(1, device=runtime.current_device())
+        for grad in counted:
+            total += grad.pow(2).sum()
+        dist.all_reduce(total, group=parallel_state.get_model_parallel_group())
+        norm = total.sqrt().item()
+        self._grad_norm = norm
+        coefficient = max_norm / (norm + 1e-6)
+        if coefficient < 1.0:
+            for grad in grads:
+                grad.mul_(coefficient)
+
+    def grad_norm(self):
+        return self._grad_norm if self._own_clipping else super().grad_norm()
 
     @torch.no_grad()
     def evaluate(self, batches, iterations, exit_threshold):
+        from megatron.core import parallel_state
+
         if exit_threshold is not None:
-            raise ValueError("pipeline validation runs at full depth only")
-        data = self._micro_batches(batches)
-        total = sum(self._ds.eval_batch(data_iter=data).item() for _ in range(iterations))
-        self.module.reset_statistics()
-        return {"loss": total / max(1, iterations),
+            raise ValueError("circular-pipeline validation runs at full depth only")
+        if self._eval_schedule is None:  # forward only, the final exit's logits only
+            from torch.distributed.pipelining import ScheduleLoopedBFS
+
+            from megatron_ztt.parallel.circular import pipeline_stages
+
+            stages = pipeline_stages(self.module, self.config.train.micro_batch_size,
+                                     runtime.current_device(), training=False)
+            self._eval_schedule = ScheduleLoopedBFS(stages, self.micro_batches,
+                                                    loss_fn=self._micro_batch_loss,
+                                                    scale_grads=False)
+        self._losses = {}
+        total = 0.0
+        for _ in range(iterations):
+            self._run(self._eval_schedule, batches, evaluation=True)
+            total += self._losses.pop("lm loss", 0.0)
+        # the loss lives on the last stage: share it with the others
+        value = torch.tensor([total if self.module.is_last else 0.0],
+                             device=runtime.current_device())
+        dist.all_reduce(value, group=parallel_state.get_pipeline_model_parallel_group())
+        return {"loss": value.item() / max(1, iterations),
                 "mean_cycles": float(self.config.model.num_cycles)}
 
     @property
     def pipeline_rank(self) -> int:
-        return self.module.stage_id
-
-    def load(self, tag_dir):
-        from megatron.core import parallel_state
-
-        from megatron_ztt.checkpoint import read_model_file
-
-        super().load(tag_dir)
-        tensor_rank = parallel_state.get_tensor_model_parallel_rank()
-        self.module.load_local_state_dict(
-            read_model_file(os.path.join(tag_dir, model_file(self.pipeline_rank, tensor_rank))))
+        return self.module.rank
 
     def local_state_dict(self):
-        return self.module.canonical_state_dict()
+        return {n: p.detach().cpu().clone() for n, p in self.module.named_parameters()}
 
     def local_partition_spec(self):
-        return self.module.canonical_partition_spec()
+        return partition_spec(self.module)
 
     def canonical_names(self):
-        from megatron_ztt.parallel.pipeline import canonical_name
-
-        return {name: canonical_name(name) for name, _ in self.module.named_parameters()}
+        return {name: name for name, _ in self.module.named_parameters()}
 
     @staticmethod
     def load_weights_into(module, full):
-        module.load_canonical_state_dict(full)
+        missing = sorted(n for n, _ in module.named_parameters() if n not in full)
+        if missing:
+            raise CheckpointError(f"the initial weights have no {missing[:8]} for pipeline "
+                                  f"rank {module.rank}")
+        load_full_state_dict(module, full, strict=False)
 
 
 def build_engine(config: RunConfig) -> TrainingEngine:
@@ -319,9 +420,17 @@ def build_engine(config: RunConfig) -> TrainingEngine:
 
     world = dist.get_world_size()
     if config.parallel.pipeline > 1:
-        from megatron_ztt.parallel.pipeline import build_pipeline_model
+        from megatron.core import parallel_state
 
-        model, mpu, kind = build_pipeline_model(config), None, PipelineEngine
+        from megatron_ztt.parallel.circular import CircularStage, describe_ring
+        from megatron_ztt.parallel.mpu import CircularPipelineMPU
+
+        model = CircularStage(config.model, parallel_state.get_pipeline_model_parallel_rank(),
+                              config.parallel.pipeline)
+        mpu, kind = CircularPipelineMPU, CircularPipelineEngine
+        if dist.get_rank() == 0:
+            for line in describe_ring(config.model, config.parallel.pipeline):
+                print(line, flush=True)
     else:
         from megatron_ztt.model.ztt import ZTTModel
 

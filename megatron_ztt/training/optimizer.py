@@ -76,8 +76,13 @@ def deepspeed_config(config: RunConfig, world_size: int) -> Dict:
         "wall_clock_breakdown": False,
     }
     if config.parallel.pipeline > 1:
-        # DeepSpeed's partitioned send/recv passes gradients for the first tensor of a stage's
-        # output only; our stages pass several (cycle input, exit states), so send them whole.
-        ds["pipeline"] = {"activation_checkpoint_interval": 0, "pipe_partitioned": False,
-                          "grad_partitioned": False}
+        # The circular pipeline's schedule runs all micro batches of a step before DeepSpeed
+        # sees the gradients: to DeepSpeed one step is one (large) micro batch.
+        ds["train_micro_batch_size_per_gpu"] = (train.micro_batch_size
+                                                * config.gradient_accumulation_steps(world_size))
+        ds["gradient_accumulation_steps"] = 1
+        if config.parallel.zero_stage == 0:
+            # DeepSpeed's own clipping without ZeRO counts the stages' replicated parameters
+            # wrongly; the engine clips by the norm over all stages itself
+            ds["gradient_clipping"] = 0.0
     return ds

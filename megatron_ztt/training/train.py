@@ -260,7 +260,8 @@ class Trainer:
         result.skipped_steps = state.skipped_steps
         per_rank = [None] * self.world
         dist.all_gather_object(per_rank, {"peak_memory_bytes": runtime.peak_memory_bytes(),
-                                          "optimizer_state_bytes": result.optimizer_state_bytes})
+                                          "optimizer_state_bytes": result.optimizer_state_bytes,
+                                          "parameters": self.engine.parameter_count})
         if dist.get_rank() != 0:
             return
         status = {"state": result.state, "iteration": state.iteration,
@@ -269,7 +270,8 @@ class Trainer:
                   "train_step_seconds_median": _median(self.step_times),
                   "peak_memory_bytes_per_rank": [r["peak_memory_bytes"] for r in per_rank],
                   "optimizer_state_bytes_per_rank": [r["optimizer_state_bytes"]
-                                                     for r in per_rank]}
+                                                     for r in per_rank],
+                  "parameters_per_rank": [r["parameters"] for r in per_rank]}
         if result.signal:
             status["signal"] = result.signal
         write_text_atomic(os.path.join(self.config.run.dir, "status.json"), json.dumps(status))

@@ -1,0 +1,291 @@
+"""The circular pipeline: each pipeline rank holds its slice of the cycled block once.
+
+With P pipeline ranks, the cycled layers (layers 2..L-1 for ``head_tail``, all L layers for
+``basic``, and the L layers as one cycle for ``vanilla``) are split into P equal slices and
+rank r holds slice r, once. A micro batch goes around the ring C times::
+
+    cycle 1:  rank 0 [embedding, head, slice 0] -> rank 1 [slice 1] -> ... -> rank P-1 [slice P-1, gate]
+                 +--------------------------------------------------------------------+
+                 v
+    cycle 2:  rank 0 [slice 0] -> rank 1 [slice 1] -> ... -> rank P-1 [slice P-1]
+      ...
+    cycle C:  rank 0 [slice 0] -> ... -> rank P-1 [slice P-1, tail, final norm, output] -> loss
+
+Virtual stage ``v = c * P + r`` is cycle c's pass through rank r; rank r's C virtual stages
+wrap the same :class:`CircularStage` (``torch.distributed.pipelining``: one ``PipelineStage``
+per virtual stage, ``ScheduleInterleaved1F1B`` over them), so the shared weights exist once
+and their gradient sums over the cycles in place: no copies, no tied-weight all-reduce.
+
+* The first rank also holds the embedding and the head layer; the last the tail layer, the
+  output head and the gates (a cycle's gate reads the end of the cycle, which is on the last
+  rank). Each rank holds the zero keys of its own applications (``ZeroTokenPool``).
+* Tied embeddings: the last rank holds its own copy of the word embedding for the output
+  projection, drawn from the same stream (so equal at start); after each backward the two
+  gradient contributions are summed over megatron-core's embedding group (first and last
+  rank), so both copies take the same optimizer step and stay identical. The copy is marked
+  ``ds_pipe_replicated`` so that DeepSpeed counts it once in the gradient norm.
+* What travels between virtual stages is ``CycleEngine.pack``: (hidden, [open cycle's input
+  when a gate reads it], *states kept for exit losses).
+* Parameter names are ``ZTTModel``'s (``layers.<l>.*``, ``embedding.*``, ``zero_token_pool.*``,
+  ``gates.*``, ``output_head.*``), so checkpoints and ``load_trained`` need no renaming.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Tuple
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron_ztt.model.attention import ZeroTokenPool
+from megatron_ztt.model.config import ZTTConfig
+from megatron_ztt.model.cycle_engine import (Application, CycleEngine, ZeroAttentionTally,
+                                             application_plan, zero_attention_by_cycle)
+from megatron_ztt.model.layers import (OutputHead, TokenEmbedding, all_reduce_tensor_parallel,
+                                       build_transformer_layer, language_model_loss,
+                                       rotary_embedding)
+from megatron_ztt.model.seeding import init_scope
+from megatron_ztt.model.ztt import GateLookup, build_gates, run_layer
+
+# DeepSpeed skips parameters with this attribute set in its gradient norm (a replica counted
+# on another stage); the name is DeepSpeed's ``PIPE_REPLICATED``.
+PIPE_REPLICATED = "ds_pipe_replicated"
+
+
+def layer_slices(config: ZTTConfig, size: int) -> List[List[int]]:
+    """0-based cycled layers held by each of ``size`` pipeline ranks (equal slices)."""
+    config.check_parallel_layout(1, size)
+    cycled = config.cycled_layers
+    per = len(cycled) // size
+    return [cycled[r * per:(r + 1) * per] for r in range(size)]
+
+
+def virtual_applications(config: ZTTConfig, size: int) -> Dict[Tuple[int, int], List[Application]]:
+    """(cycle, rank) -> the applications that virtual stage ``cycle * size + rank`` runs."""
+    plan = application_plan(config)
+    slices = layer_slices(config, size)
+    owner = {layer: r for r, held in enumerate(slices) for layer in held}
+    stages: Dict[Tuple[int, int], List[Application]] = {
+        (c, r): [] for c in range(config.num_cycles) for r in range(size)}
+    for app in plan:
+        if app.cycle is None:  # head on the first virtual stage, tail on the last
+            key = (config.num_cycles - 1, size - 1) if app.after_cycles else (0, 0)
+        else:
+            key = (app.cycle, owner[app.layer])
+        stages[key].append(app)
+    return stages
+
+
+def describe_ring(config: ZTTConfig, size: int) -> List[str]:
+    """One line per pipeline rank: what it holds and runs (printed at start)."""
+    stages = virtual_applications(config, size)
+    lines = []
+    for r, held in enumerate(layer_slices(config, size)):
+        extra = (["embedding", "head"] if r == 0 and config.cycle_mode == "head_tail" else
+                 ["embedding"] if r == 0 else [])
+        if r == size - 1:
+            extra += (["tail"] if config.cycle_mode == "head_tail" else []) + ["output head"]
+        runs = sum(len(stages[(c, r)]) for c in range(config.num_cycles))
+        lines.append(f"pipeline rank {r}: layers {', '.join(str(l + 1) for l in held)}"
+                     f"{' + ' + ', '.join(extra) if extra else ''}; virtual stages "
+                     f"{', '.join(str(c * size + r) for c in range(config.num_cycles))}; "
+                     f"{runs} layer applications per micro batch")
+    return lines
+
+
+class CircularStage(torch.nn.Module):
+    """What pipeline rank ``rank`` of ``size`` holds: its slice of the cycled block once, its
+    applications' zero keys, and the embedding/head (first) or tail/output/gates (last)."""
+
+    def __init__(self, config: ZTTConfig, rank: int, size: int):
+        super().__init__()
+        config.check_parallel_layout(parallel_state.get_tensor_model_parallel_world_size(), size)
+        self.config = config
+        self.rank, self.size = rank, size
+        self.is_first, self.is_last = rank == 0, rank == size - 1
+        self.plan = application_plan(config)
+        self.stage_apps = {c: virtual_applications(config, size)[(c, rank)]
+                           for c in range(config.num_cycles)}
+        local_apps = [a for c in range(config.num_cycles) for a in self.stage_apps[c]]
+        held = sorted({a.layer for a in local_apps})
+        if self.is_first or (self.is_last and config.tie_embeddings):
+            with init_scope("embedding"):
+                self.embedding = TokenEmbedding(config)
+            if not self.is_first:  # the last rank's copy for the tied output projection
+                setattr(self.embedding.weight, PIPE_REPLICATED, True)
+        else:
+            self.embedding = None
+        # a ModuleDict keyed by the layer number names parameters like ZTTModel's ModuleList
+        self.layers = torch.nn.ModuleDict()
+        for i in held:
+            with init_scope(f"layer{i}"):
+                self.layers[str(i)] = build_transformer_layer(config, i)
+        self.zero_token_pool = (ZeroTokenPool(local_apps, config.query_groups, config.head_dim,
+                                              config.init_std) if config.zero_token else None)
+        gate_cycles = sorted({a.cycle for a in local_apps if a.ends_cycle})
+        self.gates = build_gates(config, gate_cycles) if config.gate and gate_cycles else None
+        if self.is_last:
+            with init_scope("output_head"):
+                self.output_head = OutputHead(config)
+        else:
+            self.output_head = None
+        self.engine = CycleEngine(
+            self.plan, num_cycles=config.num_cycles, num_heads=config.num_attention_heads,
+            gates=(GateLookup(self.gates if self.gates is not None else torch.nn.ModuleDict())
+                   if config.gate else None),
+            exit_loss_weights=config.exit_weights, reduce_heads=all_reduce_tensor_parallel)
+        self.tally = ZeroAttentionTally(config.num_attention_heads)
+        self.collect_stats = False
+
+    # ------------------------------------------------------------------ one virtual stage
+    def run_virtual_stage(self, cycle: int, inputs: Tuple[torch.Tensor, ...]):
+        """Cycle ``cycle``'s pass through this rank: carried tensors in, carried tensors out
+        (the first virtual stage takes token ids; the last returns the vocab-parallel logits
+        of the final state and of every kept exit state)."""
+        config, engine = self.config, self.engine
+        apps = self.stage_apps[cycle]
+        first_virtual = self.is_first and cycle == 0
+        last_virtual = self.is_last and cycle == config.num_cycles - 1
+        if first_virtual:
+            state = engine.begin(self.embedding(inputs[0]))
+        else:
+            state = engine.unpack(apps[0], inputs)
+        rope = rotary_embedding(config, state.hidden.shape[0], state.hidden.device)
+        tally = self.tally if self.collect_stats else None
+
+        def run(app, hidden, run_state, record):
+            key = self.zero_token_pool[app.name] if self.zero_token_pool is not None else None
+            return run_layer(config, self.layers[str(app.layer)], app, hidden, run_state,
+                             record, rope, key, {}, self.training)
+
+        for app in apps:
+            if last_virtual and app.after_cycles and not self.training:
+                state.exit_states = []  # validation reads the final exit only
+            # the kept exit states travel in evaluation too: every pass sends the same tensors
+            state = engine.step(app, state, run, keep_exit_states=True, tally=tally)
+        if not last_virtual:  # virtual stages run contiguous pieces of the plan
+            return engine.pack(state, self.plan[apps[-1].index + 1])
+        weight = self.embedding.weight if config.tie_embeddings else None
+        return tuple(self.output_head(h, embedding_weight=weight)
+                     for h in [state.hidden, *state.exit_states])
+
+    # ------------------------------------------------------------------ losses, statistics
+    def read_statistics(self) -> Dict[str, float]:
+        """Zero attention and gate means since the last read (collective over the
+        tensor-parallel group)."""
+        per_application = self.tally.zero_attention(all_reduce_tensor_parallel)
+        stats = {f"zero-attention/{name}": v.item() for name, v in per_application.items()}
+        # a cycle split over ranks is averaged per rank here and over ranks by the caller's
+        # reduction; every rank holds the same number of a cycle's layers
+        for cycle, value in zero_attention_by_cycle(self.plan, per_application).items():
+            stats[f"zero-attention/cycle {cycle}"] = value.item()
+        for cycle, value in self.tally.gate_means().items():
+            stats[f"gate/cycle {cycle}"] = value.item()
+        self.tally.reset()
+        return stats
+
+    # ------------------------------------------------------------------ tied embedding
+    def reduce_tied_embedding_grad(self) -> None:
+        """Sum the two contributions to the tied word embedding's gradient (first rank: input
+        embedding; last rank: output projection) so both copies take the same step."""
+        if not self.config.tie_embeddings or self.embedding is None:
+            return
+        weight = self.embedding.weight
+        if weight.grad is None:
+            weight.grad = torch.zeros_like(weight)
+        dist.all_reduce(weight.grad, group=parallel_state.get_embedding_group())
+
+
+class VirtualStage(torch.nn.Module):
+    """One cycle's view of a :class:`CircularStage`: the same module, the cycle's applications."""
+
+    def __init__(self, owner: CircularStage, cycle: int):
+        super().__init__()
+        self.owner = owner
+        self.cycle = cycle
+
+    def forward(self, *inputs):
+        return self.owner.run_virtual_stage(self.cycle, inputs)
+
+
+def carried_shapes(module: CircularStage, micro_batch: int, training: bool):
+    """(inputs, outputs) of each of this rank's virtual stages as meta tensors, so that the
+    stages need no shape inference (which would run the model on uninitialised buffers)."""
+    config, engine = module.config, module.engine
+    dtype = next(module.parameters()).dtype
+    tensor_parallel = parallel_state.get_tensor_model_parallel_world_size()
+    exit_cycles = engine.exit_cycles
+
+    def hidden(requires_grad):
+        return torch.empty(config.seq_length, micro_batch, config.hidden_size, dtype=dtype,
+                           device="meta", requires_grad=requires_grad)
+
+    def arriving(app: Application):  # what pack() sends to the stage starting with ``app``
+        cycle = config.num_cycles if app.cycle is None else app.cycle
+        count = 1 + int(engine.carries_cycle_input(app)) + sum(1 for c in exit_cycles if c < cycle)
+        return tuple(hidden(training) for _ in range(count))
+
+    shapes = []
+    for cycle in range(config.num_cycles):
+        apps = module.stage_apps[cycle]
+        if module.is_first and cycle == 0:
+            inputs = (torch.empty(micro_batch, config.seq_length, dtype=torch.long,
+                                  device="meta"),)
+        else:
+            inputs = arriving(apps[0])
+        if module.is_last and cycle == config.num_cycles - 1:
+            logits = 1 + (len(exit_cycles) if training else 0)
+            outputs = tuple(torch.empty(config.seq_length, micro_batch,
+                                        config.padded_vocab_size // tensor_parallel, dtype=dtype,
+                                        device="meta", requires_grad=training)
+                            for _ in range(logits))
+        else:
+            outputs = arriving(module.plan[apps[-1].index + 1])
+        shapes.append((inputs, outputs))
+    return shapes
+
+
+def pipeline_stages(module: CircularStage, micro_batch: int, device, training: bool = True):
+    """This rank's C virtual stages (``PipelineStage`` over the same module)."""
+    from torch.distributed.pipelining import PipelineStage
+
+    cycles, size, rank = module.config.num_cycles, module.size, module.rank
+    group = parallel_state.get_pipeline_model_parallel_group()
+    shapes = carried_shapes(module, micro_batch, training)
+    return [PipelineStage(VirtualStage(module, c), c * size + rank, cycles * size, device,
+                          input_args=shapes[c][0], output_args=shapes[c][1], group=group)
+            for c in range(cycles)]
+
+
+def build_schedule(module: CircularStage, micro_batches: int, micro_batch: int,
+                   loss_fn: Callable, device, log: Callable[[str], None] = print):
+    """The training schedule over this rank's C virtual stages."""
+    from torch.distributed.pipelining import (Schedule1F1B, ScheduleGPipe,
+                                              ScheduleInterleaved1F1B, ScheduleLoopedBFS)
+
+    cycles, size = module.config.num_cycles, module.size
+    stages = pipeline_stages(module, micro_batch, device)
+    # each micro batch's loss is already divided by the micro-batch count
+    if cycles == 1:  # one stage per rank; 1F1B needs at least as many micro batches as stages
+        single = Schedule1F1B if micro_batches >= size else ScheduleGPipe
+        return single(stages[0], micro_batches, loss_fn=loss_fn, scale_grads=False)
+    rounds = max(1, micro_batches // size)
+    if micro_batches % rounds == 0:
+        return ScheduleInterleaved1F1B(stages, micro_batches, loss_fn=loss_fn, scale_grads=False)
+    log(f"circular pipeline: {micro_batches} micro batches are not a multiple of "
+        f"{rounds} rounds of {size}, which interleaved 1F1B needs; using looped BFS (all "
+        f"forwards, then all backwards: more activation memory)")
+    return ScheduleLoopedBFS(stages, micro_batches, loss_fn=loss_fn, scale_grads=False)
+
+
+def micro_batch_losses(module: CircularStage, outputs, labels, loss_mask,
+                       training: bool) -> Tuple[torch.Tensor, Dict[int, torch.Tensor]]:
+    """Last virtual stage: (objective, cycle -> LM loss) of one micro batch."""
+    final, *exits = outputs if isinstance(outputs, tuple) else (outputs,)
+    lm_loss = language_model_loss(final, labels, loss_mask)
+    if not training:
+        return lm_loss, {module.config.num_cycles: lm_loss}
+    losses = module.engine.exit_losses(
+        lm_loss, [language_model_loss(logits, labels, loss_mask) for logits in exits])
+    return module.engine.objective(losses), losses

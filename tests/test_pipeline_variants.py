@@ -61,34 +61,6 @@ def _capture_gradients(engine):
     return captured
 
 
-def _gather(engine, local):
-    """This rank's gradient shards -> full tensors (TP merged, stages united)."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    from megatron_ztt.parallel.sharding import merge_shards
-
-    spec = engine.local_partition_spec()
-    size = parallel_state.get_tensor_model_parallel_world_size()
-    full = {}
-    for name, tensor in local.items():
-        if name in spec and size > 1:
-            shards = [torch.empty_like(tensor) for _ in range(size)]
-            dist.all_gather(shards, tensor.contiguous(),
-                            group=parallel_state.get_tensor_model_parallel_group())
-            tensor = merge_shards(shards, *spec[name])
-        full[name] = tensor
-    everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, full)
-    merged = {}
-    for part in everyone:
-        for name, tensor in part.items():
-            if name in merged:  # shared layers: every stage holds the all-reduced gradient
-                assert torch.allclose(merged[name], tensor, atol=1e-6), name
-            merged[name] = tensor
-    return merged
-
-
 def _run_variants(rank, data, root, layout):
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -110,7 +82,7 @@ def _run_variants(rank, data, root, layout):
         mean = torch.tensor([loss or 0.0], dtype=torch.float64)
         dist.all_reduce(mean, group=parallel_state.get_data_parallel_group())
         out[name] = {"initial": initial, "loss": None if loss is None else mean.item() / dp,
-                     "grads": _gather(engine, captured)}
+                     "grads": engine.gather_to_full(captured)}
     return out
 
 

@@ -95,11 +95,13 @@ class TrainingEngine:
         raise NotImplementedError
 
     def local_partition_spec(self) -> Dict[str, tuple]:
-        raise NotImplementedError
+        """Which of this rank's tensors are split over tensor-parallel ranks, and how."""
+        return partition_spec(self.module)
 
     def canonical_names(self) -> Dict[str, str]:
-        """This rank's module parameter name -> its name in the canonical state dict."""
-        raise NotImplementedError
+        """This rank's module parameter name -> its name in the canonical state dict (the
+        modules of every kind use ZTTModel's names)."""
+        return {name: name for name, _ in self.module.named_parameters()}
 
     @staticmethod
     def load_weights_into(module: torch.nn.Module, full: Dict[str, torch.Tensor]) -> None:
@@ -109,10 +111,15 @@ class TrainingEngine:
 
     def full_state_dict(self) -> Dict[str, torch.Tensor]:
         """The canonical full state dict, on every rank (collective over all ranks)."""
+        return self.gather_to_full(self.local_state_dict())
+
+    def gather_to_full(self, local: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Tensors shaped like this rank's parameters (weights, gradients), canonical names
+        -> full tensors of the whole model, on every rank (collective over all ranks)."""
         from megatron.core import parallel_state
 
         size = parallel_state.get_tensor_model_parallel_world_size()
-        local, spec = self.local_state_dict(), self.local_partition_spec()
+        spec = self.local_partition_spec()
         full = {}
         for name, tensor in local.items():
             if name in spec and size > 1:
@@ -232,12 +239,6 @@ class DenseEngine(TrainingEngine):
     def local_state_dict(self):
         with self._zero3_gathered():
             return {n: p.detach().cpu().clone() for n, p in self.module.named_parameters()}
-
-    def local_partition_spec(self):
-        return partition_spec(self.module)
-
-    def canonical_names(self):
-        return {name: name for name, _ in self.module.named_parameters()}
 
     @staticmethod
     def load_weights_into(module, full):
@@ -395,12 +396,6 @@ class CircularPipelineEngine(TrainingEngine):
 
     def local_state_dict(self):
         return {n: p.detach().cpu().clone() for n, p in self.module.named_parameters()}
-
-    def local_partition_spec(self):
-        return partition_spec(self.module)
-
-    def canonical_names(self):
-        return {name: name for name, _ in self.module.named_parameters()}
 
     @staticmethod
     def load_weights_into(module, full):

@@ -11,6 +11,7 @@ points appear in this module only.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from megatron_ztt.config import RunConfig
 from megatron_ztt.model.cycle_engine import zero_attention_by_cycle
 from megatron_ztt.parallel import runtime
 from megatron_ztt.parallel.sharding import load_full_state_dict, merge_shards, partition_spec
+from megatron_ztt.training.evaluate import evaluate
 from megatron_ztt.training.metrics import optimizer_state_bytes
 
 
@@ -213,27 +215,19 @@ class DenseEngine(TrainingEngine):
                                      f"did not skip the step")
         return result
 
-    @torch.no_grad()
     def evaluate(self, batches, iterations, exit_threshold):
+        def forward(batch, threshold):
+            return self._ds(batch["tokens"], batch["labels"], loss_mask=batch.get("loss_mask"),
+                            exit_threshold=threshold, collect_stats=False)
+
         micro_batches = iterations * self.config.gradient_accumulation_steps(dist.get_world_size())
-        loss_sum, cycles_sum, tokens = 0.0, 0.0, 0
-        for _ in range(micro_batches):
-            batch = next(batches)
-            out = self._ds(batch["tokens"], batch["labels"], loss_mask=batch.get("loss_mask"),
-                           exit_threshold=exit_threshold, collect_stats=False)
-            loss_sum += out.lm_loss.item()
-            cycles_sum += out.cycles_used.float().sum().item()
-            tokens += out.cycles_used.numel()
-        return {"loss": loss_sum / max(1, micro_batches),
-                "mean_cycles": cycles_sum / max(1, tokens)}
+        return evaluate(forward, batches, micro_batches, exit_threshold)
 
     def _zero3_gathered(self):
         import deepspeed
 
         if self.config.parallel.zero_stage == 3:
             return deepspeed.zero.GatheredParameters(list(self.module.parameters()))
-        import contextlib
-
         return contextlib.nullcontext()
 
     def local_state_dict(self):

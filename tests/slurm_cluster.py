@@ -320,19 +320,29 @@ class LocalSlurm:
                          for n in ("slurmctld", "slurmd"))
 
 
-@pytest.fixture(scope="module")
-def slurm_cluster():
-    root = Path(tempfile.mkdtemp(prefix="ztt-slurm-"))
-    cluster = LocalSlurm(root)
+def running_cluster(cluster_class, prefix: str, what: str):
+    """Fixture body: start a cluster in a fresh folder, yield it, stop it and remove the
+    folder, also when starting fails; skip with the reason when SLURM cannot run here."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    cluster = cluster_class(root)
     try:
         ensure_installed()
         cluster.start()
     except SlurmUnavailable as reason:
         cluster.stop()
         shutil.rmtree(root, ignore_errors=True)
-        pytest.skip(f"no local SLURM: {reason}")
+        pytest.skip(f"no {what}: {reason}")
+    except BaseException:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+        raise
     try:
         yield cluster
     finally:
         cluster.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    yield from running_cluster(LocalSlurm, "ztt-slurm-", "local SLURM")

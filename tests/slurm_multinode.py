@@ -33,14 +33,13 @@ import os
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Dict, List
 
 import pytest
 
-from slurm_cluster import (LocalSlurm, SlurmUnavailable, _tail, _which, ensure_installed,
+from slurm_cluster import (LocalSlurm, SlurmUnavailable, _tail, _which, running_cluster,
                            slurm_conf)
 
 SUBNET = "192.0.2"  # TEST-NET-1 (RFC 5737): never routed, never anyone's real address
@@ -254,21 +253,5 @@ class NetnsSlurm(LocalSlurm):
 
 @pytest.fixture(scope="module")
 def two_node_cluster():
-    root = Path(tempfile.mkdtemp(prefix="ztt-slurm-nodes-"))
-    cluster = NetnsSlurm(root)
-    try:
-        ensure_installed()
-        cluster.start()
-    except SlurmUnavailable as reason:
-        cluster.stop()
-        shutil.rmtree(root, ignore_errors=True)
-        pytest.skip(f"no multi-node SLURM in network namespaces: {reason}")
-    except BaseException:
-        cluster.stop()
-        shutil.rmtree(root, ignore_errors=True)
-        raise
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
-        shutil.rmtree(root, ignore_errors=True)
+    yield from running_cluster(NetnsSlurm, "ztt-slurm-nodes-", "multi-node SLURM in network "
+                               "namespaces")

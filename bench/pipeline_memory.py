@@ -23,6 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from megatron_ztt.parallel.circular import bubble_fraction
 from megatron_ztt.parallel.runtime import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -100,8 +101,7 @@ def run(size: str, layout: str, args, out_dir: Path) -> dict:
         result["micro_batches"] = micro_batches
         # interleaved 1F1B over C virtual stages per rank; the replicated design is plain
         # 1F1B over one stage per rank
-        result["bubble"] = ((p - 1) / (micro_batches + p - 1) if replicated else
-                            (p - 1) / (cycles * micro_batches + p - 1))
+        result["bubble"] = bubble_fraction(p, 1 if replicated else cycles, micro_batches)
         result["bubble_formula"] = ("(P-1)/(m+P-1)" if replicated else
                                     "(P-1)/(C m + P-1), i.e. about (P-1)/(C m)")
     return result

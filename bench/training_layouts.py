@@ -22,6 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from megatron_ztt.parallel.circular import bubble_fraction
 from megatron_ztt.parallel.runtime import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -89,7 +90,7 @@ def run(size, layout, args, out_dir: Path) -> dict:
         micro_batches = args.global_batch // 4
         cycles = config["model"]["num_cycles"]
         result["pipeline_micro_batches"] = micro_batches
-        result["pipeline_bubble_fraction"] = (2 - 1) / (cycles * micro_batches + 2 - 1)
+        result["pipeline_bubble_fraction"] = bubble_fraction(2, cycles, micro_batches)
     return result
 
 

@@ -53,6 +53,12 @@ from megatron_ztt.model.ztt import GateLookup, build_gates, run_layer
 PIPE_REPLICATED = "ds_pipe_replicated"
 
 
+def bubble_fraction(stages: int, virtual_stages_per_rank: int, micro_batches: int) -> float:
+    """Idle share of a step of an interleaved pipeline: (P-1) / (V m + P-1), V virtual stages
+    per rank (C for the circular pipeline; 1 is plain 1F1B)."""
+    return (stages - 1) / (virtual_stages_per_rank * micro_batches + stages - 1)
+
+
 def layer_slices(config: ZTTConfig, size: int) -> List[List[int]]:
     """0-based cycled layers held by each of ``size`` pipeline ranks (equal slices)."""
     config.check_parallel_layout(1, size)

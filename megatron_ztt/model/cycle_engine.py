@@ -108,7 +108,7 @@ class CycleState:
     cycle_input: Optional[torch.Tensor] = None  # input of the open cycle (gate, exits)
     exit_states: List[torch.Tensor] = field(default_factory=list)  # kept for exit losses
     exited: Optional[torch.Tensor] = None  # bool: the token has left the cycles
-    cycles_used: Optional[torch.Tensor] = None  # cycles each token ran
+    cycles_used: Optional[torch.Tensor] = None  # cycles each token ran (set by begin())
     zero_sum: Optional[torch.Tensor] = None  # open cycle's zero attention, summed
 
     @property
@@ -238,12 +238,11 @@ class CycleEngine:
 
     # ------------------------------------------------------------------ the loop
     def begin(self, hidden: torch.Tensor, exit_rule: Optional[ExitRule] = None) -> CycleState:
-        state = CycleState(hidden=hidden)
+        tokens = hidden.shape[:-1]
+        state = CycleState(hidden=hidden, cycles_used=torch.full(
+            tokens, self.num_cycles, dtype=torch.long, device=hidden.device))
         if exit_rule is not None:
-            tokens = hidden.shape[:-1]
             state.exited = torch.zeros(tokens, dtype=torch.bool, device=hidden.device)
-            state.cycles_used = torch.full(tokens, self.num_cycles, dtype=torch.long,
-                                           device=hidden.device)
         return state
 
     def run(self, apps: Sequence[Application], state: CycleState, run: RunApplication, *,

@@ -154,10 +154,7 @@ class ZTTModel(torch.nn.Module):
             self.plan, state, run, exit_rule=exit_rule, tally=tally,
             keep_exit_states=labels is not None and self.training and exit_rule is None)
         logits = self.logits_shard(state.hidden)
-        out = ZTTOutput(cycles_used=(state.cycles_used.transpose(0, 1)
-                                     if state.cycles_used is not None else
-                                     torch.full(input_ids.shape, config.num_cycles,
-                                                dtype=torch.long, device=input_ids.device)))
+        out = ZTTOutput(cycles_used=state.cycles_used.transpose(0, 1))
         if return_logits:
             out.logits = gather_logits(logits, config.vocab_size)
         if labels is not None:

@@ -385,12 +385,9 @@ class ZTTModel(ZTTPreTrainedModel):
             state = self.engine.step(app, state, run, exit_rule=exit_rule, skip=skip)
             if all_hidden is not None:  # the state after each application (gated, exits kept)
                 all_hidden.append(state.hidden)
-        cycles_used = (state.cycles_used if state.cycles_used is not None else
-                       torch.full((batch, length), config.num_cycles, dtype=torch.long,
-                                  device=device))
         output = ZTTModelOutput(last_hidden_state=self.norm(state.hidden), cache=cache,
                                 hidden_states=tuple(all_hidden) if all_hidden else None,
-                                cycles_used=cycles_used)
+                                cycles_used=state.cycles_used)
         return output if return_dict is not False else output.to_tuple()
 
 

@@ -15,7 +15,8 @@ from distributed import run_distributed
 from train_helpers import micro_config
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
-VOCAB = 512  # micro_config's model.vocab_size
+VOCAB = 512  # the tokenizer's
+MODEL_VOCAB = 576  # the trained model's
 
 
 def _sha(path) -> str:
@@ -177,7 +178,9 @@ def _train_and_eval_worker(rank, data, run_dir):
     from megatron_ztt.training import evaluate
     from megatron_ztt.training.train import train
 
-    train(micro_config(data, run_dir, "train.train_iters=2", "eval.interval=2"))
+    # an embedding with more rows than the tokenizer has ids, as pretrained models may have
+    train(micro_config(data, run_dir, "train.train_iters=2", "eval.interval=2",
+                       f"model.vocab_size={MODEL_VOCAB}"))
     report = Path(run_dir) / "eval.json"
     code = evaluate.run(Namespace(checkpoint=f"{run_dir}/checkpoints", exit_threshold=[],
                                   iters=1, split="valid", output=str(report), overrides=[]))
@@ -218,6 +221,7 @@ def test_checkpoint_export_generate_and_eval_with_the_hf_tokenizer(hf_tokenizer,
         assert (export / name).read_bytes() == (hf_tokenizer / name).read_bytes()
     assert not (export / "tokenizer.model").exists()
     config = json.loads((export / "config.json").read_text())
+    assert config["vocab_size"] == MODEL_VOCAB
     auto = AutoTokenizer.from_pretrained(export, trust_remote_code=True)
     assert (config["eos_token_id"], config["pad_token_id"]) == (auto.eos_token_id,
                                                                 auto.pad_token_id)

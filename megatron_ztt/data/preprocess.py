@@ -203,7 +203,9 @@ _worker_state: dict = {}
 
 def encoder_spec(tokenizer) -> tuple:
     """What a worker process needs to rebuild ``tokenizer``'s encoder (picklable bytes):
-    ("sentencepiece", model, continuation model or None) or ("huggingface", tokenizer.json)."""
+    ("sentencepiece", model, continuation model or None) or ("huggingface", tokenizer.json).
+    The kinds are spelled out rather than imported from data.tokenizer, which workers must not
+    import (it pulls in megatron-core)."""
     if tokenizer.kind == "huggingface":
         return ("huggingface", tokenizer.json_text)
     return ("sentencepiece", tokenizer.model_proto, continuation_model(tokenizer.model_proto))

@@ -236,3 +236,20 @@ def test_checkpoint_export_generate_and_eval_with_the_hf_tokenizer(hf_tokenizer,
         printed, err = capsys.readouterr()
         assert code == 0, err
         assert printed.strip() and "mean cycles used" in err
+
+
+def test_copy_tokenizer_keeps_the_files_as_a_checkpoint_holds_them(hf_tokenizer, sample_data,
+                                                                   tmp_path):
+    from megatron_ztt.data.tokenizer import copy_tokenizer
+
+    model = tmp_path / "model"  # a model folder: the tokenizer's files next to the weights
+    shutil.copytree(hf_tokenizer, model)
+    (model / "model.safetensors").write_bytes(b"weights")
+    copy = tmp_path / "checkpoint"
+    assert copy_tokenizer(model, copy) == ("tokenizer", "huggingface")
+    assert sorted(p.name for p in (copy / "tokenizer").iterdir()) == \
+        sorted(p.name for p in hf_tokenizer.iterdir())
+    for path in hf_tokenizer.iterdir():
+        assert (copy / "tokenizer" / path.name).read_bytes() == path.read_bytes()
+    assert copy_tokenizer(sample_data[1], copy) == ("tokenizer.model", "sentencepiece")
+    assert (copy / "tokenizer.model").read_bytes() == Path(sample_data[1]).read_bytes()

@@ -491,7 +491,8 @@ def export_hf(config: ZTTConfig, full_state: Mapping[str, torch.Tensor],
     the run's tokenizer: a SentencePiece ``.model`` (converted), or a Hugging Face
     ``tokenizer.json`` or directory (its files copied unchanged); None writes the weights
     without a tokenizer (benchmarks, tests), with the project's special ids. ``dtype``:
-    "bf16", "fp32" or a torch dtype. ``training``: what :func:`training_summary` knows of the run, for the model card.
+    "bf16", "fp32" or a torch dtype. ``training``: what :func:`training_summary` knows of the
+    run, for the model card.
     """
     torch_dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
     if torch_dtype not in DTYPES.values():

@@ -9,7 +9,9 @@ A checkpoint directory (``<run.dir>/checkpoints``) holds one folder per saved it
         engine/ ...              # the training engine's own files (optimizer state, ...),
                                  # read back only by the same layout to resume
         rank_state_00000.pt ...  # per-rank RNG states
-        tokenizer.model          # copy of the SentencePiece model, for export
+        tokenizer.model          # copy of the run's tokenizer, for export: the SentencePiece
+                                 # model, or a folder tokenizer/ of a Hugging Face tokenizer's
+                                 # original files (ztt_meta.json: "tokenizer", "tokenizer_kind")
         ztt_meta.json            # written last: its presence marks the checkpoint complete
 
 :func:`load_trained` turns any layout's checkpoint into one canonical full state dict (the
@@ -32,13 +34,13 @@ import torch
 import torch.distributed as dist
 
 from megatron_ztt.config import RunConfig, config_from_dict
+from megatron_ztt.data.tokenizer import SENTENCEPIECE
 from megatron_ztt.files import write_text_atomic
 from megatron_ztt.model.config import ZTTConfig
 from megatron_ztt.parallel.sharding import merge_shards
 
 LATEST = "latest"
 META = "ztt_meta.json"
-TOKENIZER = "tokenizer.model"
 ENGINE_DIR = "engine"
 FORMAT_VERSION = 2
 
@@ -223,8 +225,17 @@ class TrainedModel:
     path: str  # the iteration folder
     run_config: RunConfig
     state: Dict[str, torch.Tensor]  # canonical full state dict
-    tokenizer: Optional[str]  # the SentencePiece model saved with it
+    tokenizer: Optional[str]  # the tokenizer saved with it: tokenizer.model or tokenizer/
     meta: dict
+
+    @property
+    def tokenizer_kind(self) -> Optional[str]:
+        """The tokenizer's kind, "sentencepiece" or "huggingface" (None without one);
+        checkpoints written before Hugging Face tokenizers were supported hold SentencePiece
+        models."""
+        if self.tokenizer is None:
+            return None
+        return self.meta.get("tokenizer_kind", SENTENCEPIECE)
 
     @property
     def model_config(self) -> ZTTConfig:

@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from megatron_ztt.data.datasets import DataConfig
+from megatron_ztt.data.tokenizer import TOKENIZER_PATH_HINT, TokenizerError, tokenizer_kind
 from megatron_ztt.model.config import ConfigError, ZTTConfig
 
 
@@ -191,7 +192,13 @@ def validate(config: RunConfig) -> None:
     if not config.data.blend:
         fail("data.blend", "no dataset given: set data.blend=[PREFIX] (files PREFIX.bin/.idx)")
     if not config.data.tokenizer:
-        fail("data.tokenizer", "no tokenizer given: set data.tokenizer=PATH.model")
+        fail("data.tokenizer",
+             f"no tokenizer given: set data.tokenizer=PATH, {TOKENIZER_PATH_HINT}")
+    if os.path.exists(config.data.tokenizer):  # a missing one is reported when training loads it
+        try:
+            tokenizer_kind(config.data.tokenizer)
+        except TokenizerError as error:
+            fail("data.tokenizer", str(error))
     if config.checkpoint.interval < 1 or config.checkpoint.keep_last < 1:
         fail("checkpoint.interval", "checkpoint.interval and checkpoint.keep_last must be >= 1")
     if config.eval.interval < 1 or config.eval.iters < 0:

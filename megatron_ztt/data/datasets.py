@@ -64,7 +64,8 @@ class DataConfig:
     # valid_blend and test reads test_blend (a split without one is not built). Same syntax.
     valid_blend: list | None = None
     test_blend: list | None = None
-    tokenizer: str = ""  # path to .model
+    # a SentencePiece .model, a Hugging Face tokenizer.json or a directory holding one
+    tokenizer: str = ""
     cache_dir: str | None = None  # megatron index cache; default <first prefix dir>/index-cache
     num_workers: int = 0  # DataLoader workers
     eod_mask_loss: bool = False
@@ -252,26 +253,32 @@ def verify_tokenizer_matches(prefixes: Sequence[str], tokenizer,
     """Refuse to train with a tokenizer other than the one that made the token ids.
 
     With the sidecar ``PREFIX.tokenizer.json`` written by ``ztt preprocess``, the tokenizer's
-    sha256 and vocab size must equal the recorded ones. With or without it, every token id in
+    kind, sha256 (of the file that determines the ids: the ``.model`` or ``tokenizer.json``)
+    and vocab size must equal the recorded ones (sidecars older than the kind field were all
+    written with SentencePiece models). With or without it, every token id in
     the ``.bin`` must be below the tokenizer's vocab size: a file changed in place at the same
     size (which only the opt-in checksum would notice) would otherwise crash training with an
     IndexError at some later step. The max is a chunked vectorised pass over the memory-mapped
     file (about disk read speed). ``dtypes``: prefix -> token dtype, when already known.
     """
-    fingerprint = getattr(tokenizer, "fingerprint", None)  # ZTTTokenizer has one
+    fingerprint = getattr(tokenizer, "fingerprint", None)  # the project's tokenizers have one
+    kind = getattr(tokenizer, "kind", None)
     sha_note = f", sha256 {fingerprint[:12]}…" if fingerprint else ""
     described = (f"{getattr(tokenizer, 'path', type(tokenizer).__name__)} "
-                 f"(vocab {tokenizer.vocab_size}{sha_note})")
+                 f"({kind + ', ' if kind else ''}vocab {tokenizer.vocab_size}{sha_note})")
     advice = ("re-run `ztt preprocess` with this tokenizer, or set data.tokenizer to the model "
               "the data was made with")
     for prefix in map(str, prefixes):
         recorded = _read_sidecar(prefix)
         if recorded is not None:
             vocab, sha = int(recorded["vocab_size"]), str(recorded["tokenizer_sha256"])
-            if vocab != tokenizer.vocab_size or (fingerprint and sha != fingerprint):
+            recorded_kind = recorded.get("tokenizer_kind", "sentencepiece")
+            if vocab != tokenizer.vocab_size or (fingerprint and sha != fingerprint) or (
+                    kind and recorded_kind != kind):
                 raise DataError(
                     f"{prefix}: tokenizer mismatch: the data was made with "
-                    f"{recorded.get('tokenizer_file', '?')} (vocab {vocab}, sha256 {sha[:12]}…, "
+                    f"{recorded.get('tokenizer_file', '?')} ({recorded_kind}, vocab {vocab}, "
+                    f"sha256 {sha[:12]}…, "
                     f"recorded in {sidecar_path(prefix)}) but training uses {described}; "
                     f"{advice}"
                 )

@@ -201,13 +201,31 @@ def _pieces(text: str, space_cuts: bool = True) -> Iterator[str]:
 _worker_state: dict = {}
 
 
-def _init_encoder(model_proto: bytes, continuation_proto: bytes | None, eod: int | None,
-                  dtype_name: str) -> None:
-    _worker_state["sp"] = spm.SentencePieceProcessor(model_proto=model_proto)
-    _worker_state["continuation"] = (
-        spm.SentencePieceProcessor(model_proto=continuation_proto) if continuation_proto else None
-    )
-    _worker_state["space_cuts"] = bool(continuation_proto) and splits_at_spaces(model_proto)
+def encoder_spec(tokenizer) -> tuple:
+    """What a worker process needs to rebuild ``tokenizer``'s encoder (picklable bytes):
+    ("sentencepiece", model, continuation model or None) or ("huggingface", tokenizer.json).
+    The kinds are spelled out rather than imported from data.tokenizer, which workers must not
+    import (it pulls in megatron-core)."""
+    if tokenizer.kind == "huggingface":
+        return ("huggingface", tokenizer.json_text)
+    return ("sentencepiece", tokenizer.model_proto, continuation_model(tokenizer.model_proto))
+
+
+def _init_encoder(encoder: tuple, eod: int | None, dtype_name: str) -> None:
+    kind, *payload = encoder
+    if kind == "huggingface":
+        from tokenizers import Tokenizer
+
+        _worker_state["hf"] = Tokenizer.from_str(payload[0])
+    else:
+        model_proto, continuation_proto = payload
+        _worker_state["hf"] = None
+        _worker_state["sp"] = spm.SentencePieceProcessor(model_proto=model_proto)
+        _worker_state["continuation"] = (
+            spm.SentencePieceProcessor(model_proto=continuation_proto)
+            if continuation_proto else None
+        )
+        _worker_state["space_cuts"] = bool(continuation_proto) and splits_at_spaces(model_proto)
     _worker_state["eod"] = eod
     _worker_state["dtype"] = np.dtype(dtype_name)
 
@@ -232,10 +250,17 @@ def encode_document(text: str, dtype=np.int64) -> np.ndarray:
 
 
 def _encode_batch(texts: list[str]) -> list[np.ndarray]:
-    eod, dtype = _worker_state["eod"], _worker_state["dtype"]
+    """The ids of each text (+ eod). A Hugging Face tokenizer encodes each document whole,
+    without special tokens: its pre-tokenizer may join characters across a newline (runs of
+    whitespace), so the piecewise shortcut of SentencePiece models is not exact there."""
+    eod, dtype, hf = _worker_state["eod"], _worker_state["dtype"], _worker_state["hf"]
+    if hf is not None:
+        documents = [np.asarray(encoding.ids, dtype=dtype)
+                     for encoding in hf.encode_batch(texts, add_special_tokens=False)]
+    else:
+        documents = (encode_document(text, dtype) for text in texts)
     encoded = []
-    for text in texts:
-        ids = encode_document(text, dtype)
+    for ids in documents:
         if eod is not None:
             ids = np.append(ids, np.asarray(eod, dtype=dtype))
         encoded.append(ids)
@@ -337,13 +362,18 @@ def preprocess(
     """
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
-    from megatron_ztt.data.tokenizer import ZTTTokenizer
+    from megatron_ztt.data.tokenizer import file_sha256, load_tokenizer, tokenizer_files
 
     if workers < 1:
         raise PreprocessError(f"--workers must be at least 1, got {workers}")
     files = sources.expand_inputs(inputs)  # fail on a missing input before any work
-    tokenizer = ZTTTokenizer(tokenizer_model)
+    tokenizer = load_tokenizer(tokenizer_model)
     dtype = np.dtype(DType.optimal_dtype(tokenizer.vocab_size))
+    if append_eod and tokenizer.eod < 0:
+        raise PreprocessError(
+            f"--append-eod: the tokenizer {tokenizer_model} names no end-of-text (eos) token; "
+            "give the directory holding its tokenizer_config.json (which names eos_token), or "
+            "leave out --append-eod")
     eod = tokenizer.eod if append_eod else None
 
     prefix = Path(output_prefix)
@@ -369,7 +399,7 @@ def preprocess(
         builder = IndexedDatasetBuilder(str(temporary["bin"]), dtype=dtype.type)
         for encoded in _encode_in_order(
             _batches(documents), workers,
-            (tokenizer.model_proto, continuation_model(tokenizer.model_proto), eod, dtype.name),
+            (encoder_spec(tokenizer), eod, dtype.name),
         ):
             for ids in encoded:
                 builder.add_document(ids, [len(ids)])
@@ -386,10 +416,13 @@ def preprocess(
             )
         sidecar = {
             "format": SIDECAR_FORMAT,
+            "tokenizer_kind": tokenizer.kind,
             "tokenizer_sha256": tokenizer.fingerprint,
             "tokenizer_file": Path(tokenizer_model).name,
+            "tokenizer_files": {name: file_sha256(source) for name, source
+                                in tokenizer_files(tokenizer_model).items()},
             "vocab_size": tokenizer.vocab_size,
-            "eod": tokenizer.eod,
+            "eod": tokenizer.eod if tokenizer.eod >= 0 else None,
             "append_eod": append_eod,
             "dtype": dtype.name,
             "documents": stats.documents,
@@ -418,15 +451,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--input", nargs="+", required=True, metavar="PATH",
                         help="files (.txt, .jsonl, .jsonl.gz) or directories searched recursively")
-    parser.add_argument("--tokenizer", required=True, metavar="PREFIX.model",
-                        help="SentencePiece model from `ztt tokenizer train`")
+    parser.add_argument("--tokenizer", required=True, metavar="PATH",
+                        help="SentencePiece .model from `ztt tokenizer train`, or a Hugging Face "
+                             "tokenizer: tokenizer.json or a directory holding it")
     parser.add_argument("--output-prefix", required=True, metavar="OUT",
                         help="writes OUT.bin, OUT.idx and OUT.tokenizer.json")
     parser.add_argument("--workers", type=int, default=1, metavar="N",
                         help="tokeniser processes (default 1)")
     parser.add_argument("--json-key", default="text", help="text field of .jsonl records")
     parser.add_argument("--append-eod", action="store_true",
-                        help="end every document with the end-of-document token (eos)")
+                        help="end every document with the end-of-document token (the "
+                             "tokenizer's eos)")
     parser.add_argument("--on-error", choices=sources.ON_ERROR_CHOICES, default="raise",
                         help="'skip' counts and skips unreadable documents instead of stopping")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")

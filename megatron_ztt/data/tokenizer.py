@@ -1,4 +1,6 @@
-"""SentencePiece tokenizers: training (``ztt tokenizer train``) and the runtime wrapper.
+"""Tokenizers: training SentencePiece ones (``ztt tokenizer train``), and the runtime
+interface over both kinds the project reads, its own SentencePiece models and the Hugging Face
+tokenizers of pretrained models (see the "runtime" section and :func:`load_tokenizer`).
 
 Every tokenizer this project trains has the same special ids, which the rest of the code
 (datasets, loss masking, Hugging Face export) relies on:
@@ -15,9 +17,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import json
 import os
 import random
 import re
+import shutil
 import sys
 import time
 from collections import OrderedDict
@@ -274,19 +278,137 @@ def run(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------- runtime
+#
+# Two kinds of tokenizer run here, behind one interface (:class:`Tokenizer`):
+#
+# - "sentencepiece": a ``.model`` file, as ``ztt tokenizer train`` writes (:class:`ZTTTokenizer`);
+# - "huggingface": a pretrained model's own tokenizer, a ``tokenizer.json`` file or a directory
+#   holding one (plus, usually, ``tokenizer_config.json`` naming the special tokens), run by the
+#   ``tokenizers`` library (:class:`HFTokenizer`).
+#
+# :func:`load_tokenizer` picks the kind from the path. Text is always encoded without special
+# tokens; the end-of-document token (eod) is the tokenizer's eos.
+
+SENTENCEPIECE, HUGGINGFACE = "sentencepiece", "huggingface"
+TOKENIZER_KINDS = (SENTENCEPIECE, HUGGINGFACE)
+# What a checkpoint (and `ztt import-hf`) holds the tokenizer as: ztt_meta.json records this
+# name under "tokenizer" and the kind under "tokenizer_kind".
+CHECKPOINT_ENTRY = {SENTENCEPIECE: "tokenizer.model", HUGGINGFACE: "tokenizer"}
+HF_TOKENIZER_JSON = "tokenizer.json"
+# The files of a Hugging Face tokenizer directory that are copied with it (into checkpoints and
+# exports), unchanged; tokenizer.json alone determines the ids.
+HF_TOKENIZER_FILES = (HF_TOKENIZER_JSON, "tokenizer_config.json", "special_tokens_map.json",
+                      "added_tokens.json", "chat_template.jinja", "chat_template.json",
+                      "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt")
+# Where the roles of the special tokens are named, in order of precedence.
+HF_SPECIAL_TOKEN_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+SPECIAL_ROLES = ("unk", "bos", "eos", "pad")
+TOKENIZER_PATH_HINT = ("a SentencePiece .model file, a Hugging Face tokenizer.json, or a "
+                       "directory holding tokenizer.json")
 
 
-class ZTTTokenizer(MegatronTokenizerBase):
-    """A trained SentencePiece model, with the interface megatron-core's datasets expect.
+def tokenizer_kind(path: str | os.PathLike) -> str:
+    """The kind of tokenizer at ``path``, from its name only (nothing is loaded): a directory or
+    a ``.json`` file is a Hugging Face tokenizer, any other file a SentencePiece model."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / HF_TOKENIZER_JSON).is_file():
+            raise TokenizerError(f"{path}: the directory holds no {HF_TOKENIZER_JSON}; point "
+                                 f"to {TOKENIZER_PATH_HINT}")
+        return HUGGINGFACE
+    if not path.exists():
+        raise TokenizerError(f"{path}: no such file; point to {TOKENIZER_PATH_HINT}")
+    return HUGGINGFACE if path.suffix == ".json" else SENTENCEPIECE
+
+
+def tokenizer_files(path: str | os.PathLike) -> dict[str, Path]:
+    """The files that make up the tokenizer at ``path``: name in a copy -> source file.
+
+    A SentencePiece model is one file; a Hugging Face tokenizer is its ``tokenizer.json`` (a
+    lone file keeps that name whatever it was called) and, for a directory, the other files of
+    :data:`HF_TOKENIZER_FILES` that it holds (not the weights or anything else next to them).
+    """
+    path = Path(path)
+    if tokenizer_kind(path) == SENTENCEPIECE:
+        return {CHECKPOINT_ENTRY[SENTENCEPIECE]: path}
+    if path.is_file():
+        return {HF_TOKENIZER_JSON: path}
+    return {name: path / name for name in HF_TOKENIZER_FILES if (path / name).is_file()}
+
+
+def copy_tokenizer(path: str | os.PathLike, destination: str | os.PathLike) -> tuple[str, str]:
+    """Copy the tokenizer at ``path`` into the folder ``destination``, bytes unchanged, as a
+    checkpoint holds it: ``tokenizer.model`` (SentencePiece) or a folder ``tokenizer/`` of the
+    original files (Hugging Face). Returns (the entry's name in ``destination``, the kind)."""
+    kind = tokenizer_kind(path)
+    entry = Path(destination) / CHECKPOINT_ENTRY[kind]
+    files = tokenizer_files(path)
+    if kind == HUGGINGFACE:
+        entry.mkdir(parents=True, exist_ok=True)
+        for name, source in files.items():
+            shutil.copyfile(source, entry / name)
+    else:
+        shutil.copyfile(files[entry.name], entry)
+    return entry.name, kind
+
+
+def load_tokenizer(path: str | os.PathLike) -> "Tokenizer":
+    """The tokenizer at ``path``, of either kind (see :func:`tokenizer_kind`)."""
+    if tokenizer_kind(path) == HUGGINGFACE:
+        return HFTokenizer(path)
+    return ZTTTokenizer(path)
+
+
+class Tokenizer(MegatronTokenizerBase):
+    """What the data pipeline, training and export need of a tokenizer, either kind.
 
     The base class is ``MegatronTokenizerBase``, the type ``GPTDatasetConfig.tokenizer`` names:
     in megatron-core 0.16 ``MegatronTokenizer`` is only a factory (its constructor raises) and
     the older ``MegatronLegacyTokenizer`` logs a deprecation warning.
 
-    ``unique_identifiers`` (read by megatron-core to key its index cache) holds the model's
-    sha256 rather than its path, so the cache stays valid when the files move and is rebuilt
-    when the tokenizer changes.
+    ``fingerprint`` is the sha256 of the file that determines the ids (the ``.model``, or
+    ``tokenizer.json``). ``unique_identifiers`` (read by megatron-core to key its index cache)
+    holds it rather than the path, so the cache stays valid when the files move and is rebuilt
+    when the tokenizer changes. The megatron-core properties (``eos``, ``eod``, ``pad``, ...)
+    are -1 for a token the tokenizer does not have; :meth:`special_ids` says None.
     """
+
+    kind: str
+    fingerprint: str
+
+    def _set_identifiers(self) -> None:
+        self.unique_identifiers = OrderedDict(
+            [("class", type(self).__name__), ("sha256", self.fingerprint),
+             ("vocab_size", self.vocab_size)]
+        )
+
+    def special_ids(self) -> dict[str, int | None]:
+        """Role (unk, bos, eos, pad) -> id, None where the tokenizer has no such token."""
+        return {role: (i if i >= 0 else None)
+                for role, i in ((role, getattr(self, role)) for role in SPECIAL_ROLES)}
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.vocab.get(token)
+
+    @property
+    def inv_vocab(self) -> dict[int, str]:
+        return {i: piece for piece, i in self.vocab.items()}
+
+    @property
+    def eod(self) -> int:
+        return self.eos
+
+    def apply_chat_template(self, *args, **kwargs):
+        raise NotImplementedError("pretraining tokenizes plain text; there is no chat template")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.path!r}, vocab_size={self.vocab_size})"
+
+
+class ZTTTokenizer(Tokenizer):
+    """A SentencePiece model, as ``ztt tokenizer train`` writes it (special ids fixed)."""
+
+    kind = SENTENCEPIECE
 
     def __init__(self, model_path: str | os.PathLike):
         path = Path(model_path)
@@ -316,10 +438,7 @@ class ZTTTokenizer(MegatronTokenizerBase):
                 f"{self.path}: the model has no {' or '.join(missing)} token; train it with "
                 "`ztt tokenizer train`, which fixes unk=0 bos=1 eos=2 pad=3"
             )
-        self.unique_identifiers = OrderedDict(
-            [("class", type(self).__name__), ("sha256", self.fingerprint),
-             ("vocab_size", self.vocab_size)]
-        )
+        self._set_identifiers()
 
     def __getstate__(self) -> dict:
         # DataLoader workers may be spawned; send the model bytes, not a path that might differ.
@@ -338,10 +457,6 @@ class ZTTTokenizer(MegatronTokenizerBase):
         return {self._sp.id_to_piece(i): i for i in range(self.vocab_size)}
 
     @property
-    def inv_vocab(self) -> dict[int, str]:
-        return {i: self._sp.id_to_piece(i) for i in range(self.vocab_size)}
-
-    @property
     def unk(self) -> int:
         return self._sp.unk_id()
 
@@ -351,10 +466,6 @@ class ZTTTokenizer(MegatronTokenizerBase):
 
     @property
     def eos(self) -> int:
-        return self._sp.eos_id()
-
-    @property
-    def eod(self) -> int:
         return self._sp.eos_id()
 
     @property
@@ -376,8 +487,163 @@ class ZTTTokenizer(MegatronTokenizerBase):
     def detokenize(self, ids) -> str:
         return self._sp.decode([int(i) for i in ids])
 
-    def apply_chat_template(self, *args, **kwargs):
-        raise NotImplementedError("ZTT tokenizers are for pretraining and have no chat template")
 
-    def __repr__(self) -> str:
-        return f"ZTTTokenizer({self.path!r}, vocab_size={self.vocab_size})"
+def _first_line(err: Exception) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+def _token_content(value) -> str | None:
+    """A special token as tokenizer_config.json / special_tokens_map.json write it: the string,
+    or an AddedToken's fields ({"content": ...})."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
+
+
+def _template_special_ids(tokenizer_json: dict) -> dict[str, int]:
+    """bos / eos as the tokenizer's own post-processor places them around a single sequence
+    (a ``TemplateProcessing`` such as "<s> $A </s>"): the fallback for a lone tokenizer.json."""
+    processor = tokenizer_json.get("post_processor") or {}
+    processors = processor.get("processors", []) if processor.get("type") == "Sequence" \
+        else [processor]
+    found: dict[str, int] = {}
+    for item in processors:
+        if not isinstance(item, dict) or item.get("type") != "TemplateProcessing":
+            continue
+        specials = item.get("special_tokens", {})
+        role = "bos"
+        for piece in item.get("single", []):
+            if "Sequence" in piece:
+                role = "eos"
+            elif "SpecialToken" in piece:
+                ids = specials.get(piece["SpecialToken"].get("id"), {}).get("ids", [])
+                if len(ids) == 1:
+                    found.setdefault(role, int(ids[0]))
+    return found
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face tokenizer: ``tokenizer.json`` run by the ``tokenizers`` library, so the ids
+    are exactly ``tokenizers``' (and ``AutoTokenizer``'s) ``encode(text,
+    add_special_tokens=False)``.
+
+    The special tokens come from ``tokenizer_config.json`` (else ``special_tokens_map.json``) of
+    a directory, as transformers reads them (``"eos_token": "</s>"`` or an AddedToken's
+    ``{"content": "</s>", ...}``); a lone ``tokenizer.json``, or a role neither file names, falls
+    back to the bos/eos its post-processor's template adds around a sequence.
+    """
+
+    kind = HUGGINGFACE
+
+    def __init__(self, path: str | os.PathLike):
+        path = Path(path)
+        json_path = path / HF_TOKENIZER_JSON if path.is_dir() else path
+        try:
+            text = json_path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            reason = err.strerror if isinstance(err, OSError) else "not UTF-8 text"
+            raise TokenizerError(f"{json_path}: cannot read tokenizer ({reason or err})") from None
+        super().__init__(str(path), config={})
+        named = self._named_special_tokens(path) if path.is_dir() else {}
+        self._load(json_path, text, named)
+
+    @staticmethod
+    def _named_special_tokens(directory: Path) -> dict[str, str]:
+        named: dict[str, str] = {}
+        for name in HF_SPECIAL_TOKEN_FILES:
+            file = directory / name
+            if not file.is_file():
+                continue
+            try:
+                values = json.loads(file.read_text(encoding="utf-8"))
+                if not isinstance(values, dict):
+                    raise ValueError("not a JSON object")
+            except (OSError, ValueError) as err:
+                raise TokenizerError(f"{file}: unreadable ({_first_line(err)}); fix or remove "
+                                     "it") from None
+            for role in SPECIAL_ROLES:
+                content = _token_content(values.get(f"{role}_token"))
+                if content is not None:
+                    named.setdefault(role, content)
+        return named
+
+    def _load(self, json_path: Path, text: str, named: dict[str, str]) -> None:
+        from tokenizers import Tokenizer as Backend
+
+        try:
+            self._backend = Backend.from_str(text)
+            template = _template_special_ids(json.loads(text))
+        except Exception as err:  # noqa: BLE001 - tokenizers raises a bare Exception
+            raise TokenizerError(f"{json_path}: not a Hugging Face tokenizer.json "
+                                 f"({_first_line(err)})") from None
+        self._json_path, self._text, self._named = str(json_path), text, named
+        self.fingerprint = sha256_bytes(text.encode("utf-8"))
+        vocab = self._backend.get_vocab(with_added_tokens=True)
+        if not vocab:
+            raise TokenizerError(f"{json_path}: the tokenizer has an empty vocabulary")
+        self._vocab_size = max(vocab.values()) + 1  # the ids a model needs rows for
+        self._special: dict[str, int] = {}
+        for role in SPECIAL_ROLES:
+            if role in named:
+                token_id = self._backend.token_to_id(named[role])
+                if token_id is None:
+                    raise TokenizerError(
+                        f"{Path(self.path)}: the special token {role}_token={named[role]!r} is "
+                        f"not in the vocabulary of {json_path.name}")
+                self._special[role] = token_id
+            elif role in template:
+                self._special[role] = template[role]
+        self._set_identifiers()
+
+    def __getstate__(self) -> dict:
+        # DataLoader workers may be spawned: send the tokenizer itself, not its path.
+        return {"path": self.path, "json_path": self._json_path, "text": self._text,
+                "named": self._named}
+
+    def __setstate__(self, state: dict) -> None:
+        self.path = state["path"]
+        self._load(Path(state["json_path"]), state["text"], state["named"])
+
+    @property
+    def json_text(self) -> str:
+        """The tokenizer.json (what :attr:`fingerprint` hashes), for worker processes."""
+        return self._text
+
+    @property
+    def backend(self):
+        """The ``tokenizers.Tokenizer``."""
+        return self._backend
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def vocab(self) -> dict[str, int]:
+        return self._backend.get_vocab(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._backend.token_to_id(token)
+
+    @property
+    def unk(self) -> int:
+        return self._special.get("unk", -1)
+
+    @property
+    def bos(self) -> int:
+        return self._special.get("bos", -1)
+
+    @property
+    def eos(self) -> int:
+        return self._special.get("eos", -1)
+
+    @property
+    def pad(self) -> int:
+        return self._special.get("pad", -1)
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._backend.encode(text, add_special_tokens=False).ids
+
+    def detokenize(self, ids) -> str:
+        return self._backend.decode([int(i) for i in ids], skip_special_tokens=False)

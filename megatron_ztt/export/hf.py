@@ -13,6 +13,10 @@ from a checkpoint of any layout. The result loads with
     OUT_DIR/generation_config.json
     OUT_DIR/tokenizer.json, tokenizer_config.json, ...   (AutoTokenizer)
 
+The tokenizer files are the run's SentencePiece model converted to a ``tokenizers`` tokenizer
+(checked id for id), or, for a run on a Hugging Face tokenizer (an imported pretrained model),
+that tokenizer's original files copied back unchanged.
+
 Everything is written into a hidden sibling directory that is renamed into place at the end,
 so OUT_DIR either does not exist or is complete; an existing OUT_DIR is replaced only with
 ``--overwrite`` and only once the new export is complete.
@@ -32,7 +36,8 @@ from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 
-from megatron_ztt.data.tokenizer import SPECIAL_IDS
+from megatron_ztt.data.tokenizer import (HUGGINGFACE, SPECIAL_IDS, HFTokenizer, TokenizerError,
+                                         tokenizer_files, tokenizer_kind)
 from megatron_ztt.model.config import ZTTConfig
 from megatron_ztt.model.cycle_engine import application_plan
 
@@ -252,6 +257,19 @@ def build_hf_tokenizer(tokenizer_model: str | os.PathLike):
     return tokenizer, special_ids, len(proto.pieces)
 
 
+def original_tokenizer_files(tokenizer_path: str | os.PathLike, config: ZTTConfig):
+    """A Hugging Face tokenizer (tokenizer.json or its directory) -> (name in the export ->
+    source file, special ids): its own files, written back unchanged."""
+    try:
+        tokenizer = HFTokenizer(tokenizer_path)
+    except TokenizerError as error:
+        raise ExportError(str(error)) from None
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ExportError(f"model.vocab_size is {config.vocab_size} but the tokenizer "
+                          f"{tokenizer_path} has ids up to {tokenizer.vocab_size - 1}")
+    return tokenizer_files(tokenizer_path), tokenizer.special_ids()
+
+
 # --------------------------------------------------------------------------- writing
 def _check_against_template(hf_state: Mapping[str, torch.Tensor], exported_config) -> None:
     """The converted names and shapes must be exactly what the exported model class expects."""
@@ -288,7 +306,8 @@ def _write_weights(hf_state: Dict[str, torch.Tensor], directory: Path, max_shard
 EXPORT_FILE_PATTERNS = ("config.json", "generation_config.json", "README.md",
                         "model*.safetensors", "model.safetensors.index.json",
                         "tokenizer*.json", "tokenizer.model", "special_tokens_map.json",
-                        "added_tokens.json", "chat_template.jinja") + tuple(EXPORTED_CODE)
+                        "added_tokens.json", "chat_template.jinja", "chat_template.json",
+                        "vocab.json", "merges.txt", "vocab.txt") + tuple(EXPORTED_CODE)
 # the files that mark a directory as a ZTT export (older exports had no cycle_engine.py)
 MARKER_FILES = ("configuration_ztt.py", "modeling_ztt.py")
 
@@ -469,9 +488,11 @@ def export_hf(config: ZTTConfig, full_state: Mapping[str, torch.Tensor],
     """Write a Hugging Face model directory; returns its path.
 
     ``full_state``: canonical full state dict (see the module docstring). ``tokenizer_model``:
-    the run's SentencePiece ``.model``; None writes the weights without a tokenizer (benchmarks,
-    tests), with the project's special ids. ``dtype``: "bf16", "fp32" or a torch dtype.
-    ``training``: what :func:`training_summary` knows of the run, for the model card.
+    the run's tokenizer: a SentencePiece ``.model`` (converted), or a Hugging Face
+    ``tokenizer.json`` or directory (its files copied unchanged); None writes the weights
+    without a tokenizer (benchmarks, tests), with the project's special ids. ``dtype``:
+    "bf16", "fp32" or a torch dtype. ``training``: what :func:`training_summary` knows of the
+    run, for the model card.
     """
     torch_dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
     if torch_dtype not in DTYPES.values():
@@ -483,8 +504,14 @@ def export_hf(config: ZTTConfig, full_state: Mapping[str, torch.Tensor],
         check_replaceable(output)
 
     # without a tokenizer, the ids of the project's tokenizer convention
-    tokenizer, special_ids = None, dict(SPECIAL_IDS)
-    if tokenizer_model is not None:
+    tokenizer, special_ids, original_files = None, dict(SPECIAL_IDS), {}
+    try:
+        kind = tokenizer_kind(tokenizer_model) if tokenizer_model is not None else None
+    except TokenizerError as error:
+        raise ExportError(str(error)) from None
+    if kind == HUGGINGFACE:
+        original_files, special_ids = original_tokenizer_files(tokenizer_model, config)
+    elif tokenizer_model is not None:
         tokenizer, special_ids, pieces = build_hf_tokenizer(tokenizer_model)
         if pieces != config.vocab_size:
             raise ExportError(f"model.vocab_size is {config.vocab_size} but the tokenizer "
@@ -508,6 +535,8 @@ def export_hf(config: ZTTConfig, full_state: Mapping[str, torch.Tensor],
         _write_weights(hf_state, staging, max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
+        for name, source in original_files.items():
+            shutil.copyfile(source, staging / name)
         (staging / "README.md").write_text(
             model_card(config, torch_dtype, hf_state, training, output.name), encoding="utf-8")
         _give_normal_permissions(staging)

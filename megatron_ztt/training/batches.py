@@ -14,10 +14,17 @@ from megatron_ztt.parallel import runtime
 
 def build_tokenizer_and_data(config: RunConfig):
     from megatron_ztt.data.datasets import build_datasets
-    from megatron_ztt.data.tokenizer import ZTTTokenizer
+    from megatron_ztt.data.tokenizer import SENTENCEPIECE, TokenizerError, load_tokenizer
 
-    tokenizer = ZTTTokenizer(config.data.tokenizer)
-    if tokenizer.vocab_size != config.model.vocab_size:
+    try:
+        tokenizer = load_tokenizer(config.data.tokenizer)
+    except TokenizerError as error:
+        raise ConfigError(f"data.tokenizer: {error}") from None
+    # The project's SentencePiece models define the vocabulary exactly; a pretrained model's
+    # embedding may have more rows than its Hugging Face tokenizer has ids (padded), never fewer.
+    exact = tokenizer.kind == SENTENCEPIECE
+    if (tokenizer.vocab_size != config.model.vocab_size if exact
+            else tokenizer.vocab_size > config.model.vocab_size):
         raise ConfigError(f"model.vocab_size ({config.model.vocab_size}) does not match the "
                           f"tokenizer's vocabulary ({tokenizer.vocab_size} in "
                           f"{config.data.tokenizer}); set model.vocab_size="

@@ -18,10 +18,11 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from megatron_ztt.checkpoint import (FORMAT_VERSION, META, TOKENIZER, CheckpointError,
+from megatron_ztt.checkpoint import (FORMAT_VERSION, META, CheckpointError,
                                      check_readable, fallback_advice, is_complete,
                                      iteration_tags, rank_state_file, read_latest, read_meta,
                                      repair_latest, tag_for)
+from megatron_ztt.data.tokenizer import copy_tokenizer
 from megatron_ztt.files import save_torch_atomic, write_text_atomic
 
 
@@ -55,8 +56,9 @@ def save(engine, config, state: TrainingState, layout: Dict[str, int],
         merged_spec = {}
         for spec in specs:
             merged_spec.update(spec)
-        if config.data.tokenizer and os.path.isfile(config.data.tokenizer):
-            shutil.copyfile(config.data.tokenizer, os.path.join(tag_dir, TOKENIZER))
+        tokenizer, tokenizer_kind = None, None
+        if config.data.tokenizer and os.path.exists(config.data.tokenizer):
+            tokenizer, tokenizer_kind = copy_tokenizer(config.data.tokenizer, tag_dir)
         meta = {
             "format_version": FORMAT_VERSION,
             "iteration": state.iteration,
@@ -65,7 +67,8 @@ def save(engine, config, state: TrainingState, layout: Dict[str, int],
             "layout": layout,
             "partition_spec": {k: list(v) for k, v in sorted(merged_spec.items())},
             "config": config.to_dict(),
-            "tokenizer": TOKENIZER if os.path.isfile(os.path.join(tag_dir, TOKENIZER)) else None,
+            "tokenizer": tokenizer,
+            "tokenizer_kind": tokenizer_kind,
             "versions": _versions(),
         }
         write_text_atomic(os.path.join(tag_dir, META), json.dumps(meta, indent=2))

@@ -99,6 +99,9 @@ def _run(args: argparse.Namespace) -> int:
 
     trained = load_trained(args.checkpoint, args.overrides)
     config = trained.run_config
+    if trained.tokenizer and not any(o.startswith("data.tokenizer=") for o in args.overrides):
+        # the checkpoint's own copy: the same bytes as the run's, wherever those are now
+        config.data.tokenizer = trained.tokenizer
     # one process evaluates the merged weights, whatever layout trained them
     config.parallel.tensor = config.parallel.pipeline = 1
     config.train.micro_batch_size = min(config.train.micro_batch_size, 8)

@@ -242,14 +242,10 @@ def test_cli_reports_a_missing_checkpoint(tmp_path, capsys):
 
 
 SELF_CONTAINED_CHECK = r"""
+import site
 import sys
 
-class Block:  # the export must not need this project, megatron-core or DeepSpeed
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("megatron", "megatron_ztt", "deepspeed"):
-            raise ImportError(f"the export imported {name}")
-
-sys.meta_path.insert(0, Block())
+site.addsitedir(sys.argv[2])  # the installed packages, less this project, megatron and DeepSpeed
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -258,7 +254,22 @@ tokenizer = AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=True)
 ids = tokenizer("Once upon a time", return_tensors="pt")
 out = model.generate(**ids, max_new_tokens=3, do_sample=False, exit_threshold=0.0)
 print("cycles", model.mean_cycles_used, out.shape[1] - ids["input_ids"].shape[1])
+print("loaded", sorted({name.split(".")[0] for name in sys.modules}))
 """
+
+# What the export must run without. A view of site-packages without them proves it even where
+# other packages probe for them (accelerate asks whether DeepSpeed is installed).
+NOT_NEEDED_BY_THE_EXPORT = ("megatron", "deepspeed", "__editable__")
+
+
+def site_packages_without(names, folder: Path) -> Path:
+    import sysconfig
+
+    folder.mkdir()
+    for entry in Path(sysconfig.get_paths()["purelib"]).iterdir():
+        if not any(entry.name.lower().startswith(n) for n in names):
+            (folder / entry.name).symlink_to(entry)
+    return folder
 
 
 def test_export_runs_with_only_torch_and_transformers(seeded, tmp_path, tokenizer_model):
@@ -267,11 +278,15 @@ def test_export_runs_with_only_torch_and_transformers(seeded, tmp_path, tokenize
     import sys
 
     _, _, path = build_and_export("ztt-gqa", tmp_path / "export", tokenizer_model)
+    view = site_packages_without(NOT_NEEDED_BY_THE_EXPORT, tmp_path / "site")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    result = subprocess.run([sys.executable, "-c", SELF_CONTAINED_CHECK, str(path)], env=env,
-                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-S", "-c", SELF_CONTAINED_CHECK, str(path),
+                             str(view)], env=env, cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "cycles 1.0 3" in result.stdout
+    loaded = result.stdout.split("loaded", 1)[1]
+    assert not any(name in loaded for name in ("megatron", "deepspeed")), loaded
 
 
 def test_export_works_with_the_transformers_training_stack(seeded, tmp_path):

@@ -282,7 +282,7 @@ def load_weights(path: str) -> Dict[str, torch.Tensor]:
 
 # Model settings that change the shape or the set of weights: a run started from a checkpoint
 # (train.init_from) must have the checkpoint's values.
-SHAPE_SETTINGS = ("vocab_size", "make_vocab_size_divisible_by", "hidden_size", "ffn_size",
+SHAPE_SETTINGS = ("vocab_size", "padded_vocab_size", "hidden_size", "ffn_size",
                   "num_layers", "num_attention_heads", "query_groups", "num_cycles",
                   "cycle_mode", "zero_token", "gate", "normalization", "activation",
                   "tie_embeddings", "qkv_bias")

@@ -28,6 +28,7 @@ nothing is written.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import math
@@ -213,9 +214,9 @@ def _gguf_location(gguf: Path) -> Tuple[str, dict]:
     return str(gguf.parent), {"gguf_file": gguf.name}
 
 
-def load_source(model_dir: Optional[str], gguf: Optional[str]):
-    """(HF config, HF model in fp32 on the CPU, from_pretrained location and arguments)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def read_source_config(model_dir: Optional[str], gguf: Optional[str]):
+    """(HF config, from_pretrained location and arguments), checked before any weight is read."""
+    from transformers import AutoConfig
 
     if gguf is not None:
         location, extra = _gguf_location(Path(gguf))
@@ -228,22 +229,46 @@ def load_source(model_dir: Optional[str], gguf: Optional[str]):
         _refuse(f"cannot read the model config of {gguf or model_dir}: "
                 f"{str(error).splitlines()[0]}")
     check_supported(hf)
+    return hf, location, extra
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(
-            location, dtype=torch.float32, device_map="cpu", output_loading_info=True, **extra)
-    except (OSError, ValueError, RuntimeError, KeyError) as error:
-        _refuse(f"cannot load the weights of {gguf or model_dir}: {str(error).splitlines()[0]}")
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def load_source_model(hf, location: str, extra: dict, name: str):
+    """The HF model in fp32 on the CPU; refuses missing, misshapen or undeclared tensors."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with _quiet_transformers():  # its load report and progress bar: we report ourselves
+            model, info = AutoModelForCausalLM.from_pretrained(
+                location, dtype=torch.float32, device_map="cpu", output_loading_info=True,
+                **extra)
+    except Exception as error:  # noqa: BLE001 - safetensors, torch and gguf raise their own
+        _refuse(f"cannot load the weights of {name}: {str(error).splitlines()[0]}")
     missing = sorted(info.get("missing_keys") or [])
     if missing:
-        _refuse(f"{gguf or model_dir}: the weights file lacks {len(missing)} tensors the config "
+        _refuse(f"{name}: the weights file lacks {len(missing)} tensors the config "
                 f"asks for ({', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''})")
     mismatched = info.get("mismatched_keys") or []
     if mismatched:
-        _refuse(f"{gguf or model_dir}: tensors of the wrong shape for the config: "
+        _refuse(f"{name}: tensors of the wrong shape for the config: "
                 f"{', '.join(str(m[0] if isinstance(m, tuple) else m) for m in mismatched[:4])}")
     unexpected = sorted(k for k in info.get("unexpected_keys") or [] if "rotary_emb" not in k)
     if unexpected:
-        _refuse(f"{gguf or model_dir}: the weights file holds tensors the config does not use "
+        _refuse(f"{name}: the weights file holds tensors the config does not use "
                 f"(e.g. {', '.join(unexpected[:4])}); a bias or layer the config does not "
                 f"declare?")
     tied = model.lm_head.weight is model.model.embed_tokens.weight or (
@@ -251,7 +276,7 @@ def load_source(model_dir: Optional[str], gguf: Optional[str]):
     if bool(getattr(hf, "tie_word_embeddings", False)) != tied:
         _refuse(f"tie_word_embeddings={getattr(hf, 'tie_word_embeddings', False)} but the loaded "
                 f"model's lm_head is {'' if tied else 'not '}the input embedding")
-    return hf, model.float().eval(), location, extra
+    return model.float().eval()
 
 
 # --------------------------------------------------------------------------- conversion
@@ -410,9 +435,10 @@ def import_hf(output: str, model_dir: Optional[str] = None, gguf: Optional[str] 
         _refuse(f"--gate-bias must be > 0 (its sign comes from --gate-init), got {options.gate_bias}")
     target = Path(output).absolute()
     _check_output(target)
-    hf, model, location, extra = load_source(model_dir, gguf)
+    hf, location, extra = read_source_config(model_dir, gguf)
     layers = layer_map(hf.num_hidden_layers, options.middle_layers)
     config = ztt_config(hf, options, layers)
+    model = load_source_model(hf, location, extra, gguf or model_dir)
     state = canonical_state(model.state_dict(), config, layers, options)
     del model
     source = {"name": Path(gguf or model_dir).name.removesuffix(".gguf"),

@@ -147,6 +147,80 @@ def test_tokenizer_files_are_copied_unchanged(sources, tmp_path):
     assert meta["config"]["data"]["tokenizer"] == str(tag / "tokenizer")
 
 
+def write_gguf(model, path):
+    """``model`` (a Llama) as a GGUF file, as llama.cpp's converter writes one: llama.* keys,
+    llama.cpp tensor names, Q/K rows permuted to its rotary layout, and a byte-level BPE
+    tokenizer of 256 bytes + 4 specials."""
+    import gguf
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    config, state = model.config, model.state_dict()
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    byte_chars = bytes_to_unicode()
+    tokens = [byte_chars[b] for b in range(256)] + ["<s>", "</s>", "<unk>", "<pad>"]
+    assert len(tokens) == config.vocab_size
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([1] * 256 + [3] * 4)
+    writer.add_token_scores([0.0] * len(tokens))
+    writer.add_token_merges([])
+    writer.add_bos_token_id(256)
+    writer.add_eos_token_id(257)
+
+    def permuted(weight, heads):  # llama.cpp's rotary layout of Q and K rows
+        return weight.reshape(heads, 2, weight.shape[0] // heads // 2, -1).swapaxes(1, 2).reshape(
+            weight.shape)
+
+    def add(name, tensor):
+        writer.add_tensor(name, tensor.detach().float().numpy())
+
+    add("token_embd.weight", state["model.embed_tokens.weight"])
+    for i in range(config.num_hidden_layers):
+        src = f"model.layers.{i}."
+        add(f"blk.{i}.attn_norm.weight", state[src + "input_layernorm.weight"])
+        add(f"blk.{i}.attn_q.weight", permuted(state[src + "self_attn.q_proj.weight"],
+                                               config.num_attention_heads))
+        add(f"blk.{i}.attn_k.weight", permuted(state[src + "self_attn.k_proj.weight"],
+                                               config.num_key_value_heads))
+        add(f"blk.{i}.attn_v.weight", state[src + "self_attn.v_proj.weight"])
+        add(f"blk.{i}.attn_output.weight", state[src + "self_attn.o_proj.weight"])
+        add(f"blk.{i}.ffn_norm.weight", state[src + "post_attention_layernorm.weight"])
+        for part in ("gate", "up", "down"):
+            add(f"blk.{i}.ffn_{part}.weight", state[src + f"mlp.{part}_proj.weight"])
+    add("output_norm.weight", state["model.norm.weight"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_gguf_import_gives_the_source_logits_and_its_tokenizer(single_process, tmp_path):
+    pytest.importorskip("gguf")
+    from megatron_ztt.checkpoint import load_trained
+
+    model = hf_model("llama", num_layers=3, vocab_size=260)
+    write_gguf(model, tmp_path / "tiny.gguf")
+    assert import_cli("--gguf", tmp_path / "tiny.gguf", "--output", tmp_path / "ckpt",
+                      "--no-zero-token", "--no-gate") == 0
+    trained = load_trained(str(tmp_path / "ckpt"))
+    ids = token_ids(260)
+    with torch.no_grad():
+        expected = model(ids).logits
+    got = ztt_logits(trained.state, trained.model_config, ids)
+    assert torch.allclose(got, expected, atol=1e-4, rtol=0), (got - expected).abs().max()
+    assert trained.meta["tokenizer_kind"] == "huggingface"
+    assert (tmp_path / "ckpt" / "iter_0000000" / "tokenizer" / "tokenizer.json").is_file()
+
+
 # --------------------------------------------------------------------------- bad inputs
 def _refused(capsys, out, *args):
     """The CLI fails with one line naming the problem and leaves nothing behind."""

@@ -276,7 +276,7 @@ def load_source_model(hf, location: str, extra: dict, name: str):
     if bool(getattr(hf, "tie_word_embeddings", False)) != tied:
         _refuse(f"tie_word_embeddings={getattr(hf, 'tie_word_embeddings', False)} but the loaded "
                 f"model's lm_head is {'' if tied else 'not '}the input embedding")
-    return model.float().eval()
+    return model.eval()  # fp32 (from_pretrained dtype); GGUF models refuse .float()
 
 
 # --------------------------------------------------------------------------- conversion

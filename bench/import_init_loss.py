@@ -28,6 +28,8 @@ SEQ = 64
 # (label, import options): C, zero token, gate, zero-key init, gate init
 VARIANTS = [
     ("C=1, no zero token, no gate", dict(num_cycles=1, zero_token=False, gate=False)),
+    ("C=1, zero keys zeros, no gate", dict(num_cycles=1, zero_key_init="zeros", gate=False)),
+    ("C=1, no zero token, gate open", dict(num_cycles=1, zero_token=False)),
     ("C=1, zero keys zeros, gate open", dict(num_cycles=1, zero_key_init="zeros")),
     ("C=1, zero keys normal, gate open", dict(num_cycles=1, zero_key_init="normal")),
     ("C=2, no zero token, no gate", dict(num_cycles=2, zero_token=False, gate=False)),

@@ -286,7 +286,8 @@ SHAPE_SETTINGS = ("vocab_size", "padded_vocab_size", "hidden_size", "ffn_size",
                   "num_layers", "num_attention_heads", "query_groups", "num_cycles",
                   "cycle_mode", "zero_token", "gate", "normalization", "activation",
                   "tie_embeddings", "qkv_bias")
-_SETTING_NAMES = {"ffn_size": "ffn_hidden_size", "query_groups": "num_query_groups"}
+_SETTING_NAMES = {"ffn_size": "ffn_hidden_size", "query_groups": "num_query_groups",
+                  "padded_vocab_size": "make_vocab_size_divisible_by (the padded vocabulary)"}
 
 
 def load_run_config(path: Optional[str] = None, overrides=None) -> RunConfig:

@@ -22,13 +22,16 @@ SIZES = dict(hidden_size=32, intermediate_size=128, num_attention_heads=4,
 
 def hf_model(kind="llama", num_layers=4, vocab_size=200, tied=None, **config):
     """A random HF model; Qwen2 gets non-zero q/k/v biases so that their mapping shows."""
-    from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                              Qwen2Config, Qwen2ForCausalLM)
 
     torch.manual_seed(0)
     settings = dict(SIZES, num_hidden_layers=num_layers, vocab_size=vocab_size,
                     rope_theta=500.0, **config)
     if kind == "llama":
         model = LlamaForCausalLM(LlamaConfig(tie_word_embeddings=tied is not False, **settings))
+    elif kind == "mistral":
+        model = MistralForCausalLM(MistralConfig(sliding_window=None, **settings))
     else:
         model = Qwen2ForCausalLM(Qwen2Config(tie_word_embeddings=bool(tied), **settings))
     with torch.no_grad():
@@ -66,12 +69,12 @@ def token_ids(vocab_size, length=12):
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf")
-    llama, qwen = hf_model("llama"), hf_model("qwen2", tied=False)
-    return {"llama": (llama, save_hf(llama, root / "llama")),
-            "qwen2": (qwen, save_hf(qwen, root / "qwen2"))}
+    models = {"llama": hf_model("llama"), "qwen2": hf_model("qwen2", tied=False),
+              "mistral": hf_model("mistral")}
+    return {kind: (model, save_hf(model, root / kind)) for kind, model in models.items()}
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral"])
 def test_c1_without_zero_token_gives_the_source_logits(single_process, sources, tmp_path, kind):
     from megatron_ztt.checkpoint import load_trained
 
@@ -82,7 +85,7 @@ def test_c1_without_zero_token_gives_the_source_logits(single_process, sources, 
     config = trained.model_config
     assert (config.num_layers, config.num_cycles, config.qkv_bias) == (4, 1, kind == "qwen2")
     assert config.rotary_base == 500.0 and config.norm_epsilon == 1e-6
-    assert config.tie_embeddings == (kind == "llama")
+    assert config.tie_embeddings == model.config.tie_word_embeddings
     ids = token_ids(config.vocab_size)
     with torch.no_grad():
         expected = model(ids).logits
@@ -267,6 +270,15 @@ def test_unsupported_settings_are_refused(tmp_path, capsys, change, named):
     model_dir = _config_only(tmp_path / "model", config)
     err = _refused(capsys, tmp_path / "out", "--model", model_dir)
     assert named in err
+
+
+def test_a_middle_block_outside_head_and_tail_is_refused(tmp_path, capsys):
+    from transformers import LlamaConfig
+
+    model_dir = _config_only(tmp_path / "model", LlamaConfig(**SIZES, num_hidden_layers=4,
+                                                             vocab_size=100))
+    err = _refused(capsys, tmp_path / "out", "--model", model_dir, "--middle-layers", "0:2")
+    assert "--middle-layers 0:2" in err
 
 
 def test_missing_weights_and_nonempty_output_are_refused(sources, tmp_path, capsys):

@@ -97,11 +97,8 @@ class LayerMap:
     def describe(self, num_cycles: int) -> str:
         middle = (f"{self.middle[0]}..{self.middle[-1]}" if len(self.middle) > 1
                   else str(self.middle[0]))
-        text = (f"HF layer {self.head} -> head (once), HF layers {middle} -> cycled block "
+        return (f"HF layer {self.head} -> head (once), HF layers {middle} -> cycled block "
                 f"(x{num_cycles}), HF layer {self.tail} -> tail (once)")
-        if self.dropped:
-            text += f"; dropped HF layers {', '.join(map(str, self.dropped))}"
-        return text
 
 
 # --------------------------------------------------------------------------- checks

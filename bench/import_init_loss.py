@@ -1,6 +1,7 @@
 """Loss at step 0 of `ztt import-hf` imports, for each way of initialising ZTT's new parts.
 
-    OMP_NUM_THREADS=1 python bench/import_init_loss.py [--steps 300] [--out docs/results/import_init_loss.md]
+    OMP_NUM_THREADS=1 python bench/import_init_loss.py [--steps 300] \
+        [--out docs/results/import_init_loss.md]
 
 A pretrained model is needed, and nothing is downloaded: the script first trains a tiny
 Llama (LlamaForCausalLM, byte-level vocabulary of 256, 6 layers, hidden 64) on the bundled

@@ -273,13 +273,6 @@ def load_trained(path: str, overrides=None) -> TrainedModel:
     return TrainedModel(tag_dir, run_config, merge_model_files(tag_dir, meta), tokenizer, meta)
 
 
-def load_weights(path: str) -> Dict[str, torch.Tensor]:
-    """Full weights from a checkpoint of any layout, or from a ``.pt`` full state dict."""
-    if os.path.isfile(path):
-        return read_model_file(path)
-    return load_trained(path).state
-
-
 # Model settings that change the shape or the set of weights: a run started from a checkpoint
 # (train.init_from) must have the checkpoint's values.
 SHAPE_SETTINGS = ("vocab_size", "padded_vocab_size", "hidden_size", "ffn_size",

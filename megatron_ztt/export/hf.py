@@ -91,7 +91,8 @@ def to_hf_state(config: ZTTConfig, full_state: Mapping[str, torch.Tensor],
     """Canonical (Megatron) names and layouts -> the exported model's.
 
     Megatron fuses Q, K and V (weight and, with ``qkv_bias``, bias) grouped per key/value
-    group (``weight_layout.split_qkv``); SwiGLU's fc1 stacks the gate rows over the up rows. Vocabulary padding rows are dropped.
+    group (``weight_layout.split_qkv``); SwiGLU's fc1 stacks the gate rows over the up rows.
+    Vocabulary padding rows are dropped.
     """
     check_full_state(config, full_state)
     vocab = config.vocab_size

@@ -128,7 +128,8 @@ def check_supported(hf) -> None:
     if act != "silu":
         _refuse(f"hidden_act={act!r}: only silu (SwiGLU) is supported")
     rope = getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else rope
+    rope_type = (rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict)
+                 else rope)
     if rope_type not in (None, "default"):
         _refuse(f"rope_scaling / rope_parameters rope_type={rope_type!r}: only plain RoPE "
                 f"(rope_type 'default') is supported")
@@ -429,7 +430,8 @@ def import_hf(output: str, model_dir: Optional[str] = None, gguf: Optional[str] 
     if options.gate_init not in GATE_INITS:
         _refuse(f"--gate-init must be one of {', '.join(GATE_INITS)}")
     if options.gate_bias <= 0:
-        _refuse(f"--gate-bias must be > 0 (its sign comes from --gate-init), got {options.gate_bias}")
+        _refuse(f"--gate-bias must be > 0 (its sign comes from --gate-init), got "
+                f"{options.gate_bias}")
     target = Path(output).absolute()
     _check_output(target)
     hf, location, extra = read_source_config(model_dir, gguf)

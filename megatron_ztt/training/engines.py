@@ -449,6 +449,11 @@ def build_engine(config: RunConfig) -> TrainingEngine:
             print(f"initialised the weights from {config.train.init_from}", flush=True)
     if config.train.trainable == "new":
         freeze_all_but_new(model)
+        if dist.get_rank() == 0:
+            trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            total = sum(p.numel() for p in model.parameters())
+            print(f"train.trainable=new: {trained:,} of {total:,} parameters on rank 0 train "
+                  f"(zero keys and gates); the rest are frozen", flush=True)
     model.to(runtime.current_device())
     ds_engine, _, _, _ = deepspeed.initialize(
         model=model,

@@ -26,6 +26,7 @@ setup(
     ],
     extras_require={
         "dev": ["pytest", "pytest-timeout"],
+        "import": ["gguf"],  # ztt import-hf --gguf
     },
     entry_points={"console_scripts": ["ztt=megatron_ztt.cli:main"]},
 )

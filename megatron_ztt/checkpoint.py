@@ -16,7 +16,11 @@ A checkpoint directory (``<run.dir>/checkpoints``) holds one folder per saved it
 
 :func:`load_trained` turns any layout's checkpoint into one canonical full state dict (the
 names of ``gather_full_state_dict(ZTTModel)``): ``ztt eval``, ``ztt export-hf``, ``ztt
-generate``, ``train.init_weights`` and the benches all read models through it. The training
+generate``, ``train.init_from`` and the benches all read models through it. ``ztt import-hf``
+(``megatron_ztt.pretrained``) writes a checkpoint of this format from a pretrained Hugging
+Face model: one iteration-0 folder with the full single-layout model file, its tokenizer
+folder (``"tokenizer": "tokenizer"``, ``"tokenizer_kind": "huggingface"`` in the metadata) and
+the run config. The training
 side that writes checkpoints is ``megatron_ztt.training.checkpoint``.
 """
 
@@ -33,10 +37,11 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from megatron_ztt.config import RunConfig, config_from_dict
+from megatron_ztt.config import RunConfig, config_from_dict, load_config
 from megatron_ztt.data.tokenizer import SENTENCEPIECE
 from megatron_ztt.files import write_text_atomic
 from megatron_ztt.model.config import ZTTConfig
+from megatron_ztt.model.weight_layout import expected_canonical_shapes
 from megatron_ztt.parallel.sharding import merge_shards
 
 LATEST = "latest"
@@ -279,8 +284,56 @@ def load_trained(path: str, overrides=None) -> TrainedModel:
     return TrainedModel(tag_dir, run_config, merge_model_files(tag_dir, meta), tokenizer, meta)
 
 
-def load_weights(path: str) -> Dict[str, torch.Tensor]:
-    """Full weights from a checkpoint of any layout, or from a ``.pt`` full state dict."""
-    if os.path.isfile(path):
-        return read_model_file(path)
-    return load_trained(path).state
+# Model settings that change the shape or the set of weights: a run started from a checkpoint
+# (train.init_from) must have the checkpoint's values.
+SHAPE_SETTINGS = ("vocab_size", "padded_vocab_size", "hidden_size", "ffn_size",
+                  "num_layers", "num_attention_heads", "query_groups", "num_cycles",
+                  "cycle_mode", "zero_token", "gate", "normalization", "activation",
+                  "tie_embeddings", "qkv_bias")
+_SETTING_NAMES = {"ffn_size": "ffn_hidden_size", "query_groups": "num_query_groups",
+                  "padded_vocab_size": "make_vocab_size_divisible_by (the padded vocabulary)"}
+
+
+def load_run_config(path: Optional[str] = None, overrides=None) -> RunConfig:
+    """``load_config``, with the model section of ``train.init_from``'s checkpoint as the
+    defaults of the run's model section: a fine-tuning config needs no model section, and
+    the settings it does give (sequence length, dropout, exit losses ...) win."""
+    first = load_config(path, overrides, check=False)
+    source = first.train.init_from or first.train.init_weights
+    model = None
+    if source and not os.path.isfile(source):
+        root, tag = resolve(source, note=False)
+        model = read_meta(os.path.join(root, tag))["config"]["model"]
+    return load_config(path, overrides, model_defaults=model)
+
+
+def check_init_compatible(source: str, saved: ZTTConfig, run: ZTTConfig) -> None:
+    """Fail, naming the settings, if the run's model cannot take the checkpoint's weights."""
+    differ = [(_SETTING_NAMES.get(name, name), getattr(saved, name), getattr(run, name))
+              for name in SHAPE_SETTINGS if getattr(saved, name) != getattr(run, name)]
+    if differ:
+        details = ", ".join(f"model.{name} is {a!r} in the checkpoint but {b!r} in this run"
+                            for name, a, b in differ)
+        raise CheckpointError(f"train.init_from={source}: {details}; these settings change the "
+                              f"weights' shapes: leave them out of the run config (they default "
+                              f"to the checkpoint's) or set them as the checkpoint has them")
+
+
+def load_initial_weights(source: str, run: ZTTConfig) -> Dict[str, torch.Tensor]:
+    """``train.init_from``: the canonical full state of a checkpoint (any layout) or ``.pt``
+    file, checked against the run's model config."""
+    if os.path.isfile(source):
+        state = read_model_file(source)
+    else:
+        trained = load_trained(source)
+        check_init_compatible(source, trained.model_config, run)
+        state = trained.state
+    expected = expected_canonical_shapes(run)
+    wrong = sorted(set(expected) ^ set(state))
+    wrong += [f"{name} {tuple(state[name].shape)} (the run's model: {expected[name]})"
+              for name in sorted(expected) if name in state
+              and tuple(state[name].shape) != expected[name]]
+    if wrong:
+        raise CheckpointError(f"train.init_from={source}: the weights do not fit the run's model "
+                              f"config: {', '.join(wrong[:6])}{' ...' if len(wrong) > 6 else ''}")
+    return state

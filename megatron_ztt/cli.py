@@ -14,6 +14,8 @@ COMMANDS = {
     "train": ("megatron_ztt.training.train", "pretrain a model (run under torchrun or srun)"),
     "eval": ("megatron_ztt.training.evaluate", "evaluate a checkpoint at several exit thresholds"),
     "export-hf": ("megatron_ztt.export.hf", "export a checkpoint to a Hugging Face model directory"),
+    "import-hf": ("megatron_ztt.pretrained.import_hf",
+                  "import a pretrained Hugging Face Llama/Mistral/Qwen2 model as a checkpoint"),
     "generate": ("megatron_ztt.inference.generate", "generate text from an export or checkpoint"),
     "plot": ("megatron_ztt.tools.plot_runs", "plot a TensorBoard scalar of several runs (PNG)"),
 }

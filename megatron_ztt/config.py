@@ -57,9 +57,17 @@ class TrainSection:
     precision: str = "fp32"  # fp32 | bf16
     nonfinite_loss: str = "skip"  # skip the optimizer step | stop the run
     load: Optional[str] = None  # None: fresh; "auto": latest in run.dir if any; or a path
-    # Start a new run from these weights (a checkpoint of any layout, or a .pt file holding
-    # a full state dict under ZTTModel's names); the optimizer starts fresh.
+    # Start a new run from these weights (a checkpoint of any layout, e.g. one written by
+    # `ztt import-hf`, or a .pt file holding a full state dict under ZTTModel's names); the
+    # optimizer starts fresh. With a checkpoint, the run's model section defaults to the
+    # checkpoint's (load_run_config).
+    init_from: Optional[str] = None
+    # Earlier name of init_from, still read (configs and checkpoints of earlier runs); it is
+    # moved to init_from when the config is loaded.
     init_weights: Optional[str] = None
+    # Which parameters train: all | new (only the zero keys and gates; everything else is
+    # frozen, e.g. to fit ZTT's new parts onto an imported pretrained model first).
+    trainable: str = "all"
 
 
 @dataclass
@@ -125,11 +133,19 @@ class RunConfig:
         return asdict(self)
 
 
-def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> RunConfig:
-    """File, then overrides, merged onto the defaults; every error names the key."""
+def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None,
+                model_defaults: Optional[dict] = None, check: bool = True) -> RunConfig:
+    """File, then overrides, merged onto the defaults; every error names the key.
+
+    ``model_defaults``: a model section (e.g. the one saved with ``train.init_from``'s
+    checkpoint) that replaces the built-in defaults; the file and the overrides still win.
+    ``check=False`` skips the cross-field rules (a first pass that only reads a setting).
+    """
     schema = OmegaConf.structured(RunConfig)
     layers = [schema]
     try:
+        if model_defaults:
+            layers.append(OmegaConf.create({"model": model_defaults}))
         if path:
             if not os.path.isfile(path):
                 raise ConfigError(f"config file not found: {path}")
@@ -146,7 +162,8 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
         message = str(error).splitlines()[0]
         raise ConfigError(f"bad setting {key!r}: {message}" if key
                           else f"bad configuration: {message}") from None
-    validate(config)
+    if check:
+        validate(config)
     return config
 
 
@@ -164,6 +181,24 @@ def validate(config: RunConfig) -> None:
     def fail(key, message):
         raise ConfigError(f"{key}: {message}")
 
+    if train.init_weights is not None:
+        if train.init_from is not None and train.init_from != train.init_weights:
+            fail("train.init_weights", f"is the earlier name of train.init_from; set only "
+                 f"train.init_from (got init_from={train.init_from!r}, "
+                 f"init_weights={train.init_weights!r})")
+        train.init_from, train.init_weights = train.init_weights, None
+    if train.trainable not in ("all", "new"):
+        fail("train.trainable", f"must be all or new, got {train.trainable!r}")
+    if train.trainable == "new":
+        if not (config.model.zero_token or config.model.gate):
+            fail("train.trainable", "new trains only the zero keys and gates, and this model "
+                 "has neither (model.zero_token=false, model.gate=false); use all")
+        if parallel.zero_stage == 3:
+            fail("train.trainable", "new (frozen weights) is supported with "
+                 "parallel.zero_stage 0-2; use parallel.zero_stage<=2")
+        if parallel.pipeline > 1 and not config.model.zero_token:
+            fail("train.trainable", "new with the circular pipeline (parallel.pipeline > 1) "
+                 "needs model.zero_token=true: every stage must hold something to train")
     for key in ("micro_batch_size", "global_batch_size", "train_iters"):
         if getattr(train, key) < 1:
             fail(f"train.{key}", f"must be >= 1, got {getattr(train, key)}")

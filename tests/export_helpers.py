@@ -20,6 +20,7 @@ VARIANTS = {
     "ztt-gqa": dict(),
     "ztt-mha-untied-layernorm-gelu": dict(num_query_groups=None, tie_embeddings=False,
                                           normalization="LayerNorm", activation="gelu"),
+    "qkv-bias": dict(qkv_bias=True),  # Qwen2 imports
     "basic-cycles": dict(cycle_mode="basic", num_layers=2),
     "head-tail-no-zero-token": dict(zero_token=False, gate=False),
     "vanilla": dict(cycle_mode="vanilla", num_cycles=1, zero_token=False, gate=False),

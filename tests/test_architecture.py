@@ -13,6 +13,7 @@ LAYERS = [
     ("data",),
     ("config",),
     ("checkpoint",),
+    ("pretrained",),  # ztt import-hf: model, parallel, data, config, checkpoint, files
     ("training",),
     ("export", "inference", "tools"),
     ("cli", "train", "__init__"),

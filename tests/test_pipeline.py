@@ -30,7 +30,7 @@ def _train_runs(rank, data, root, weights, runs):
 
     out = {}
     for name, overrides in runs:
-        result = train(micro_config(data, f"{root}/{name}", *PIPE, f"train.init_weights={weights}",
+        result = train(micro_config(data, f"{root}/{name}", *PIPE, f"train.init_from={weights}",
                                     f"train.lr_decay_iters={STEPS}", *overrides))
         out[name] = result.losses
         out[f"{name} validation"] = result.validation

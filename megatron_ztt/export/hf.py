@@ -39,7 +39,7 @@ import torch
 from megatron_ztt.data.tokenizer import (HUGGINGFACE, SPECIAL_IDS, HFTokenizer, TokenizerError,
                                          tokenizer_files, tokenizer_kind)
 from megatron_ztt.model.config import ZTTConfig
-from megatron_ztt.model.cycle_engine import application_plan
+from megatron_ztt.model.weight_layout import expected_canonical_shapes, split_qkv
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "hf_template"
 # file in the export -> where it comes from; modeling_ztt.py runs the training code's own
@@ -73,36 +73,6 @@ class ExportError(RuntimeError):
 
 
 # --------------------------------------------------------------------------- state dicts
-def expected_canonical_shapes(config: ZTTConfig) -> Dict[str, Tuple[int, ...]]:
-    """Name -> shape of every tensor a complete canonical full state dict holds."""
-    d, ffn = config.hidden_size, config.ffn_size
-    heads, groups, head_dim = config.num_attention_heads, config.query_groups, config.head_dim
-    fc1_rows = 2 * ffn if config.activation == "swiglu" else ffn
-    norm_parts = ("weight", "bias") if config.normalization == "LayerNorm" else ("weight",)
-    shapes = {"embedding.word_embeddings.weight": (config.padded_vocab_size, d)}
-    for i in range(config.num_layers):
-        prefix = f"layers.{i}."
-        for norm in ("input_layernorm", "pre_mlp_layernorm"):
-            for part in norm_parts:
-                shapes[f"{prefix}{norm}.{part}"] = (d,)
-        shapes[prefix + "self_attention.linear_qkv.weight"] = ((heads + 2 * groups) * head_dim, d)
-        shapes[prefix + "self_attention.linear_proj.weight"] = (d, heads * head_dim)
-        shapes[prefix + "mlp.linear_fc1.weight"] = (fc1_rows, d)
-        shapes[prefix + "mlp.linear_fc2.weight"] = (d, ffn)
-    if config.zero_token:
-        for app in application_plan(config):
-            shapes[f"zero_token_pool.keys.{app.name}"] = (groups, head_dim)
-    if config.gate:
-        for c in range(config.num_cycles):
-            shapes[f"gates.{c}.weight"] = (d,)
-            shapes[f"gates.{c}.bias"] = (1,)
-    for part in norm_parts:
-        shapes[f"output_head.final_norm.{part}"] = (d,)
-    if not config.tie_embeddings:
-        shapes["output_head.output_layer.weight"] = (config.padded_vocab_size, d)
-    return shapes
-
-
 def check_full_state(config: ZTTConfig, full_state: Mapping[str, torch.Tensor]) -> None:
     """Fail, naming the tensors, unless ``full_state`` is exactly one complete model."""
     expected = expected_canonical_shapes(config)
@@ -125,13 +95,11 @@ def to_hf_state(config: ZTTConfig, full_state: Mapping[str, torch.Tensor],
                 dtype: torch.dtype) -> Dict[str, torch.Tensor]:
     """Canonical (Megatron) names and layouts -> the exported model's.
 
-    Megatron fuses Q, K and V into one weight whose rows are grouped per key/value group
-    ([q rows of the group's heads, k rows, v rows] for each group); SwiGLU's fc1 stacks the
-    gate rows over the up rows. Vocabulary padding rows are dropped.
+    Megatron fuses Q, K and V (weight and, with ``qkv_bias``, bias) grouped per key/value
+    group (``weight_layout.split_qkv``); SwiGLU's fc1 stacks the gate rows over the up rows.
+    Vocabulary padding rows are dropped.
     """
     check_full_state(config, full_state)
-    heads, groups, head_dim = config.num_attention_heads, config.query_groups, config.head_dim
-    per_group = heads // groups
     vocab = config.vocab_size
     out: Dict[str, torch.Tensor] = {
         "model.embed_tokens.weight": full_state["embedding.word_embeddings.weight"][:vocab]}
@@ -143,13 +111,12 @@ def to_hf_state(config: ZTTConfig, full_state: Mapping[str, torch.Tensor],
             elif name.startswith(src + "pre_mlp_layernorm."):
                 out[dst + "post_attention_layernorm." + name.rsplit(".", 1)[1]] = tensor
         qkv = full_state[src + "self_attention.linear_qkv.weight"]
-        qkv = qkv.view(groups, (per_group + 2) * head_dim, config.hidden_size)
-        q_rows = per_group * head_dim
-        out[dst + "self_attn.q_proj.weight"] = qkv[:, :q_rows].reshape(-1, config.hidden_size)
-        out[dst + "self_attn.k_proj.weight"] = qkv[:, q_rows:q_rows + head_dim].reshape(
-            -1, config.hidden_size)
-        out[dst + "self_attn.v_proj.weight"] = qkv[:, q_rows + head_dim:].reshape(
-            -1, config.hidden_size)
+        for proj, part in zip(("q_proj", "k_proj", "v_proj"), split_qkv(qkv, config)):
+            out[dst + f"self_attn.{proj}.weight"] = part
+        if config.qkv_bias:
+            bias = full_state[src + "self_attention.linear_qkv.bias"]
+            for proj, part in zip(("q_proj", "k_proj", "v_proj"), split_qkv(bias, config)):
+                out[dst + f"self_attn.{proj}.bias"] = part
         out[dst + "self_attn.o_proj.weight"] = full_state[src + "self_attention.linear_proj.weight"]
         fc1 = full_state[src + "mlp.linear_fc1.weight"]
         if config.activation == "swiglu":
@@ -183,6 +150,7 @@ def hf_config(config: ZTTConfig, special_ids: Mapping[str, Optional[int]], dtype
         num_layers=config.num_layers,
         num_attention_heads=config.num_attention_heads,
         num_key_value_heads=config.query_groups,
+        qkv_bias=config.qkv_bias,
         num_cycles=config.num_cycles,
         cycle_mode=config.cycle_mode,
         zero_token=config.zero_token,

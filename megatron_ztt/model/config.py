@@ -42,6 +42,8 @@ class ZTTConfig:
     activation: str = "swiglu"
     rotary_base: float = 10000.0
     tie_embeddings: bool = True
+    # Biases on the query, key and value projections (Qwen2); megatron-core's add_qkv_bias.
+    qkv_bias: bool = False
     # Weight of the LM loss after each cycle (length C). None: only the final cycle counts.
     exit_loss_weights: Optional[List[float]] = None
     init_std: float = 0.02

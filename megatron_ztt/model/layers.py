@@ -80,6 +80,7 @@ def transformer_config(config: ZTTConfig) -> TransformerConfig:
         gated_linear_unit=swiglu,
         activation_func=F.silu if swiglu else F.gelu,
         add_bias_linear=False,
+        add_qkv_bias=config.qkv_bias,
         attention_dropout=config.attention_dropout,
         hidden_dropout=config.hidden_dropout,
         init_method_std=config.init_std,

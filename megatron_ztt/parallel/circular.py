@@ -195,7 +195,8 @@ class CircularStage(torch.nn.Module):
     def reduce_tied_embedding_grad(self) -> None:
         """Sum the two contributions to the tied word embedding's gradient (first rank: input
         embedding; last rank: output projection) so both copies take the same step."""
-        if not self.config.tie_embeddings or self.embedding is None:
+        if (not self.config.tie_embeddings or self.embedding is None
+                or not self.embedding.weight.requires_grad):  # frozen (train.trainable=new)
             return
         weight = self.embedding.weight
         if weight.grad is None:

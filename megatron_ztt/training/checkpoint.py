@@ -110,7 +110,7 @@ def load(engine, root: str, tag: str, layout: Dict[str, int]) -> Tuple[TrainingS
         details = ", ".join(f"{k}: saved {a}, now {b}" for k, (a, b) in mismatched.items())
         raise CheckpointError(f"{tag_dir} was saved with another parallel layout ({details}); "
                               f"resume with the same layout, or start a new run from its "
-                              f"weights with train.init_weights={tag_dir}")
+                              f"weights with train.init_from={tag_dir}")
     _check_readable_on_rank0(root, tag)
     try:
         engine.load(tag_dir)

@@ -20,7 +20,7 @@ from typing import Dict, Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_ztt.checkpoint import ENGINE_DIR, CheckpointError, load_weights, model_file
+from megatron_ztt.checkpoint import ENGINE_DIR, CheckpointError, load_initial_weights, model_file
 from megatron_ztt.config import RunConfig
 from megatron_ztt.model.cycle_engine import zero_attention_by_cycle
 from megatron_ztt.parallel import runtime
@@ -400,6 +400,16 @@ class CircularPipelineEngine(TrainingEngine):
         load_full_state_dict(module, full, strict=False)
 
 
+NEW_PARAMETERS = ("zero_token_pool.", "gates.")  # what ZTT adds to a plain transformer
+
+
+def freeze_all_but_new(model: torch.nn.Module) -> None:
+    """train.trainable=new: only the zero keys and gates train. Frozen parameters stay out of
+    the optimizer (``parameter_groups``), so DeepSpeed never changes them."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.startswith(NEW_PARAMETERS))
+
+
 def build_engine(config: RunConfig) -> TrainingEngine:
     """The model on this rank, wrapped in the DeepSpeed engine its layout needs."""
     import deepspeed
@@ -433,10 +443,17 @@ def build_engine(config: RunConfig) -> TrainingEngine:
             if model.zero_token_pool is not None:
                 for app in model.plan:
                     register(model.layers[app.layer], model.zero_token_pool[app.name])
-    if config.train.init_weights:
-        kind.load_weights_into(model, load_weights(config.train.init_weights))
+    if config.train.init_from:
+        kind.load_weights_into(model, load_initial_weights(config.train.init_from, config.model))
         if dist.get_rank() == 0:
-            print(f"initialised the weights from {config.train.init_weights}", flush=True)
+            print(f"initialised the weights from {config.train.init_from}", flush=True)
+    if config.train.trainable == "new":
+        freeze_all_but_new(model)
+        if dist.get_rank() == 0:
+            trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            total = sum(p.numel() for p in model.parameters())
+            print(f"train.trainable=new: {trained:,} of {total:,} parameters on rank 0 train "
+                  f"(zero keys and gates); the rest are frozen", flush=True)
     model.to(runtime.current_device())
     ds_engine, _, _, _ = deepspeed.initialize(
         model=model,

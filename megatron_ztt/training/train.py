@@ -21,9 +21,9 @@ from typing import Dict, List, Optional
 
 import torch.distributed as dist
 
-from megatron_ztt.checkpoint import (CheckpointError, complete_tags, read_latest, repair_latest,
-                                     resolve)
-from megatron_ztt.config import RunConfig, load_config
+from megatron_ztt.checkpoint import (CheckpointError, complete_tags, load_run_config,
+                                     read_latest, repair_latest, resolve)
+from megatron_ztt.config import RunConfig
 from megatron_ztt.files import write_text_atomic
 from megatron_ztt.model.config import ConfigError
 from megatron_ztt.parallel import runtime
@@ -292,7 +292,7 @@ def run(args: argparse.Namespace) -> int:
     from megatron_ztt.data.tokenizer import TokenizerError
 
     try:
-        config = load_config(args.config, args.overrides)
+        config = load_run_config(args.config, args.overrides)
         train(config)
     except (ConfigError, CheckpointError, DataError, TokenizerError) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)

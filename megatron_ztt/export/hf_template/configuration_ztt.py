@@ -29,6 +29,7 @@ class ZTTConfig(PretrainedConfig):
         num_layers=4,
         num_attention_heads=8,
         num_key_value_heads=None,
+        qkv_bias=False,
         num_cycles=3,
         cycle_mode="head_tail",
         zero_token=True,
@@ -55,6 +56,7 @@ class ZTTConfig(PretrainedConfig):
         self.num_layers = num_layers
         self.num_attention_heads = num_attention_heads
         self.num_key_value_heads = num_key_value_heads or num_attention_heads
+        self.qkv_bias = qkv_bias  # biases on q_proj, k_proj, v_proj (o_proj has none)
         self.num_cycles = num_cycles
         self.cycle_mode = cycle_mode
         self.zero_token = zero_token

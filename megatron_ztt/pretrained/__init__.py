@@ -1,0 +1,1 @@
+"""Pretrained models from elsewhere turned into ZTT checkpoints (``ztt import-hf``)."""

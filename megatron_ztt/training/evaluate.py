@@ -44,8 +44,6 @@ def evaluate(forward, batches, micro_batches: int,
 def validate(engine, valid_set, config) -> Dict[str, float]:
     """TensorBoard-ready validation metrics (collective over all ranks)."""
     thresholds = [config.model.exit_threshold] + list(config.eval.exit_thresholds)
-    if not engine.evaluates_exits:
-        thresholds = [None]
     engine.eval()
     try:
         results = {threshold: engine.evaluate(validation_batches(valid_set, config),

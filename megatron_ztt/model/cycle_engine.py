@@ -20,6 +20,7 @@ This file imports nothing but torch: it must load inside an exported model direc
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -73,11 +74,14 @@ def check_exit_signal(signal: str, zero_token: bool = True) -> ExitSignal:
 
 def check_num_cycles(num_cycles, trained: int) -> int:
     """The depth dial: 1 <= num_cycles <= 2 * trained, or a one-line ValueError."""
-    if isinstance(num_cycles, bool) or not isinstance(num_cycles, int) or not (
-            1 <= num_cycles <= 2 * trained):
+    try:  # any integer type (a numpy or 0-d tensor one too), never a float or a bool
+        value = None if isinstance(num_cycles, bool) else operator.index(num_cycles)
+    except TypeError:
+        value = None
+    if value is None or not 1 <= value <= 2 * trained:
         raise ValueError(f"num_cycles must be an integer from 1 to {2 * trained} (twice the "
                          f"{trained} trained cycles), got {num_cycles!r}")
-    return num_cycles
+    return value
 
 
 # --------------------------------------------------------------------------- the plan

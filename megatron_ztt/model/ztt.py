@@ -24,7 +24,8 @@ from megatron_ztt.model.attention import ZeroTokenContext, ZeroTokenPool
 from megatron_ztt.model.config import ZTTConfig
 from megatron_ztt.model.cycle_engine import (Application, CycleEngine, CycleGate, CycleState,
                                              ExitRule, ZeroAttentionTally, application_plan,
-                                             check_exit_signal, token_positions,
+                                             check_exit_signal, check_num_cycles,
+                                             token_positions,
                                              zero_attention_by_cycle)
 from megatron_ztt.model.seeding import init_scope
 from megatron_ztt.model.layers import (OutputHead, TokenEmbedding, all_reduce_tensor_parallel,
@@ -144,6 +145,8 @@ class ZTTModel(torch.nn.Module):
         signal = exit_signal or config.exit_signal
         if exit_threshold is not None:
             check_exit_signal(signal, self.zero_token_pool is not None)
+        if num_cycles is not None:
+            num_cycles = check_num_cycles(num_cycles, config.num_cycles)
         plan = self.plan if num_cycles is None else application_plan(config, num_cycles)
         if return_logits is None:
             return_logits = labels is None

@@ -260,3 +260,25 @@ def exit_threshold_arg(allow_inf: bool = False):
 
     parse.__name__ = "exit threshold"
     return parse
+
+
+def num_cycles_arg(text: str) -> int:
+    """argparse type of --num-cycles (the depth dial): an integer >= 1 (the upper bound, twice
+    the trained cycles, is checked against the model)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1 (cycles to run), got {text!r}")
+    return value
+
+
+num_cycles_arg.__name__ = "num cycles"
+
+
+def exit_signal_names() -> List[str]:
+    """The choices of --exit-signal."""
+    from megatron_ztt.model.cycle_engine import EXIT_SIGNALS
+
+    return list(EXIT_SIGNALS)

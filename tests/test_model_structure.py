@@ -173,11 +173,11 @@ class ScriptedExit(ZTTModel):
             rows = torch.tensor([1.0 if e == self.cycles_seen else 0.0 for e in self.exit_after])
             return rows[None, :].expand_as(zero_sum)
 
-        engine.exit_signal = scripted_signal
+        engine.zero_attention_mean = scripted_signal
         try:
             return super().forward(*args, **kwargs)
         finally:
-            del engine.exit_signal
+            del engine.zero_attention_mean
 
 
 @pytest.mark.parametrize("exit_after", [[1, 1], [2, 2], [2, 1, 3, 1]])
@@ -201,18 +201,18 @@ def test_exit_after_k_cycles_equals_a_k_cycle_model(seeded, exit_after):
 def _first_cycle_signal(model, ids):
     """Per token: the exit signal of cycle 1 (what a threshold is compared with)."""
     seen = []
-    original = model.engine.exit_signal
+    original = model.engine.zero_attention_mean
 
     def spy(zero_sum):
         signal = original(zero_sum)
         seen.append(signal.transpose(0, 1).clone())
         return signal
 
-    model.engine.exit_signal = spy
+    model.engine.zero_attention_mean = spy
     try:
         model(ids, exit_threshold=math.inf)
     finally:
-        del model.engine.exit_signal
+        del model.engine.zero_attention_mean
     return seen[0]
 
 

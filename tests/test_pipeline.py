@@ -61,8 +61,9 @@ def pipeline_runs(sample_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
     weights = str(root / "initial.pt")
     run_distributed(_initial_weights, world_size=1, args=(sample_data, weights))
-    # validation (full depth) after the last step, on the same held-out batches
-    steps = f"train.train_iters={STEPS}", f"eval.interval={STEPS}"
+    # validation after the last step, on the same held-out batches: full depth and with
+    # per-token early exit (the early positions' zero attention reaches 0.1 at this size)
+    steps = f"train.train_iters={STEPS}", f"eval.interval={STEPS}", "eval.exit_thresholds=[0.1]"
     (single,) = run_distributed(_train_runs, world_size=1, args=(
         sample_data, str(root), weights,
         [("pp1", [*steps]), ("pp1_frozen", ["train.train_iters=1", "train.lr=0", "train.min_lr=0"])]))
@@ -107,6 +108,12 @@ def test_pipeline_validation_matches_single_stage(pipeline_runs):
             assert got["lm loss validation"] == pytest.approx(expected["lm loss validation"],
                                                               abs=5e-5), name
             assert got["mean-cycles validation"] == expected["mean-cycles validation"]
+            # the ring applies the training model's per-token exit rule
+            assert got["lm loss validation exit 0.1"] == pytest.approx(
+                expected["lm loss validation exit 0.1"], abs=5e-5), name
+            assert got["mean-cycles validation exit 0.1"] == pytest.approx(
+                expected["mean-cycles validation exit 0.1"], abs=1e-6), name
+    assert 1 < expected["mean-cycles validation exit 0.1"] < 3
 
 
 @pytest.mark.slow

@@ -79,16 +79,22 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(sample_data, tmp_path):
     config, weights, tokenizer = load_full_model_state(str(run_dir / "checkpoints"))
     assert config.hidden_size == 32 and weights and Path(tokenizer).is_file()
 
-    # ztt eval reads the same checkpoint: full depth and two early-exit thresholds
+    # ztt eval reads the same checkpoint: full depth and two early-exit thresholds, at the
+    # trained depth (2) and at two settings of the depth dial
     result = subprocess.run(
         [sys.executable, "-m", "megatron_ztt.cli", "eval", "--checkpoint",
          str(run_dir / "checkpoints"), "--exit-threshold", "0", "2", "--iters", "2",
-         "--output", str(tmp_path / "eval.json")],
+         "--num-cycles", "1", "4", "--output", str(tmp_path / "eval.json")],
         capture_output=True, text=True, env=_env(), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report == json.loads(result.stdout[result.stdout.index("{"):])
-    by_threshold = {r["exit_threshold"]: r for r in report["results"]}
+    assert [(r["num_cycles"], r["exit_threshold"]) for r in report["results"]] == [
+        (depth, threshold) for depth in (2, 1, 4) for threshold in (None, 0.0, 2.0)]
+    by_depth = {r["num_cycles"]: r for r in report["results"] if r["exit_threshold"] is None}
+    assert by_depth[1]["mean_cycles"] == 1 and by_depth[4]["mean_cycles"] == 4
+    assert len({by_depth[d]["loss"] for d in (1, 2, 4)}) == 3
+    by_threshold = {r["exit_threshold"]: r for r in report["results"] if r["num_cycles"] == 2}
     assert by_threshold[None]["mean_cycles"] == 2
     assert by_threshold[0.0]["mean_cycles"] == 1
     assert by_threshold[2.0]["mean_cycles"] == 2

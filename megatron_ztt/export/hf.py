@@ -40,6 +40,7 @@ from megatron_ztt.data.tokenizer import (HUGGINGFACE, SPECIAL_IDS, HFTokenizer, 
                                          tokenizer_files, tokenizer_kind)
 from megatron_ztt.model.config import ZTTConfig
 from megatron_ztt.model.weight_layout import expected_canonical_shapes, split_qkv
+from megatron_ztt.model.cycle_engine import EXIT_SIGNALS, application_plan
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "hf_template"
 # file in the export -> where it comes from; modeling_ztt.py runs the training code's own
@@ -162,6 +163,8 @@ def hf_config(config: ZTTConfig, special_ids: Mapping[str, Optional[int]], dtype
         max_position_embeddings=config.seq_length,
         gate_bias_init=config.gate_bias_init,
         exit_threshold=config.exit_threshold,
+        exit_signal=config.exit_signal,
+        exit_seed=config.exit_seed,
         initializer_range=config.init_std,
         tie_word_embeddings=config.tie_embeddings,
         bos_token_id=special_ids.get("bos"),
@@ -371,7 +374,8 @@ def model_card(config: ZTTConfig, dtype: torch.dtype, hf_state: Mapping[str, tor
         ("zero token / gate", f"{'yes' if config.zero_token else 'no'} / "
                               f"{'yes' if config.gate else 'no'}"),
         ("default exit threshold", "none (every cycle runs)" if threshold is None else
-         f"{threshold:g} (a cycle's mean zero attention >= this skips the remaining cycles)"),
+         f"{threshold:g} (exit signal `{config.exit_signal}`: "
+         f"{EXIT_SIGNALS[config.exit_signal].meaning})"),
         ("hidden size / FFN", f"{config.hidden_size} / {config.ffn_size} ({config.activation})"),
         ("attention heads / key-value groups", f"{config.num_attention_heads} / "
                                                f"{config.query_groups}"),
@@ -394,8 +398,10 @@ def model_card(config: ZTTConfig, dtype: torch.dtype, hf_state: Mapping[str, tor
     else:
         rows.append(("training", "not recorded (exported from weights, not a checkpoint)"))
     table = "\n".join(f"| {key} | {value} |" for key, value in rows)
-    exit_options = (',\n                     exit_threshold=0.4, exit_mode="token")   # both optional'
-                    if config.zero_token else ")")
+    exit_options = (',\n                     exit_threshold=0.4, exit_mode="token",   # all optional'
+                    '\n                     exit_signal="zero_attention", num_cycles='
+                    f'{config.num_cycles})' if config.zero_token else
+                    f',\n                     num_cycles={config.num_cycles})   # optional')
     header = ModelCardData(library_name="transformers", pipeline_tag="text-generation",
                            tags=["ztt", "zero-token-transformer", "looped-transformer",
                                  "custom_code"]).to_yaml()

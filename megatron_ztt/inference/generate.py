@@ -1,7 +1,8 @@
 """Generate text from an exported model or a training checkpoint (``ztt generate``).
 
     ztt generate --model DIR --prompt "Once upon a time" [--max-new-tokens 64]
-                 [--exit-threshold 0.4] [--exit-mode sequence|token] [--temperature 0.8]
+                 [--exit-threshold 0.4] [--exit-mode sequence|token] [--exit-signal NAME]
+                 [--num-cycles N] [--temperature 0.8]
 
 DIR is either a Hugging Face export (``ztt export-hf``) or a training checkpoint, which is
 exported (fp32) into a temporary directory first, through the same code. The continuation goes
@@ -86,7 +87,7 @@ def fit_prompt(input_ids, max_new_tokens: int, context: int | None, notice=None)
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64,
                   exit_threshold: float | None = None, exit_mode: str | None = None,
                   temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                  notice=None):
+                  notice=None, exit_signal: str | None = None, num_cycles: int | None = None):
     """-> (continuation, mean cycles per new token). temperature 0 is greedy decoding.
 
     ``notice(message)`` is told when the prompt is cut to fit the context (see fit_prompt).
@@ -107,6 +108,10 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64,
         options["exit_threshold"] = exit_threshold
     if exit_mode is not None:
         options["exit_mode"] = exit_mode
+    if exit_signal is not None:
+        options["exit_signal"] = exit_signal
+    if num_cycles is not None:
+        options["num_cycles"] = num_cycles
     with torch.no_grad():
         output = model.generate(**inputs, **options)
     new_tokens = output[0, inputs["input_ids"].shape[1]:]
@@ -118,11 +123,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="exported model directory, or a training checkpoint directory")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    from megatron_ztt.config import exit_threshold_arg
+    from megatron_ztt.config import exit_signal_names, exit_threshold_arg, num_cycles_arg
 
     parser.add_argument("--exit-threshold", type=exit_threshold_arg(allow_inf=True), default=None,
-                        help="stop cycling once a cycle's mean zero attention reaches this "
+                        help="stop cycling once a cycle's exit signal reaches this "
                              "(default: the model config's; 'inf' runs every cycle)")
+    parser.add_argument("--exit-signal", choices=exit_signal_names(), default=None,
+                        help="what the threshold is compared with (default: the model "
+                             "config's; see docs/DESIGN.md)")
+    parser.add_argument("--num-cycles", type=num_cycles_arg, default=None,
+                        help="depth dial: cycles to run, 1 .. twice the trained cycles")
     parser.add_argument("--exit-mode", choices=("sequence", "token"), default=None,
                         help="early-exit decision per sequence (default) or per token")
     parser.add_argument("--temperature", type=float, default=0.0,
@@ -157,13 +167,17 @@ def run(args: argparse.Namespace) -> int:
         text, mean_cycles = generate_text(
             model, tokenizer, args.prompt, args.max_new_tokens, args.exit_threshold,
             args.exit_mode, args.temperature, args.top_k, args.top_p,
-            notice=lambda message: print(f"ztt generate: note: {message}", file=sys.stderr))
+            notice=lambda message: print(f"ztt generate: note: {message}", file=sys.stderr),
+            exit_signal=args.exit_signal, num_cycles=args.num_cycles)
     except ValueError as error:  # e.g. an exit threshold for a model without zero tokens
         print(f"ztt generate: error: {error}", file=sys.stderr)
         return 1
     print(text)
     threshold = args.exit_threshold if args.exit_threshold is not None else model.config.exit_threshold
     mode = args.exit_mode or model.config.exit_mode
-    print(f"mean cycles used: {mean_cycles:.2f} of {model.config.num_cycles} per new token "
-          f"(exit threshold {threshold}, exit mode {mode})", file=sys.stderr)
+    signal = args.exit_signal or model.config.exit_signal
+    depth = args.num_cycles or model.config.inference_num_cycles or model.config.num_cycles
+    print(f"mean cycles used: {mean_cycles:.2f} of {depth} per new token "
+          f"(exit threshold {threshold}, exit mode {mode}, exit signal {signal})",
+          file=sys.stderr)
     return 0

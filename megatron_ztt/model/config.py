@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import List, Optional
 
-from megatron_ztt.model.cycle_engine import CYCLE_MODES, cycled_layers
+from megatron_ztt.model.cycle_engine import CYCLE_MODES, check_exit_signal, cycled_layers
 
 NORMALIZATIONS = ("RMSNorm", "LayerNorm")
 ACTIVATIONS = ("swiglu", "gelu")
@@ -51,6 +51,10 @@ class ZTTConfig:
     gate_bias_init: float = 4.0
     # Default early-exit threshold for inference; None runs every cycle.
     exit_threshold: Optional[float] = None
+    # What the exit threshold is compared with (cycle_engine.EXIT_SIGNALS): zero_attention,
+    # zero_attention_relative (exit when >= threshold), hidden_change, random (exit when <).
+    exit_signal: str = "zero_attention"
+    exit_seed: int = 0  # seeds exit_signal=random
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
     # Vocabulary rows are padded to a multiple of this (kept independent of the parallel
@@ -148,10 +152,15 @@ class ZTTConfig:
                      f"got {len(weights)}")
             if any(w < 0 for w in weights) or sum(weights) <= 0:
                 fail("exit_loss_weights", f"weights must be >= 0 with a positive sum, got {weights}")
+        try:
+            signal = check_exit_signal(self.exit_signal)
+        except ValueError as error:
+            fail("exit_signal", str(error))
         if self.exit_threshold is not None:
-            if not self.zero_token:
-                fail("exit_threshold", "early exit reads the zero attention, so it needs "
-                     "zero_token=true")
+            if signal.reads_zero_attention and not self.zero_token:
+                fail("exit_threshold", f"early exit on exit_signal={self.exit_signal} reads the "
+                     f"zero attention, so it needs zero_token=true (or exit_signal="
+                     f"hidden_change / random)")
             if math.isnan(self.exit_threshold) or self.exit_threshold < 0:
                 fail("exit_threshold", f"must be a number >= 0, got {self.exit_threshold}")
         for name in ("attention_dropout", "hidden_dropout"):

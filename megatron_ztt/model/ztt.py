@@ -4,7 +4,7 @@
     for c in 1..C:                        # every cycle reuses the middle layers' weights
         y = middle_c(x)                   # with cycle c's zero tokens
         x = x + g_c * (y - x)             # per-token gate (gate=true)
-        tokens whose zero attention reached exit_threshold stop here
+        tokens whose exit signal crossed exit_threshold stop here
     logits = output(norm(tail(x)))
 
 The loop itself is ``cycle_engine.CycleEngine``, shared with the pipeline stages and the
@@ -24,6 +24,8 @@ from megatron_ztt.model.attention import ZeroTokenContext, ZeroTokenPool
 from megatron_ztt.model.config import ZTTConfig
 from megatron_ztt.model.cycle_engine import (Application, CycleEngine, CycleGate, CycleState,
                                              ExitRule, ZeroAttentionTally, application_plan,
+                                             check_exit_signal, check_num_cycles,
+                                             token_positions,
                                              zero_attention_by_cycle)
 from megatron_ztt.model.seeding import init_scope
 from megatron_ztt.model.layers import (OutputHead, TokenEmbedding, all_reduce_tensor_parallel,
@@ -125,33 +127,45 @@ class ZTTModel(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None, *,
                 exit_threshold: Optional[float] = None, exit_mode: str = "token",
+                exit_signal: Optional[str] = None, num_cycles: Optional[int] = None,
                 loss_mask: Optional[torch.Tensor] = None, return_logits: Optional[bool] = None,
                 collect_stats: bool = True) -> ZTTOutput:
         """input_ids/labels/loss_mask: [batch, seq].
 
-        ``exit_threshold`` stops each token after the first cycle whose zero attention
+        ``exit_threshold`` stops each token after the first cycle whose exit signal
+        (``exit_signal``, default ``config.exit_signal``; see ``cycle_engine.EXIT_SIGNALS``)
         reaches it (``exit_mode="token"``, causal) or each row on the mean over its tokens
-        (``"sequence"``); ``None`` runs every cycle. Logits are returned by default only when
-        no labels are given. The losses after earlier cycles (``exit_loss_weights``) are
-        computed in training mode without an exit threshold only.
+        (``"sequence"``); ``None`` runs every cycle. ``num_cycles`` is the depth dial: run
+        that many cycles (1 .. 2C) instead of the trained C; cycles beyond C reuse cycle C's
+        zero keys and gate. Logits are returned by default only when no labels are given. The
+        losses after earlier cycles (``exit_loss_weights``) are computed in training mode
+        without an exit threshold at the trained depth only.
         """
         config = self.config
-        if exit_threshold is not None and self.zero_token_pool is None:
-            raise ValueError("early exit reads the zero attention: the model needs zero_token=true")
+        signal = exit_signal or config.exit_signal
+        if exit_threshold is not None:
+            check_exit_signal(signal, self.zero_token_pool is not None)
+        if num_cycles is not None:
+            num_cycles = check_num_cycles(num_cycles, config.num_cycles)
+        plan = self.plan if num_cycles is None else application_plan(config, num_cycles)
         if return_logits is None:
             return_logits = labels is None
         rope = rotary_embedding(config, input_ids.shape[1], input_ids.device)
         tally = ZeroAttentionTally(config.num_attention_heads) if collect_stats else None
-        exit_rule = (ExitRule(exit_threshold, exit_mode, token_axis=0)
-                     if exit_threshold is not None else None)
+        exit_rule = None
+        if exit_threshold is not None:
+            exit_rule = ExitRule(exit_threshold, exit_mode, token_axis=0, signal=signal,
+                                 seed=config.exit_seed, positions=token_positions(
+                                     input_ids.shape[1], input_ids.shape[0], input_ids.device,
+                                     token_axis=0))
         kv_store: Dict[int, tuple] = {}
 
         def run(app, hidden, state, record):
             return self.run_application(app, hidden, state, record, rope, kv_store)
 
-        state = self.engine.begin(self.embedding(input_ids), exit_rule)
+        state = self.engine.begin(self.embedding(input_ids), exit_rule, num_cycles)
         state = self.engine.run(
-            self.plan, state, run, exit_rule=exit_rule, tally=tally,
+            plan, state, run, exit_rule=exit_rule, tally=tally,
             keep_exit_states=labels is not None and self.training and exit_rule is None)
         logits = self.logits_shard(state.hidden)
         out = ZTTOutput(cycles_used=state.cycles_used.transpose(0, 1))

@@ -25,14 +25,20 @@ and their gradient sums over the cycles in place: no copies, no tied-weight all-
   rank), so both copies take the same optimizer step and stay identical. The copy is marked
   ``ds_pipe_replicated`` so that DeepSpeed counts it once in the gradient norm.
 * What travels between virtual stages is ``CycleEngine.pack``: (hidden, [open cycle's input
-  when a gate reads it], *states kept for exit losses).
+  when a gate or an exit rule reads it], [exit record when evaluating with exits], *states
+  kept for exit losses).
+* Evaluation with early exit (``start_evaluation``) applies the exit rule per token exactly as
+  the training model: the decision is taken on the last rank at the end of each cycle, the
+  exit record (exited, cycles used, the open cycle's zero-attention sum) travels with the
+  state, and a token that left serves later tokens with its last computed cycle's key/values,
+  kept per micro batch on the rank that holds the layer (every cycle of a layer runs there).
 * Parameter names are ``ZTTModel``'s (``layers.<l>.*``, ``embedding.*``, ``zero_token_pool.*``,
   ``gates.*``, ``output_head.*``), so checkpoints and ``load_trained`` need no renaming.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -40,8 +46,10 @@ from megatron.core import parallel_state
 
 from megatron_ztt.model.attention import ZeroTokenPool
 from megatron_ztt.model.config import ZTTConfig
-from megatron_ztt.model.cycle_engine import (Application, CycleEngine, ZeroAttentionTally,
-                                             application_plan, zero_attention_by_cycle)
+from megatron_ztt.model.cycle_engine import (Application, CycleEngine, ExitRule,
+                                             ZeroAttentionTally, application_plan,
+                                             check_exit_signal, token_positions,
+                                             zero_attention_by_cycle)
 from megatron_ztt.model.layers import (OutputHead, TokenEmbedding, all_reduce_tensor_parallel,
                                        build_transformer_layer, language_model_loss,
                                        rotary_embedding)
@@ -143,6 +151,28 @@ class CircularStage(torch.nn.Module):
             exit_loss_weights=config.exit_weights, reduce_heads=all_reduce_tensor_parallel)
         self.tally = ZeroAttentionTally(config.num_attention_heads)
         self.collect_stats = False
+        self.start_evaluation(None)
+
+    def start_evaluation(self, exit_threshold: Optional[float], exit_mode: str = "token",
+                         exit_signal: Optional[str] = None) -> None:
+        """Evaluate the next micro batches with this exit rule (None: full depth). The
+        cycles each token used are collected in ``cycles_used`` (last rank, [b, s] each)."""
+        signal = exit_signal or self.config.exit_signal
+        if exit_threshold is not None:
+            check_exit_signal(signal, self.config.zero_token)
+        self.exit_settings = (None if exit_threshold is None else
+                              dict(threshold=exit_threshold, mode=exit_mode, signal=signal))
+        self.cycles_used: List[torch.Tensor] = []
+        self._micro_batch_of = {c: 0 for c in range(self.config.num_cycles)}
+        self._kv_stores: Dict[int, Dict[int, tuple]] = {}
+
+    def _exit_rule(self, hidden: torch.Tensor) -> Optional[ExitRule]:
+        if self.exit_settings is None or self.training:
+            return None
+        length, batch = hidden.shape[:2]
+        return ExitRule(self.exit_settings["threshold"], self.exit_settings["mode"], token_axis=0,
+                        signal=self.exit_settings["signal"], seed=self.config.exit_seed,
+                        positions=token_positions(length, batch, hidden.device, token_axis=0))
 
     # ------------------------------------------------------------------ one virtual stage
     def run_virtual_stage(self, cycle: int, inputs: Tuple[torch.Tensor, ...]):
@@ -153,25 +183,37 @@ class CircularStage(torch.nn.Module):
         apps = self.stage_apps[cycle]
         first_virtual = self.is_first and cycle == 0
         last_virtual = self.is_last and cycle == config.num_cycles - 1
+        hidden = self.embedding(inputs[0]) if first_virtual else inputs[0]
+        exit_rule = self._exit_rule(hidden)
         if first_virtual:
-            state = engine.begin(self.embedding(inputs[0]))
+            state = engine.begin(hidden, exit_rule)
         else:
-            state = engine.unpack(apps[0], inputs)
+            state = engine.unpack(apps[0], inputs, exit_rule)
         rope = rotary_embedding(config, state.hidden.shape[0], state.hidden.device)
         tally = self.tally if self.collect_stats else None
+        kv_store: Dict[int, tuple] = {}
+        if exit_rule is not None:  # each virtual stage sees the micro batches in order
+            micro_batch = self._micro_batch_of[cycle]
+            self._micro_batch_of[cycle] += 1
+            kv_store = self._kv_stores.setdefault(micro_batch, {})
 
         def run(app, hidden, run_state, record):
             key = self.zero_token_pool[app.name] if self.zero_token_pool is not None else None
             return run_layer(config, self.layers[str(app.layer)], app, hidden, run_state,
-                             record, rope, key, {}, self.training)
+                             record, rope, key, kv_store, self.training)
 
         for app in apps:
             if last_virtual and app.after_cycles and not self.training:
                 state.exit_states = []  # validation reads the final exit only
             # the kept exit states travel in evaluation too: every pass sends the same tensors
-            state = engine.step(app, state, run, keep_exit_states=True, tally=tally)
+            state = engine.step(app, state, run, exit_rule=exit_rule, keep_exit_states=True,
+                                tally=tally)
+        if exit_rule is not None and cycle == config.num_cycles - 1:
+            self._kv_stores.pop(micro_batch, None)  # the micro batch's last pass through here
         if not last_virtual:  # virtual stages run contiguous pieces of the plan
             return engine.pack(state, self.plan[apps[-1].index + 1])
+        if exit_rule is not None:
+            self.cycles_used.append(state.cycles_used.transpose(0, 1))
         weight = self.embedding.weight if config.tie_embeddings else None
         return tuple(self.output_head(h, embedding_weight=weight)
                      for h in [state.hidden, *state.exit_states])
@@ -216,9 +258,10 @@ class VirtualStage(torch.nn.Module):
         return self.owner.run_virtual_stage(self.cycle, inputs)
 
 
-def carried_shapes(module: CircularStage, micro_batch: int, training: bool):
+def carried_shapes(module: CircularStage, micro_batch: int, training: bool, exits: bool = False):
     """(inputs, outputs) of each of this rank's virtual stages as meta tensors, so that the
-    stages need no shape inference (which would run the model on uninitialised buffers)."""
+    stages need no shape inference (which would run the model on uninitialised buffers).
+    ``exits``: evaluation with an exit rule (the exit record travels too)."""
     config, engine = module.config, module.engine
     dtype = next(module.parameters()).dtype
     tensor_parallel = parallel_state.get_tensor_model_parallel_world_size()
@@ -230,8 +273,12 @@ def carried_shapes(module: CircularStage, micro_batch: int, training: bool):
 
     def arriving(app: Application):  # what pack() sends to the stage starting with ``app``
         cycle = config.num_cycles if app.cycle is None else app.cycle
-        count = 1 + int(engine.carries_cycle_input(app)) + sum(1 for c in exit_cycles if c < cycle)
-        return tuple(hidden(training) for _ in range(count))
+        carried = [hidden(training) for _ in range(1 + int(engine.carries_cycle_input(app, exits)))]
+        if exits:
+            carried.append(torch.empty(config.seq_length, micro_batch, 3, dtype=torch.float32,
+                                       device="meta"))
+        carried += [hidden(training) for c in exit_cycles if c < cycle]
+        return tuple(carried)
 
     shapes = []
     for cycle in range(config.num_cycles):
@@ -253,13 +300,14 @@ def carried_shapes(module: CircularStage, micro_batch: int, training: bool):
     return shapes
 
 
-def pipeline_stages(module: CircularStage, micro_batch: int, device, training: bool = True):
+def pipeline_stages(module: CircularStage, micro_batch: int, device, training: bool = True,
+                    exits: bool = False):
     """This rank's C virtual stages (``PipelineStage`` over the same module)."""
     from torch.distributed.pipelining import PipelineStage
 
     cycles, size, rank = module.config.num_cycles, module.size, module.rank
     group = parallel_state.get_pipeline_model_parallel_group()
-    shapes = carried_shapes(module, micro_batch, training)
+    shapes = carried_shapes(module, micro_batch, training, exits)
     return [PipelineStage(VirtualStage(module, c), c * size + rank, cycles * size, device,
                           input_args=shapes[c][0], output_args=shapes[c][1], group=group)
             for c in range(cycles)]
@@ -283,6 +331,16 @@ def build_schedule(module: CircularStage, micro_batches: int, micro_batch: int,
     log(f"circular pipeline: {micro_batches} micro batches are not a multiple of "
         f"{rounds} rounds of {size}, which interleaved 1F1B needs; using looped BFS (all "
         f"forwards, then all backwards: more activation memory)")
+    return ScheduleLoopedBFS(stages, micro_batches, loss_fn=loss_fn, scale_grads=False)
+
+
+def evaluation_schedule(module: CircularStage, micro_batches: int, micro_batch: int,
+                        loss_fn: Callable, device, exits: bool = False):
+    """Forward only over this rank's virtual stages, the final exit's logits only; with
+    ``exits`` the stages carry the exit record (``start_evaluation`` sets the rule)."""
+    from torch.distributed.pipelining import ScheduleLoopedBFS
+
+    stages = pipeline_stages(module, micro_batch, device, training=False, exits=exits)
     return ScheduleLoopedBFS(stages, micro_batches, loss_fn=loss_fn, scale_grads=False)
 
 

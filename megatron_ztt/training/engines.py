@@ -52,7 +52,6 @@ def _any_rank(flag: bool) -> bool:
 class TrainingEngine:
     """What the training loop, validation and checkpoints may ask of a model under DeepSpeed."""
 
-    evaluates_exits = True  # whether evaluate() honours an exit threshold
 
     def __init__(self, config: RunConfig, module: torch.nn.Module, deepspeed_engine):
         self.config = config
@@ -253,8 +252,6 @@ class CircularPipelineEngine(TrainingEngine):
     clipping is off and this engine clips by the same global norm itself.
     """
 
-    evaluates_exits = False  # the ring carries no exit decisions yet: full depth only
-
     def __init__(self, config, module, deepspeed_engine):
         super().__init__(config, module, deepspeed_engine)
         from megatron_ztt.parallel.circular import build_schedule
@@ -268,7 +265,7 @@ class CircularPipelineEngine(TrainingEngine):
         self.schedule = build_schedule(module, self.micro_batches, config.train.micro_batch_size,
                                        self._micro_batch_loss, runtime.current_device(),
                                        self._log)
-        self._eval_schedule = None
+        self._eval_schedules = {}  # with exits or not -> the forward-only schedule
 
     # ------------------------------------------------------------------ the ring
     def _micro_batch_loss(self, outputs, index):
@@ -358,31 +355,36 @@ class CircularPipelineEngine(TrainingEngine):
 
     @torch.no_grad()
     def evaluate(self, batches, iterations, exit_threshold):
+        """Validation over the ring; with ``exit_threshold`` each token stops as the training
+        model's exit rule says (``model.exit_signal``, per token)."""
         from megatron.core import parallel_state
 
-        if exit_threshold is not None:
-            raise ValueError("circular-pipeline validation runs at full depth only")
-        if self._eval_schedule is None:  # forward only, the final exit's logits only
-            from torch.distributed.pipelining import ScheduleLoopedBFS
+        from megatron_ztt.parallel.circular import evaluation_schedule
 
-            from megatron_ztt.parallel.circular import pipeline_stages
-
-            stages = pipeline_stages(self.module, self.config.train.micro_batch_size,
-                                     runtime.current_device(), training=False)
-            self._eval_schedule = ScheduleLoopedBFS(stages, self.micro_batches,
-                                                    loss_fn=self._micro_batch_loss,
-                                                    scale_grads=False)
+        exits = exit_threshold is not None
+        if exits not in self._eval_schedules:  # forward only, the final exit's logits only
+            self._eval_schedules[exits] = evaluation_schedule(
+                self.module, self.micro_batches, self.config.train.micro_batch_size,
+                self._micro_batch_loss, runtime.current_device(), exits)
+        self.module.start_evaluation(exit_threshold)
         self._losses = {}
         total = 0.0
-        for _ in range(iterations):
-            self._run(self._eval_schedule, batches, evaluation=True)
-            total += self._losses.pop("lm loss", 0.0)
-        # the loss lives on the last stage: share it with the others
-        value = torch.tensor([total if self.module.is_last else 0.0],
-                             device=runtime.current_device())
+        try:
+            for _ in range(iterations):
+                self._run(self._eval_schedules[exits], batches, evaluation=True)
+                total += self._losses.pop("lm loss", 0.0)
+            used = self.module.cycles_used
+            cycles = (sum(float(u.float().sum()) for u in used), sum(u.numel() for u in used))
+        finally:
+            self.module.start_evaluation(None)
+        # the loss and the cycles live on the last stage: share them with the others
+        last = self.module.is_last
+        value = torch.tensor([total if last else 0.0, cycles[0] if last else 0.0,
+                              cycles[1] if last else 0.0], device=runtime.current_device())
         dist.all_reduce(value, group=parallel_state.get_pipeline_model_parallel_group())
-        return {"loss": value.item() / max(1, iterations),
-                "mean_cycles": float(self.config.model.num_cycles)}
+        mean_cycles = ((value[1] / value[2].clamp(min=1)).item() if exits
+                       else float(self.config.model.num_cycles))
+        return {"loss": value[0].item() / max(1, iterations), "mean_cycles": mean_cycles}
 
     @property
     def pipeline_rank(self) -> int:

@@ -1,9 +1,12 @@
 """Validation during training, and ``ztt eval`` on a saved checkpoint.
 
     ztt eval --checkpoint runs/tiny/checkpoints --exit-threshold 0.3 0.5 [--iters 20]
+             [--exit-signal zero_attention_relative] [--num-cycles 1 2 6]
 
 prints one JSON object: loss, perplexity and mean cycles used at full depth and at each
-exit threshold, on the validation split of the data the checkpoint was trained on.
+exit threshold (compared with ``--exit-signal``, default the model config's), at the trained
+depth and at each ``--num-cycles`` of the depth dial, on the validation split of the data the
+checkpoint was trained on.
 """
 
 from __future__ import annotations
@@ -41,8 +44,6 @@ def evaluate(forward, batches, micro_batches: int,
 def validate(engine, valid_set, config) -> Dict[str, float]:
     """TensorBoard-ready validation metrics (collective over all ranks)."""
     thresholds = [config.model.exit_threshold] + list(config.eval.exit_thresholds)
-    if not engine.evaluates_exits:
-        thresholds = [None]
     engine.eval()
     try:
         results = {threshold: engine.evaluate(validation_batches(valid_set, config),
@@ -63,10 +64,18 @@ def validate(engine, valid_set, config) -> Dict[str, float]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True,
                         help="checkpoint folder (with 'latest') or one iteration's folder")
-    from megatron_ztt.config import exit_threshold_arg
+    from megatron_ztt.config import exit_signal_names, exit_threshold_arg, num_cycles_arg
 
     parser.add_argument("--exit-threshold", type=exit_threshold_arg(), nargs="*", default=[],
                         help="also evaluate with early exit at these thresholds (finite, >= 0)")
+    parser.add_argument("--exit-signal", choices=exit_signal_names(), default=None,
+                        help="what the thresholds are compared with (default: the run's "
+                             "model.exit_signal); zero_attention*: exit when >= threshold, "
+                             "hidden_change and random: when < threshold")
+    parser.add_argument("--num-cycles", type=num_cycles_arg, nargs="*", default=[],
+                        help="depth dial: also evaluate at these cycle counts (1 .. twice the "
+                             "trained cycles; cycles beyond it reuse the last one's zero keys "
+                             "and gate)")
     parser.add_argument("--iters", type=int, default=None,
                         help="validation batches (default: the run's eval.iters)")
     parser.add_argument("--split", choices=["valid", "test"], default="valid")
@@ -97,11 +106,22 @@ def _run(args: argparse.Namespace) -> int:
     from megatron_ztt.model.ztt import ZTTModel
     from megatron_ztt.parallel.sharding import load_full_state_dict
 
+    from megatron_ztt.model.cycle_engine import check_exit_signal, check_num_cycles
+
     trained = load_trained(args.checkpoint, args.overrides)
     config = trained.run_config
     if trained.tokenizer and not any(o.startswith("data.tokenizer=") for o in args.overrides):
         # the checkpoint's own copy: the same bytes as the run's, wherever those are now
         config.data.tokenizer = trained.tokenizer
+    signal = args.exit_signal or config.model.exit_signal
+    try:
+        if args.exit_threshold:
+            check_exit_signal(signal, config.model.zero_token)
+        for depth in args.num_cycles:
+            check_num_cycles(depth, config.model.num_cycles)
+    except ValueError as error:
+        raise ConfigError(f"--{'num-cycles' if 'num_cycles' in str(error) else 'exit-signal'}: "
+                          f"{error}") from None
     # one process evaluates the merged weights, whatever layout trained them
     config.parallel.tensor = config.parallel.pipeline = 1
     config.train.micro_batch_size = min(config.train.micro_batch_size, 8)
@@ -123,18 +143,24 @@ def _run(args: argparse.Namespace) -> int:
                   f"data.{args.split}_blend=[PREFIX]", file=sys.stderr, flush=True)
             return 2
 
-        def forward(batch, threshold):
-            return model(batch["tokens"], batch["labels"], loss_mask=batch.get("loss_mask"),
-                         exit_threshold=threshold, collect_stats=False)
-
         thresholds: List[Optional[float]] = [None] + list(args.exit_threshold)
+        depths: List[Optional[int]] = [None] + list(args.num_cycles)
         results = []
-        for threshold in thresholds:
-            values = evaluate(forward, validation_batches(dataset, config), config.eval.iters,
-                              threshold)
-            results.append({"exit_threshold": threshold, "loss": values["loss"],
-                            "perplexity": math.exp(min(values["loss"], 50.0)),
-                            "mean_cycles": values["mean_cycles"]})
+        for depth in depths:
+            def forward(batch, threshold):
+                return model(batch["tokens"], batch["labels"], loss_mask=batch.get("loss_mask"),
+                             exit_threshold=threshold, exit_signal=signal, num_cycles=depth,
+                             collect_stats=False)
+
+            for threshold in thresholds:
+                values = evaluate(forward, validation_batches(dataset, config),
+                                  config.eval.iters, threshold)
+                results.append({"num_cycles": depth or model_config.num_cycles,
+                                "exit_threshold": threshold,
+                                "exit_signal": signal if threshold is not None else None,
+                                "loss": values["loss"],
+                                "perplexity": math.exp(min(values["loss"], 50.0)),
+                                "mean_cycles": values["mean_cycles"]})
         report = json.dumps({"checkpoint": trained.path, "iteration": trained.iteration,
                              "split": args.split,
                              "tokens": config.eval.iters * config.train.micro_batch_size

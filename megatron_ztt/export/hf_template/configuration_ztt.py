@@ -14,7 +14,7 @@ in the key/value cache (transformers sizes its caches from that name).
 
 from transformers import PretrainedConfig
 
-from .cycle_engine import CYCLE_MODES, EXIT_MODES, cycled_layers
+from .cycle_engine import CYCLE_MODES, EXIT_MODES, check_exit_signal, check_num_cycles, cycled_layers
 
 
 class ZTTConfig(PretrainedConfig):
@@ -42,6 +42,9 @@ class ZTTConfig(PretrainedConfig):
         gate_bias_init=4.0,
         exit_threshold=None,
         exit_mode="token",
+        exit_signal="zero_attention",
+        exit_seed=0,
+        inference_num_cycles=None,
         initializer_range=0.02,
         use_cache=True,
         tie_word_embeddings=True,
@@ -72,6 +75,16 @@ class ZTTConfig(PretrainedConfig):
         # sequence over the tokens of each forward call, "token" per token.
         self.exit_threshold = exit_threshold
         self.exit_mode = exit_mode
+        # What the threshold is compared with (cycle_engine.EXIT_SIGNALS): "zero_attention"
+        # and "zero_attention_relative" exit when >= threshold, "hidden_change" and "random"
+        # when < threshold (for "random" the threshold is the exit probability per cycle,
+        # drawn from exit_seed).
+        self.exit_signal = exit_signal
+        self.exit_seed = exit_seed
+        # Depth dial: cycles run by default (the forward/generate kwarg num_cycles overrides
+        # it), 1 .. 2 * num_cycles; None runs the trained num_cycles. Cycles beyond
+        # num_cycles reuse the last trained cycle's zero keys and gate.
+        self.inference_num_cycles = inference_num_cycles
         self.initializer_range = initializer_range
         self.use_cache = use_cache
         # Derived (see the module docstring); a saved value is recomputed, not trusted.
@@ -109,8 +122,15 @@ class ZTTConfig(PretrainedConfig):
             fail(f"cycle_mode='head_tail' needs num_layers >= 3, got {self.num_layers}")
         if self.exit_mode not in EXIT_MODES:
             fail(f"exit_mode must be one of {EXIT_MODES}, got {self.exit_mode!r}")
-        if self.exit_threshold is not None and not self.zero_token:
-            fail("exit_threshold reads the zero attention, so it needs zero_token=True")
+        try:
+            signal = check_exit_signal(self.exit_signal)
+            if self.inference_num_cycles is not None:
+                check_num_cycles(self.inference_num_cycles, self.num_cycles)
+        except ValueError as error:
+            fail(f"{'inference_' if 'num_cycles' in str(error) else ''}{error}")
+        if self.exit_threshold is not None and signal.reads_zero_attention and not self.zero_token:
+            fail(f"exit_threshold with exit_signal={self.exit_signal} reads the zero attention, "
+                 f"so it needs zero_token=True")
         if self.normalization not in ("RMSNorm", "LayerNorm"):
             fail(f"normalization must be RMSNorm or LayerNorm, got {self.normalization!r}")
         if self.activation not in ("swiglu", "gelu"):

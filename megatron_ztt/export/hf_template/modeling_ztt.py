@@ -7,7 +7,7 @@ This file ships inside every exported model directory and needs only torch and t
     for c in 1..C:                               # every cycle reuses the middle layers' weights
         y = middle_c(x)                          # layers 2..L-1, with cycle c's zero keys
         x = x + g_c * (y - x)                    # g_c = sigmoid(w_c . rmsnorm(y) + b_c), per token
-        stop cycling if A_c >= exit_threshold    # A_c: mean zero attention of the cycle
+        stop cycling once the exit signal crosses exit_threshold (per token)
     logits = lm_head(norm(tail(x)))              # layer L, once
 
 Zero token: every layer application has its own key ``k_z`` (one per key/value group, never
@@ -23,9 +23,13 @@ plain SDPA call per application.
 The cycle loop (gate, exits, the order of applications) is ``cycle_engine.py`` next to this
 file: the very file the training code runs, copied in by the exporter.
 
-Early exit (``exit_threshold``, from the config or per call / per ``generate``): after cycle
-c < C the zero attention of the cycle's middle layers is averaged over heads and layers, per
-token. ``exit_mode="token"`` (the default) stops each token on its own, causally;
+Early exit (``exit_threshold``, ``exit_signal``, ``exit_mode``: from the config or per call /
+per ``generate``): after cycle c < C each token's exit signal is compared with the threshold
+(``cycle_engine.EXIT_SIGNALS``): ``zero_attention`` (the zero attention of the cycle's middle
+layers averaged over heads and layers) and ``zero_attention_relative`` (the zero key's weight
+over the average real key's) exit when >= threshold; ``hidden_change`` (relative change of the
+token's state over the cycle) and ``random`` (a seeded draw, threshold = exit probability)
+when < threshold. ``exit_mode="token"`` (the default) stops each token on its own, causally;
 ``exit_mode="sequence"`` averages it further over the tokens of the forward call (the prompt
 at prefill, the new token at each decoding step) and stops the whole row. A token that stops
 after cycle c keeps its state from cycle c, runs the tail, and -- because later tokens that
@@ -33,6 +37,11 @@ run deeper still attend to it -- serves the cycles it skipped with the key/value
 computed cycle (same layer), in the cache too. Outputs carry ``cycles_used`` per token; after
 ``generate`` the model holds ``generation_cycles_used`` [batch, new tokens] and
 ``mean_cycles_used``.
+
+Depth dial (``num_cycles``, per call / per ``generate``, default ``config.inference_num_cycles``
+or the trained ``config.num_cycles``): run 1 .. 2C cycles; cycles beyond the trained C reuse
+cycle C's zero keys and gate. The cache then holds one layer per application of that depth,
+so one cache serves one depth: passing a cache filled at another depth is an error.
 """
 
 from dataclasses import dataclass
@@ -48,7 +57,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 
 from .configuration_ztt import ZTTConfig
-from .cycle_engine import CycleEngine, CycleGate, ExitRule, application_plan
+from .cycle_engine import (CycleEngine, CycleGate, ExitRule, application_plan, check_exit_signal,
+                           check_num_cycles)
 
 try:  # transformers' init helpers skip weights that were loaded from a checkpoint
     from transformers import initialization as init
@@ -298,11 +308,22 @@ class ZTTModel(ZTTPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def _adopt_cache(self, cache: Cache) -> None:
-        """Give every application a cache layer that holds its zero key in row 0."""
+    def _adopt_cache(self, cache: Cache, plan, num_cycles: int) -> None:
+        """Give every application of ``plan`` a cache layer (with a zero token: one that holds
+        its zero key in row 0). A cache serves the depth it was first filled at."""
+        filled_at = getattr(cache, "ztt_num_cycles", None)
+        if cache.get_seq_length() > 0 and filled_at not in (None, num_cycles):
+            raise ValueError(f"num_cycles={num_cycles}, but this cache was filled at "
+                             f"num_cycles={filled_at}: keep num_cycles fixed over a generation "
+                             f"or pass a fresh cache")
+        cache.ztt_num_cycles = num_cycles
         layers = cache.layers
-        for app in self.plan:
+        for app in plan:
             present = app.index < len(layers)
+            if not self.config.zero_token:
+                if not present:
+                    layers.append(DynamicLayer())
+                continue
             if present and isinstance(layers[app.index], ZeroTokenCacheLayer):
                 continue
             if present and layers[app.index].get_seq_length() > 0:
@@ -316,9 +337,14 @@ class ZTTModel(ZTTPreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
                 inputs_embeds=None, use_cache=None, exit_threshold=None, exit_mode=None,
-                past_key_values=None, output_hidden_states=None, output_attentions=None,
-                return_dict=None, **kwargs) -> ZTTModelOutput:
+                exit_signal=None, num_cycles=None, past_key_values=None,
+                output_hidden_states=None, output_attentions=None, return_dict=None,
+                **kwargs) -> ZTTModelOutput:
         config = self.config
+        if num_cycles is None:
+            num_cycles = config.inference_num_cycles or config.num_cycles
+        num_cycles = check_num_cycles(num_cycles, config.num_cycles)
+        plan = self.plan if num_cycles == config.num_cycles else application_plan(config, num_cycles)
         if output_attentions:
             raise NotImplementedError(
                 "ZTT computes attention with fused scaled_dot_product_attention kernels and "
@@ -334,8 +360,8 @@ class ZTTModel(ZTTPreTrainedModel):
             use_cache = config.use_cache and not self.training
         if use_cache and cache is None:
             cache = DynamicCache(config=config)
-        if cache is not None and config.zero_token:
-            self._adopt_cache(cache)
+        if cache is not None:
+            self._adopt_cache(cache, plan, num_cycles)
         past = cache.get_seq_length() if cache is not None else 0
         if attention_mask is not None:
             if attention_mask.dim() != 2 or attention_mask.shape[1] != past + length:
@@ -351,14 +377,20 @@ class ZTTModel(ZTTPreTrainedModel):
 
         threshold = config.exit_threshold if exit_threshold is None else exit_threshold
         mode = exit_mode or config.exit_mode
-        if threshold is not None and not config.zero_token:
-            raise ValueError("early exit reads the zero attention: this model has no zero tokens")
+        signal = exit_signal or config.exit_signal
         exit_rule = None
         if threshold is not None:
+            check_exit_signal(signal, config.zero_token)
             weights = None
             if attention_mask is not None and mode == "sequence":
                 weights = attention_mask[:, -length:].to(torch.float32)
-            exit_rule = ExitRule(float(threshold), mode, token_axis=1, token_weights=weights)
+            # each query's position among its row's real tokens: it sees that many + 1 keys
+            if attention_mask is not None:
+                positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
+            else:
+                positions = torch.arange(past, past + length, device=device)[None].expand(batch, -1)
+            exit_rule = ExitRule(float(threshold), mode, token_axis=1, token_weights=weights,
+                                 signal=signal, positions=positions, seed=config.exit_seed)
 
         if output_hidden_states is None:
             output_hidden_states = config.output_hidden_states
@@ -381,8 +413,8 @@ class ZTTModel(ZTTPreTrainedModel):
             if cache is not None:
                 cache.update(*last_key_value[app.layer], app.index)
 
-        state = self.engine.begin(hidden, exit_rule)
-        for app in self.plan:
+        state = self.engine.begin(hidden, exit_rule, num_cycles)
+        for app in plan:
             state = self.engine.step(app, state, run, exit_rule=exit_rule, skip=skip)
             if all_hidden is not None:  # the state after each application (gated, exits kept)
                 all_hidden.append(state.hidden)
@@ -418,16 +450,17 @@ class ZTTForCausalLM(ZTTPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0,
-                exit_threshold=None, exit_mode=None, past_key_values=None,
-                output_hidden_states=None, output_attentions=None, return_dict=None,
-                num_items_in_batch=None, **kwargs):
+                exit_threshold=None, exit_mode=None, exit_signal=None, num_cycles=None,
+                past_key_values=None, output_hidden_states=None, output_attentions=None,
+                return_dict=None, num_items_in_batch=None, **kwargs):
         """``num_items_in_batch`` (passed by transformers' Trainer under gradient
         accumulation) makes the loss a sum over the batch's tokens divided by that count, so
         that accumulated gradients equal the full batch's."""
         out = self.model(input_ids=input_ids, attention_mask=attention_mask,
                          position_ids=position_ids, cache=cache, inputs_embeds=inputs_embeds,
                          use_cache=use_cache, exit_threshold=exit_threshold,
-                         exit_mode=exit_mode, past_key_values=past_key_values,
+                         exit_mode=exit_mode, exit_signal=exit_signal, num_cycles=num_cycles,
+                         past_key_values=past_key_values,
                          output_hidden_states=output_hidden_states,
                          output_attentions=output_attentions, return_dict=True)
         hidden = out.last_hidden_state
@@ -451,8 +484,9 @@ class ZTTForCausalLM(ZTTPreTrainedModel, GenerationMixin):
     def generate(self, *args, **kwargs):
         """transformers' generate; also records the cycles each new token used.
 
-        Early-exit settings pass through as keyword arguments:
-        ``generate(ids, exit_threshold=0.5, exit_mode="token")``.
+        Early-exit and depth settings pass through as keyword arguments:
+        ``generate(ids, exit_threshold=0.5, exit_mode="token", exit_signal="zero_attention",
+        num_cycles=6)``.
         """
         self._cycle_log = []
         try:

@@ -207,7 +207,6 @@ def write_gguf(model, path):
 
 
 def test_gguf_import_gives_the_source_logits_and_its_tokenizer(single_process, tmp_path):
-    pytest.importorskip("gguf")
     from megatron_ztt.checkpoint import load_trained
 
     model = hf_model("llama", num_layers=3, vocab_size=260)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 
-from megatron_ztt.model.cycle_engine import Application
+from megatron_ztt.model.cycle_engine import ActiveTokens, Application
 from megatron_ztt.model.seeding import init_scope
 
 
@@ -44,12 +44,23 @@ class ZeroTokenContext:
     exited: Optional[torch.Tensor] = None
     kv_store: Optional[Dict[int, tuple]] = None
     kv_layer: int = -1
+    # Set while some tokens have left: the queries, keys and values are only those of the
+    # tokens still cycling (``ActiveTokens``' block), the attention reads every token.
+    active: Optional[ActiveTokens] = None
 
     def fill_in_exited(self, key: torch.Tensor, value: torch.Tensor):
-        """key/value [b, groups, s, d] -> the same with exited tokens' entries replaced."""
+        """key/value [b, groups, s, d] -> the same with exited tokens' entries replaced.
+
+        With ``active``: key/value are the block's, [r, groups, n, d]; they are written into
+        the stored ones (the tokens that left keep theirs) -> every token's, [b, groups, s, d].
+        """
         if self.kv_store is None:
             return key, value
-        if self.exited is not None and self.kv_layer in self.kv_store and bool(self.exited.any()):
+        if self.active is not None:
+            last_key, last_value = self.kv_store[self.kv_layer]
+            key = self.active.scatter(last_key, key, batch_axis=0, seq_axis=2)
+            value = self.active.scatter(last_value, value, batch_axis=0, seq_axis=2)
+        elif self.exited is not None and self.kv_layer in self.kv_store and bool(self.exited.any()):
             last_key, last_value = self.kv_store[self.kv_layer]
             left = self.exited[:, None, :, None]
             key, value = torch.where(left, last_key, key), torch.where(left, last_value, value)
@@ -57,39 +68,58 @@ class ZeroTokenContext:
         return key, value
 
 
-def zero_token_attention(query, key, value, zero_key, scale, dropout_p=0.0):
+def zero_token_attention(query, key, value, zero_key, scale, dropout_p=0.0, active=None):
     """Causal attention over ``[k_z; K]`` with a zero value for ``k_z``.
 
     query [b, heads, s, d]; key/value [b, groups, s, d]; zero_key [groups, d].
     A dummy query is prepended next to the zero key, which turns "every query sees k_z and
     the keys up to itself" into a plain square causal mask, so the fused causal kernels of
     ``scaled_dot_product_attention`` apply.
+
+    ``active`` (ActiveTokens): the queries are its block [r, heads, n, d], the keys/values
+    every token's; each query sees k_z and the keys up to its own position (a boolean mask).
+    Returns (output, (query, key, mask) for :func:`zero_attention_probability`).
     """
     b, heads, _, d = query.shape
     groups = key.shape[1]
+    mask = None
+    if active is not None:
+        key, value = key[active.rows], value[active.rows]
+        mask = active.memo("causal_mask", lambda: _block_causal_mask(active, key.shape[2]))
+    else:
+        query = torch.cat([query.new_zeros(b, heads, 1, d), query], dim=2)
     zk = zero_key.to(key.dtype)[None, :, None, :].expand(b, groups, 1, d)
-    q1 = torch.cat([query.new_zeros(b, heads, 1, d), query], dim=2)
     k1 = torch.cat([zk, key], dim=2)
     v1 = torch.cat([value.new_zeros(b, groups, 1, value.shape[-1]), value], dim=2)
-    out = F.scaled_dot_product_attention(q1, k1, v1, dropout_p=dropout_p, is_causal=True,
-                                         scale=scale, enable_gqa=heads != groups)
-    return out[:, :, 1:], (q1, k1)
+    out = F.scaled_dot_product_attention(query, k1, v1, attn_mask=mask, dropout_p=dropout_p,
+                                         is_causal=mask is None, scale=scale,
+                                         enable_gqa=heads != groups)
+    return (out if mask is not None else out[:, :, 1:]), (query, k1, mask)
+
+
+def _block_causal_mask(active, length: int) -> torch.Tensor:
+    """[r, 1, n, 1 + length]: each slot of the block sees the zero key and its causal keys."""
+    keys = torch.arange(length, device=active.positions.device)
+    causal = keys[None, None, :] <= active.positions[..., None]
+    return torch.cat([causal.new_ones(*causal.shape[:2], 1), causal], dim=-1)[:, None]
 
 
 @torch.no_grad()
-def zero_attention_probability(shifted_query, shifted_key, scale):
-    """Softmax probability of the zero key for every query: [b, heads, s].
+def zero_attention_probability(query, key, mask, scale):
+    """Softmax probability of the zero key (key row 0) for every query: [b, heads, s].
 
     Run with a one-hot value (1 on the zero key) through the same kernel, so that no
-    [s, s] score matrix is materialised.
+    [s, s] score matrix is materialised. ``mask`` None: the causal layout with the dummy
+    query in front (see :func:`zero_token_attention`).
     """
-    b, heads, s1, _ = shifted_query.shape
-    groups = shifted_key.shape[1]
-    indicator = shifted_key.new_zeros(b, groups, s1, 1)
+    b, heads = query.shape[:2]
+    groups = key.shape[1]
+    indicator = key.new_zeros(b, groups, key.shape[2], 1)
     indicator[:, :, 0, 0] = 1
-    probs = F.scaled_dot_product_attention(shifted_query, shifted_key, indicator, is_causal=True,
-                                           scale=scale, enable_gqa=heads != groups)
-    return probs[:, :, 1:, 0]
+    probs = F.scaled_dot_product_attention(query, key, indicator, attn_mask=mask,
+                                           is_causal=mask is None, scale=scale,
+                                           enable_gqa=heads != groups)[..., 0]
+    return probs if mask is not None else probs[:, :, 1:]
 
 
 class ZeroTokenCoreAttention(MegatronModule):
@@ -116,9 +146,10 @@ class ZeroTokenCoreAttention(MegatronModule):
                                                      scale=self.scale,
                                                      enable_gqa=q.shape[1] != k.shape[1])
             else:
-                out, (q1, k1) = zero_token_attention(q, k, v, context.key, self.scale, dropout_p)
+                out, (q1, k1, mask) = zero_token_attention(q, k, v, context.key, self.scale,
+                                                           dropout_p, active=context.active)
                 if context.record:
-                    probs = zero_attention_probability(q1.detach(), k1.detach(), self.scale)
+                    probs = zero_attention_probability(q1.detach(), k1.detach(), mask, self.scale)
                     context.zero_attention_sum = probs.sum(dim=1).float()
                     context.heads = probs.shape[1]
         s, b = query.shape[0], query.shape[1]

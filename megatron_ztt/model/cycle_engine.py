@@ -13,7 +13,8 @@ Face model, which ships this very file next to its ``modeling_ztt.py``. What dif
 them is only *how one layer application is computed* (tensor-parallel layers, a key/value
 cache, ...): they hand the engine a ``run(app, hidden, state, record)`` callable. Everything
 else lives here: the order of applications, the gate, the carried cycle input, which tokens
-have left, the exit decision, the zero-attention statistics and the weighted exit objective.
+have left (and the gathering of the others, so that the ones that left are not computed),
+the exit decision, the zero-attention statistics and the weighted exit objective.
 
 This file imports nothing but torch: it must load inside an exported model directory.
 """
@@ -187,6 +188,8 @@ class CycleState:
     cycles_used: Optional[torch.Tensor] = None  # cycles each token ran (set by begin())
     zero_sum: Optional[torch.Tensor] = None  # open cycle's zero attention, summed
     num_cycles: Optional[int] = None  # cycles this pass runs (the depth dial); None: trained C
+    # the open cycle's tokens still cycling, gathered (None: every token is computed)
+    active: Optional["ActiveTokens"] = None
 
     @property
     def all_exited(self) -> bool:
@@ -238,8 +241,72 @@ def zero_attention_by_cycle(plan: Sequence[Application],
     return {c: torch.stack(v).mean() for c, v in sorted(per_cycle.items())}
 
 
+class ActiveTokens:
+    """The tokens still cycling, gathered row by row into a padded block, so that a layer
+    application computes them only (the tokens that left are not computed at all).
+
+    ``exited``: the state's token-shaped bool tensor, whose sequence axis is ``token_axis``
+    (the other one holds the rows). In row-major terms ([rows, tokens]): ``rows`` [r] are the
+    rows with a token still cycling, ``positions`` [r, n] the token index of each slot of the
+    block (a row's cycling tokens first, in order), ``valid`` [r, n] marks the slots that hold
+    one. The other slots pad a row to the longest one: they repeat one of the row's tokens,
+    so they compute throwaway but finite values, and they are never written back.
+
+    A decoding step (one token per row) gathers the rows still cycling; a prompt gathers
+    its cycling tokens. Everything a caller derives from the set (rotary angles, attention
+    masks) can be kept in ``memo`` for the cycle's other layers.
+    """
+
+    def __init__(self, exited: torch.Tensor, token_axis: int):
+        self.seq_axis, self.batch_axis = token_axis, 1 - token_axis
+        active = ~exited.movedim(token_axis, 1)
+        self.rows = active.any(dim=1).nonzero().squeeze(1)
+        active = active[self.rows]
+        counts = active.sum(dim=1)
+        width = int(counts.max()) if counts.numel() else 0
+        order = torch.argsort((~active).to(torch.uint8), dim=1, stable=True)
+        self.positions = order[:, :width]
+        self.valid = torch.arange(width, device=exited.device)[None] < counts[:, None]
+        slot_row, slot = self.valid.nonzero(as_tuple=True)
+        self._slots = (slot_row, slot)
+        self._tokens = (self.rows[slot_row], self.positions[slot_row, slot])
+        self._memo: Dict[str, object] = {}
+
+    def memo(self, name: str, make: Callable[[], object]):
+        if name not in self._memo:
+            self._memo[name] = make()
+        return self._memo[name]
+
+    def _axes(self, batch_axis: Optional[int], seq_axis: Optional[int]) -> Tuple[int, int]:
+        if batch_axis is None:
+            return self.batch_axis, self.seq_axis
+        return batch_axis, seq_axis
+
+    def gather(self, full: torch.Tensor, batch_axis: Optional[int] = None,
+               seq_axis: Optional[int] = None) -> torch.Tensor:
+        """The block of ``full`` (rows/tokens on the given axes, default: the state's)."""
+        b, s = self._axes(batch_axis, seq_axis)
+        rows_first = full.movedim((b, s), (0, 1))
+        return rows_first[self.rows[:, None], self.positions].movedim((0, 1), (b, s))
+
+    def scatter(self, full: torch.Tensor, block: torch.Tensor, batch_axis: Optional[int] = None,
+                seq_axis: Optional[int] = None) -> torch.Tensor:
+        """A copy of ``full`` whose cycling tokens take their values from ``block``."""
+        b, s = self._axes(batch_axis, seq_axis)
+        out = full.clone()
+        out.movedim((b, s), (0, 1))[self._tokens] = block.movedim((b, s), (0, 1))[self._slots]
+        return out
+
+    def values(self, block: torch.Tensor) -> torch.Tensor:
+        """The real slots of a token-shaped block, flat (padding left out)."""
+        return block.movedim((self.batch_axis, self.seq_axis), (0, 1))[self._slots]
+
+
 # A layer application as the caller computes it: (app, hidden, state, record) ->
 # (new hidden, zero attention summed over the caller's heads per token, or None).
+# While some tokens have left, ``hidden`` is ``state.active``'s block (see ActiveTokens) and
+# so are the returned tensors; the caller's attention reads every token's key/values: the
+# block's new ones, and the last computed cycle's for the tokens that left.
 RunApplication = Callable[[Application, torch.Tensor, CycleState, bool],
                           Tuple[torch.Tensor, Optional[torch.Tensor]]]
 
@@ -313,7 +380,12 @@ class CycleEngine:
     passes the gates it holds). ``num_heads``: attention heads of the whole model (the zero
     attention is a mean over them). ``reduce_heads`` sums a tensor over the ranks that split
     the heads (identity on one rank).
+
+    ``compute_exited``: compute the tokens that left too and overwrite them afterwards, as
+    before tokens were gathered (slower, same results; the tests' reference).
     """
+
+    compute_exited = False
 
     def __init__(self, plan: Sequence[Application], *, num_cycles: int, num_heads: int,
                  gates=None, exit_loss_weights: Optional[Sequence[float]] = None,
@@ -401,7 +473,8 @@ class CycleEngine:
              skip: Optional[Callable[[Application, CycleState], None]] = None) -> CycleState:
         """One application. ``keep_exit_states``: keep the states after the cycles whose exit
         loss is weighted (training); ``skip(app, state)`` is told about applications that
-        nobody needs because every token has left (the export fills its cache there)."""
+        nobody needs because every token has left (the export fills its cache there).
+        While some tokens have left, ``run`` gets the block of the others (``state.active``)."""
         cycling = app.cycle is not None
         depth = self.num_cycles if state.num_cycles is None else state.num_cycles
         decides = (exit_rule is not None and cycling and app.cycle < depth - 1)
@@ -413,13 +486,24 @@ class CycleEngine:
             if self.has_gate or exit_rule is not None:
                 state.cycle_input = state.hidden
             state.zero_sum = None
+            state.active = self._active_tokens(state, exit_rule)
+        if not cycling:
+            state.active = None
         if cycling and state.all_exited:
             if skip is not None:
                 skip(app, state)
             return state
 
-        hidden, zero = run(app, state.hidden, state, reads_zero or tally is not None)
-        if tally is not None and zero is not None:
+        active = state.active
+        block = state.hidden if active is None else active.gather(state.hidden)
+        hidden, zero = run(app, block, state, reads_zero or tally is not None)
+        if active is not None:  # the tokens that left keep their state (restored below)
+            hidden = active.scatter(state.hidden, hidden)
+            if tally is not None and zero is not None:
+                tally.add_zero_attention(app.label, active.values(zero))
+            if zero is not None:
+                zero = active.scatter(zero.new_zeros(state.exited.shape), zero)
+        elif tally is not None and zero is not None:
             tally.add_zero_attention(app.label, zero)
         if reads_zero and zero is not None:
             state.zero_sum = zero.float() if state.zero_sum is None else state.zero_sum + zero.float()
@@ -432,7 +516,8 @@ class CycleEngine:
         if self.gates is not None:
             state.hidden, gate = self.gates[app.trained_cycle](state.cycle_input, state.hidden)
             if tally is not None:
-                tally.add_gate(app.cycle + 1, gate)
+                # the mean over the tokens that ran the cycle
+                tally.add_gate(app.cycle + 1, gate if active is None else gate[~state.exited])
         if state.exited is not None and bool(state.exited.any()):
             state.hidden = torch.where(state.exited[..., None], state.cycle_input, state.hidden)
         if keep_exit_states and app.cycle in self.exit_cycles:
@@ -440,6 +525,14 @@ class CycleEngine:
         if decides and (state.zero_sum is not None or not reads_zero):
             self._decide_exits(app.cycle, state, exit_rule)
         return state
+
+    def _active_tokens(self, state: CycleState, exit_rule: Optional[ExitRule]
+                       ) -> Optional[ActiveTokens]:
+        """The cycle's tokens to compute, when some (not all) have left; None: all of them."""
+        if (exit_rule is None or self.compute_exited or state.exited is None
+                or not bool(state.exited.any()) or bool(state.exited.all())):
+            return None
+        return ActiveTokens(state.exited, exit_rule.token_axis)
 
     def zero_attention_mean(self, zero_sum: torch.Tensor) -> torch.Tensor:
         """Per token: the cycle's zero attention averaged over its layers and all heads."""

@@ -78,6 +78,10 @@ def run_layer(config: ZTTConfig, layer, app: Application, hidden: torch.Tensor,
         # tokens that left keep serving as keys/values: their last computed cycle's
         context.kv_store, context.kv_layer = kv_store, app.layer
         context.exited = state.exited.transpose(0, 1)
+        context.active = state.active
+    if state.active is not None:  # ``hidden`` is the block of tokens still cycling
+        every_token = rope.expand(-1, state.exited.shape[1], -1, -1)  # [s, b, 1, d]
+        rope = state.active.memo("rope", lambda: state.active.gather(every_token))
 
     def run(h):
         return layer(h, attention_mask=None, rotary_pos_emb=rope, attention_bias=context)[0]

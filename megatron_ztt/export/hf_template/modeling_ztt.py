@@ -34,7 +34,9 @@ when < threshold. ``exit_mode="token"`` (the default) stops each token on its ow
 at prefill, the new token at each decoding step) and stops the whole row. A token that stops
 after cycle c keeps its state from cycle c, runs the tail, and -- because later tokens that
 run deeper still attend to it -- serves the cycles it skipped with the key/values of its last
-computed cycle (same layer), in the cache too. Outputs carry ``cycles_used`` per token; after
+computed cycle (same layer), in the cache too. The skipped cycles are not computed: each
+cycle runs on the tokens still cycling only (at a decoding step, the rows still cycling).
+Outputs carry ``cycles_used`` per token; after
 ``generate`` the model holds ``generation_cycles_used`` [batch, new tokens] and
 ``mean_cycles_used``.
 
@@ -130,6 +132,24 @@ class AttentionLayout:
             return cls("prefill", zero_token)
         if not padded and length == 1:
             return cls("decode", zero_token)
+        return cls("masked", zero_token, cls.allowed(attention_mask, past, length, zero_token,
+                                                      device))
+
+    def for_active(self, active, attention_mask, past, length, batch, device):
+        """The layout of the block of tokens still cycling (``ActiveTokens``), whose queries
+        see every token's keys: one new token per row stays a mask-free decode step."""
+        if self.kind == "decode":
+            return self
+        mask = self.mask if self.kind == "masked" else self.allowed(
+            attention_mask, past, length, self.zero_token, device)
+        mask = mask.expand(batch, -1, -1, -1)
+        return AttentionLayout("masked", self.zero_token,
+                               active.gather(mask, batch_axis=0, seq_axis=2))
+
+    @staticmethod
+    def allowed(attention_mask, past, length, zero_token, device):
+        """[batch or 1, 1, length, (1 +) past + length] bool: the keys each query sees."""
+        padded = attention_mask is not None and not bool(attention_mask.all())
         total = past + length
         key_pos = torch.arange(total, device=device)
         query_pos = torch.arange(past, total, device=device)
@@ -140,7 +160,7 @@ class AttentionLayout:
                 allowed = allowed | (key_pos[None, :] == query_pos[:, None])
         if zero_token:
             allowed = torch.cat([allowed.new_ones(*allowed.shape[:-1], 1), allowed], dim=-1)
-        return cls("masked", zero_token, allowed)
+        return allowed
 
     def attend(self, query, keys, values, scale, zero_attention=False):
         """-> (output [b, heads, q, d], zero attention [b, heads, q] or None)."""
@@ -180,11 +200,14 @@ class ZTTAttention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, width, bias=False)
 
     def forward(self, hidden, cos, sin, layout, zero_key=None, cache=None, cache_index=None,
-                kv_fill=None, zero_attention=False):
+                kv_fill=None, active=None, zero_attention=False):
         """-> (output, (key, value) of this call's tokens, zero attention [b, heads, q] or None).
 
         ``kv_fill`` = (exited [b, 1, q, 1], key, value): tokens that left the cycles take these
         key/values (their last computed cycle's) instead of freshly computed ones.
+        ``active`` = (ActiveTokens, key, value): ``hidden`` is the block of the tokens still
+        cycling; their new key/values go into the call's last computed ones, which the
+        tokens that left keep, and the block's rows attend over every token.
         """
         batch, length, _ = hidden.shape
         query = self.q_proj(hidden).view(batch, length, self.num_heads, self.head_dim)
@@ -197,14 +220,21 @@ class ZTTAttention(nn.Module):
             exited, last_key, last_value = kv_fill
             key = torch.where(exited, last_key, key)
             value = torch.where(exited, last_value, value)
+        if active is not None:
+            tokens, last_key, last_value = active
+            key = tokens.scatter(last_key, key, batch_axis=0, seq_axis=2)
+            value = tokens.scatter(last_value, value, batch_axis=0, seq_axis=2)
         if cache is not None:
             keys, values = cache.update(key, value, cache_index)
         elif zero_key is not None:
-            zero_row = zero_key.to(key.dtype)[None, :, None, :].expand(batch, -1, 1, -1)
+            rows = key.shape[0]
+            zero_row = zero_key.to(key.dtype)[None, :, None, :].expand(rows, -1, 1, -1)
             keys = torch.cat([zero_row, key], dim=2)
-            values = torch.cat([value.new_zeros(batch, value.shape[1], 1, value.shape[-1]), value], dim=2)
+            values = torch.cat([value.new_zeros(rows, value.shape[1], 1, value.shape[-1]), value], dim=2)
         else:
             keys, values = key, value
+        if active is not None:
+            keys, values = keys[active[0].rows], values[active[0].rows]
         out, probs = layout.attend(query, keys, values, self.scale, zero_attention)
         out = out.transpose(1, 2).reshape(batch, length, -1)
         return self.o_proj(out), (key, value), probs
@@ -398,13 +428,23 @@ class ZTTModel(ZTTPreTrainedModel):
         last_key_value = {}  # middle layer -> (key, value) of each token's last computed cycle
 
         def run(app, states, state, record):
-            kv_fill = None
-            if state.exited is not None and app.cycle is not None and bool(state.exited.any()):
+            kv_fill = active = None
+            app_cos, app_sin, app_layout = cos, sin, layout
+            if state.active is not None:  # ``states`` is the block of tokens still cycling
+                tokens = state.active
+                active = (tokens, *last_key_value[app.layer])
+                app_cos, app_sin = tokens.memo("rotary", lambda: tuple(
+                    tokens.gather(t.expand(batch, -1, -1, -1), batch_axis=0, seq_axis=2)
+                    for t in (cos, sin)))
+                app_layout = tokens.memo("layout", lambda: layout.for_active(
+                    tokens, attention_mask, past, length, batch, device))
+            elif state.exited is not None and app.cycle is not None and bool(state.exited.any()):
                 kv_fill = (state.exited[:, None, :, None], *last_key_value[app.layer])
             states, key_value, zero_attention = self.layers[app.layer](
-                states, cos=cos, sin=sin, layout=layout,
+                states, cos=app_cos, sin=app_sin, layout=app_layout,
                 zero_key=self.zero_keys[app.name] if self.zero_keys is not None else None,
-                cache=cache, cache_index=app.index, kv_fill=kv_fill, zero_attention=record)
+                cache=cache, cache_index=app.index, kv_fill=kv_fill, active=active,
+                zero_attention=record)
             if exit_rule is not None and app.cycle is not None:
                 last_key_value[app.layer] = key_value
             return states, None if zero_attention is None else zero_attention.float().sum(dim=1)

@@ -1,0 +1,163 @@
+"""Evaluation speed of the training model with per-token early exit against full depth.
+
+    OMP_NUM_THREADS=1 python bench/eval_exit_throughput.py [--hidden 256 --seq 256 --batch 8]
+        [--json docs/results/exit_compute_eval.json]
+
+``ZTTModel.forward(ids, labels, exit_threshold=t)`` in eval mode without statistics, as
+``ztt eval`` and validation run it. A token that leaves after cycle c is not computed in the
+later cycles (the engine gathers the tokens still cycling); the row "compute everything"
+is the engine's ``compute_exited`` reference (every token computed, the ones that left
+overwritten), which must give the same logits.
+
+The model has random weights of std ``--init-std`` (default 0.1) and zero keys of std
+``--zero-key-std`` (default 3) instead of a fresh model's 0.02, so that the zero attention
+varies from token to token as in a trained model (in a fresh model it mostly falls with the
+position, as 1 / number of keys). The threshold is
+the ``--quantile`` of the measured cycle-1 exit signal over all tokens (median: about half
+of the tokens leave after cycle 1). Reported: tokens/s from the median wall time and from
+the median CPU time of this process (a shared machine disturbs the latter less), the mean
+cycles used and the largest logit difference against the reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("ZTT_DEVICE", "cpu")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--kv-heads", type=int, default=None, help="default: --heads (MHA)")
+    parser.add_argument("--layers", type=int, default=4, help="distinct ZTT layers L")
+    parser.add_argument("--cycles", type=int, default=3, help="ZTT cycles C")
+    parser.add_argument("--vocab", type=int, default=2048)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--init-std", type=float, default=0.1, help="std of the random weights")
+    parser.add_argument("--zero-key-std", type=float, default=3.0)
+    parser.add_argument("--quantile", type=float, default=0.5,
+                        help="threshold = this quantile of the cycle-1 exit signal")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    return parser.parse_args(argv)
+
+
+def cycle_one_signals(model, ids, labels):
+    """Every token's cycle-1 exit signal (a threshold that never fires)."""
+    seen = []
+    original = model.engine.exit_signal
+    model.engine.exit_signal = lambda zero_sum: seen.append(original(zero_sum)) or seen[-1]
+    try:
+        model(ids, labels, exit_threshold=math.inf, collect_stats=False)
+    finally:
+        model.engine.exit_signal = original
+    return seen[0].flatten()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from megatron_ztt.model.config import ZTTConfig
+    from megatron_ztt.model.ztt import ZTTModel
+    from megatron_ztt.parallel import runtime
+
+    runtime.init_distributed(seed=1234)
+    config = ZTTConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers,
+                       num_attention_heads=args.heads, num_query_groups=args.kv_heads,
+                       num_cycles=args.cycles, seq_length=args.seq, cycle_mode="head_tail",
+                       zero_token=True, gate=True, make_vocab_size_divisible_by=64,
+                       init_std=args.init_std)
+    model = ZTTModel(config).eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for key in model.zero_token_pool.keys.values():
+            key.copy_(torch.randn(key.shape, generator=generator) * args.zero_key_std)
+    tokens = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=generator)
+    ids, labels = tokens[:, :-1], tokens[:, 1:]
+
+    with torch.no_grad():
+        signals = cycle_one_signals(model, ids, labels)
+        threshold = float(torch.quantile(signals.float(), args.quantile))
+
+    runs = {  # name -> (exit threshold, compute the tokens that left too)
+        "full depth": (None, False),
+        "exit check, never exits (threshold 1.01)": (1.01, False),
+        f"per token, threshold q{args.quantile:g} = {threshold:.4f}": (threshold, False),
+        f"per token, threshold q{args.quantile:g}, compute everything (reference)":
+            (threshold, True),
+    }
+
+    def forward(options):
+        threshold, compute_exited = options
+        model.engine.compute_exited = compute_exited
+        try:
+            return model(ids, labels, exit_threshold=threshold, collect_stats=False,
+                         return_logits=True)
+        finally:
+            model.engine.compute_exited = False
+
+    times = {name: [] for name in runs}
+    outputs = {}
+    with torch.no_grad():
+        for name, options in runs.items():  # warm-up, and the outputs compared
+            outputs[name] = forward(options)
+        for _ in range(args.repeats):
+            for name, options in runs.items():
+                wall, cpu = time.perf_counter(), time.process_time()
+                forward(options)
+                times[name].append((time.perf_counter() - wall, time.process_time() - cpu))
+
+    names = list(runs)
+    skipped, reference = outputs[names[2]], outputs[names[3]]
+    same_exits = bool(torch.equal(skipped.cycles_used, reference.cycles_used))
+    logit_diff = float((skipped.logits - reference.logits).abs().max())
+    count = ids.numel()
+    base_wall = statistics.median(w for w, _ in times[names[0]])
+    base_cpu = statistics.median(c for _, c in times[names[0]])
+    print(f"d={args.hidden} heads={args.heads} L={args.layers} C={args.cycles} vocab={args.vocab} "
+          f"batch {args.batch} x seq {args.seq}, weights std {args.init_std}, zero keys std "
+          f"{args.zero_key_std}, "
+          f"threads {torch.get_num_threads()}, median of {args.repeats}, torch {torch.__version__}")
+    print(f"{'run':62s} {'tok/s':>8s} {'vs full':>7s} {'tok/s CPU':>9s} {'vs full':>7s} "
+          f"{'cycles':>6s} {'left c1':>7s}")
+    results = []
+    for name in names:
+        wall = statistics.median(w for w, _ in times[name])
+        cpu = statistics.median(c for _, c in times[name])
+        used = outputs[name].cycles_used.float()
+        row = dict(run=name, tokens_per_s=round(count / wall, 1),
+                   speed_vs_full=round(base_wall / wall, 3),
+                   tokens_per_cpu_s=round(count / cpu, 1),
+                   cpu_speed_vs_full=round(base_cpu / cpu, 3),
+                   mean_cycles=round(float(used.mean()), 3),
+                   left_after_cycle_1=round(float((used == 1).float().mean()), 3))
+        results.append(row)
+        print(f"{name:62s} {row['tokens_per_s']:8.0f} {row['speed_vs_full']:6.2f}x "
+              f"{row['tokens_per_cpu_s']:9.0f} {row['cpu_speed_vs_full']:6.2f}x "
+              f"{row['mean_cycles']:6.2f} {row['left_after_cycle_1']:7.2f}")
+    print(f"skipped vs reference: same exits {same_exits}, max |logit diff| {logit_diff:.2e}")
+    report = dict(args={k: str(v) for k, v in vars(args).items()}, threshold=threshold,
+                  omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
+                  same_exits_as_reference=same_exits, max_logit_diff_vs_reference=logit_diff,
+                  results=results)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    runtime.shutdown_distributed()
+    return report
+
+
+if __name__ == "__main__":
+    main()

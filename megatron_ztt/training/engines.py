@@ -362,7 +362,7 @@ class CircularPipelineEngine(TrainingEngine):
 
         if exit_threshold is not None:
             raise ValueError("circular-pipeline validation runs at full depth only")
-        if self._eval_schedule is None:  # forward only, the final exit's logits only
+        if self._eval_schedule is None:  # forward only, the final exit's states only
             from torch.distributed.pipelining import ScheduleLoopedBFS
 
             from megatron_ztt.parallel.circular import pipeline_stages

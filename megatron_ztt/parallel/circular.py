@@ -243,7 +243,8 @@ def carried_shapes(module: CircularStage, micro_batch: int, training: bool):
         else:
             inputs = arriving(apps[0])
         if module.is_last and cycle == config.num_cycles - 1:  # the states after the tail
-            outputs = tuple(hidden(training) for _ in range(1 + (len(exit_cycles) if training else 0)))
+            states = 1 + (len(exit_cycles) if training else 0)
+            outputs = tuple(hidden(training) for _ in range(states))
         else:
             outputs = arriving(module.plan[apps[-1].index + 1])
         shapes.append((inputs, outputs))

@@ -198,7 +198,7 @@ def analyse_run(directory: Path, args) -> dict:
     print(f"  random: {len(random_points)} exit probabilities x {args.random_draws} draws",
           flush=True)
     run = {
-        "run_dir": relative(directory), "sequences": len(samples),
+        "run_dir": shown(directory, args.work), "sequences": len(samples),
         "tokens": len(samples) * model_config.seq_length, "num_cycles": cycles,
         "middle_layers_per_cycle": middle, "exit_loss_weights": model_config.exit_loss_weights,
         "depth_dial": depth_dial,
@@ -207,6 +207,19 @@ def analyse_run(directory: Path, args) -> dict:
     }
     run["analysis"] = analyse_curves(run)
     return run
+
+
+def shown(path: Path, work: Path) -> str:
+    """A path for the report: relative to this repository, or, for runs analysed in another
+    checkout (``--work``), relative to that checkout (the folder above ``work/results``)."""
+    path = Path(path).resolve()
+    inside = relative(path)
+    if inside != str(path):
+        return inside
+    try:
+        return str(path.relative_to(work.parent.parent))
+    except ValueError:
+        return str(path)
 
 
 # ----------------------------------------------------------------------------- analysis
@@ -520,7 +533,9 @@ def main():
     if args.samples < args.batch_size:
         raise SystemExit(f"--samples {args.samples} is below --batch-size {args.batch_size}")
     init_single_process()
-    report = {"command": "python bench/adaptive_depth.py " + " ".join(sys.argv[1:]),
+    command = [shown(Path(a), args.work) if Path(a).resolve() == args.work else a
+               for a in sys.argv[1:]]
+    report = {"command": "python bench/adaptive_depth.py " + " ".join(command),
               "threads": torch.get_num_threads(), "samples": args.samples,
               "quantiles": args.quantiles, "random_points": args.random_points,
               "random_draws": args.random_draws, "variants": {}}

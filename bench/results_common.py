@@ -189,3 +189,26 @@ def relative(path: Path) -> str:
         return str(Path(path).resolve().relative_to(REPO))
     except ValueError:
         return str(path)
+
+
+def use_run_data(config, work: Path, cache_dir: Path) -> None:
+    """Point a trained run's config at ``work``'s data when its recorded paths (relative to the
+    folder training ran in) do not resolve from here, and keep the dataset index cache in
+    ``cache_dir`` so that analysing someone else's runs writes nothing into their folder."""
+    data = config.data
+
+    def moved(path: str) -> str:
+        try:  # a blend weight, not a path
+            float(path)
+            return path
+        except ValueError:
+            pass
+        return path if Path(path).exists() or Path(path + ".bin").exists() \
+            else str(work / "data" / Path(path).name)
+
+    for split in ("blend", "valid_blend", "test_blend"):
+        prefixes = getattr(data, split)
+        if prefixes:
+            setattr(data, split, [moved(p) for p in prefixes])
+    data.tokenizer = moved(data.tokenizer)
+    data.cache_dir = str(cache_dir)

@@ -288,3 +288,39 @@ def test_activation_checkpointing_replays_attention_dropout(seeded):
         assert_close(checkpointed[name], grad, atol=1e-6, what=name)
     runtime.seed_everything(100)  # another seed: other masks, so dropout really is on
     assert not torch.allclose(model(ids, labels).loss.detach(), plain_loss)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("masked", [False, True])
+def test_output_loss_equals_loss_of_full_logits(seeded, monkeypatch, tied, masked):
+    """The chunked output layer + cross entropy (``OutputHead.loss``, several chunks here)
+    gives the losses and gradients of megatron-core's cross entropy on the whole logits."""
+    from megatron_ztt.model import layers
+
+    monkeypatch.setattr(layers, "OUTPUT_CHUNK_ELEMENTS", 7 * 200)  # 7 tokens a chunk, ragged
+    config = tiny_config(tie_embeddings=tied, exit_loss_weights=[0.3, 0.5, 1.0])
+    model = ZTTModel(config)
+    ids, labels = batch(config, size=3)
+    mask = (torch.rand(labels.shape) > 0.3).float() if masked else None
+
+    def run():
+        out = model(ids, labels, loss_mask=mask, collect_stats=False)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return out, grads
+
+    chunked, chunked_grads = run()
+    monkeypatch.setattr(ZTTModel, "loss_of", lambda self, h, y, m: layers.language_model_loss(
+        self.logits_shard(h), y, m))
+    full, full_grads = run()
+    assert sorted(chunked.exit_losses) == sorted(full.exit_losses) == [1, 2, 3]
+    for cycle, loss in full.exit_losses.items():
+        assert_close(chunked.exit_losses[cycle], loss, atol=0, rtol=1e-6, what=f"cycle {cycle}")
+    assert_close(chunked.loss, full.loss, atol=0, rtol=1e-6, what="objective")
+    assert chunked_grads.keys() == full_grads.keys()
+    assert ("output_head.output_layer.weight" in full_grads) != tied
+    for name, grad in full_grads.items():
+        assert_close(chunked_grads[name], grad, atol=1e-7, rtol=1e-5, what=name)
+    with torch.no_grad():  # evaluation: no gradients computed, the same loss
+        assert_close(model(ids, labels, loss_mask=mask).loss, full.loss, atol=0, rtol=1e-6)

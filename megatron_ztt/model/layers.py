@@ -156,7 +156,10 @@ class TokenEmbedding(torch.nn.Module):
 
 
 class OutputHead(torch.nn.Module):
-    """Final norm + vocabulary-parallel output projection: [s, b, d] -> logits [s, b, V/tp]."""
+    """Final norm + vocabulary-parallel output projection: [s, b, d] -> logits [s, b, V/tp].
+
+    ``loss`` computes the language-model loss of hidden states directly, without the logits.
+    """
 
     def __init__(self, config: ZTTConfig):
         super().__init__()
@@ -168,17 +171,112 @@ class OutputHead(torch.nn.Module):
             init_method=megatron_config.init_method, bias=False, gather_output=False,
             skip_weight_param_allocation=config.tie_embeddings)
 
-    def forward(self, hidden: torch.Tensor, embedding_weight: torch.Tensor | None = None):
-        if self.tie_embeddings and embedding_weight is None:
+    def projection_weight(self, embedding_weight: torch.Tensor | None) -> torch.Tensor:
+        if not self.tie_embeddings:
+            return self.output_layer.weight
+        if embedding_weight is None:
             raise ValueError("tied embeddings: pass the word embedding weight to the output head")
-        logits, _ = self.output_layer(self.final_norm(hidden),
-                                      weight=embedding_weight if self.tie_embeddings else None)
+        return embedding_weight
+
+    def forward(self, hidden: torch.Tensor, embedding_weight: torch.Tensor | None = None):
+        weight = self.projection_weight(embedding_weight)
+        logits, _ = self.output_layer(self.final_norm(hidden), weight=weight)
         return logits
+
+    def loss(self, hidden: torch.Tensor, labels: torch.Tensor,
+             loss_mask: torch.Tensor | None = None,
+             embedding_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """``language_model_loss(self(hidden), labels, loss_mask)`` without the logits:
+        hidden [s, b, d], labels/loss_mask [b, s] -> mean token cross entropy."""
+        weight = self.projection_weight(embedding_weight)
+        normed = self.final_norm(hidden)
+        # as in ColumnParallelLinear: identity forward, the input gradient summed over the
+        # tensor-parallel ranks (each holds a slice of the vocabulary) in backward
+        normed = tensor_parallel.copy_to_tensor_model_parallel_region(normed)
+        labels = labels.transpose(0, 1).reshape(-1)
+        mask = None if loss_mask is None else loss_mask.transpose(0, 1).reshape(-1)
+        total = OutputCrossEntropy.apply(normed.reshape(-1, normed.shape[-1]), weight, labels,
+                                         mask, torch.is_grad_enabled())
+        if mask is None:
+            return total / labels.numel()
+        return total / mask.to(total.dtype).sum().clamp(min=1.0)
+
+
+# Output-layer rows x vocabulary entries of one chunk's logits (fp32: 4 MiB), small enough
+# to stay in cache on a CPU and to keep the logits' memory flat on a GPU.
+OUTPUT_CHUNK_ELEMENTS = 1 << 20
+
+
+class OutputCrossEntropy(torch.autograd.Function):
+    """sum_t m_t * CE(h_t W^T, y_t) over tokens t, never holding the whole [tokens, vocab]
+    logits: chunk by chunk of tokens, the chunk's logits, its losses (megatron-core's
+    vocab-parallel cross entropy: max, target logit and sum of exponentials reduced over the
+    tensor-parallel group) and, when gradients are wanted, their gradients w.r.t. h and W.
+
+    The gradients are computed in the forward: the output is one scalar, so backward only
+    scales them by its incoming gradient, and the logits need not be kept or recomputed.
+    hidden [N, d] (this rank's copy), weight [V/tp, d] (this rank's vocabulary slice),
+    labels [N], mask [N] or None (all ones).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, mask, want_grads: bool):
+        from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntropy as CE
+        from megatron.core.tensor_parallel.utils import VocabUtility
+
+        group = parallel_state.get_tensor_model_parallel_group()
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        vocab_local = weight.shape[0]
+        vocab_start, vocab_end = VocabUtility.vocab_range_from_per_partition_vocab_size(
+            vocab_local, parallel_state.get_tensor_model_parallel_rank(), tp)
+        want_grads = want_grads and (hidden.requires_grad or weight.requires_grad)
+        grad_hidden = torch.empty_like(hidden) if want_grads else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_grads else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        rows = max(1, OUTPUT_CHUNK_ELEMENTS // vocab_local)
+        for start in range(0, hidden.shape[0], rows):
+            h = hidden[start:start + rows]
+            logits = (h @ weight.t()).float()
+            logits_max = logits.amax(dim=-1)
+            if tp > 1:
+                dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
+            target_mask, target_1d, predicted, sum_exp, exp_logits = CE.calculate_predicted_logits(
+                logits, labels[start:start + rows], logits_max, vocab_start, vocab_end)
+            if tp > 1:  # one collective for both sums
+                sums = torch.stack([predicted, sum_exp])
+                dist.all_reduce(sums, group=group)
+                predicted, sum_exp = sums[0], sums[1]
+            softmax, losses = CE.calculate_cross_entropy_loss(exp_logits, predicted, sum_exp)
+            weights = None if mask is None else mask[start:start + rows].to(losses.dtype)
+            total += losses.sum() if weights is None else (losses * weights).sum()
+            if want_grads:
+                # d loss_t / d logits_t = softmax_t - onehot(y_t), in place of the softmax
+                grad_logits, arange_1d, target_update, _ = CE.prepare_gradient_calculation_operands(
+                    softmax, target_mask)
+                grad_logits[arange_1d, target_1d] -= target_update
+                if weights is not None:
+                    grad_logits.mul_(weights.unsqueeze(-1))
+                grad_logits = grad_logits.to(weight.dtype)
+                grad_hidden[start:start + rows] = grad_logits @ weight
+                grad_weight.addmm_(grad_logits.t().float(), h.float())
+        if want_grads:
+            ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        ctx.want_grads = want_grads
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        if not ctx.want_grads:
+            raise RuntimeError("OutputCrossEntropy ran without gradients (no_grad or "
+                               "want_grads=False); it cannot be differentiated")
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_total, grad_weight * grad_total, None, None, None
 
 
 def language_model_loss(logits: torch.Tensor, labels: torch.Tensor,
                         loss_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean token cross entropy. logits [s, b, V/tp] (vocab-parallel), labels [b, s].
+    """Mean token cross entropy of given logits [s, b, V/tp] (vocab-parallel), labels [b, s]
+    (``OutputHead.loss`` computes the same from hidden states without whole logits).
 
     megatron-core's vocab-parallel cross entropy overwrites fp32 logits in place: read
     anything else from ``logits`` before calling this.

@@ -30,7 +30,7 @@ from megatron_ztt.model.cycle_engine import (Application, CycleEngine, CycleGate
 from megatron_ztt.model.seeding import init_scope
 from megatron_ztt.model.layers import (OutputHead, TokenEmbedding, all_reduce_tensor_parallel,
                                        build_transformer_layer, gather_logits,
-                                       language_model_loss, rng_tracker_checkpoint_contexts,
+                                       rng_tracker_checkpoint_contexts,
                                        rotary_embedding, tensor_parallel_size)
 
 
@@ -129,6 +129,12 @@ class ZTTModel(torch.nn.Module):
         weight = self.embedding.weight if self.config.tie_embeddings else None
         return self.output_head(hidden, embedding_weight=weight)
 
+    def loss_of(self, hidden: torch.Tensor, labels: torch.Tensor,
+                loss_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """LM loss of hidden states (the output layer and cross entropy fused, chunked)."""
+        weight = self.embedding.weight if self.config.tie_embeddings else None
+        return self.output_head.loss(hidden, labels, loss_mask, embedding_weight=weight)
+
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None, *,
                 exit_threshold: Optional[float] = None, exit_mode: str = "token",
                 exit_signal: Optional[str] = None, num_cycles: Optional[int] = None,
@@ -171,14 +177,12 @@ class ZTTModel(torch.nn.Module):
         state = self.engine.run(
             plan, state, run, exit_rule=exit_rule, tally=tally,
             keep_exit_states=labels is not None and self.training and exit_rule is None)
-        logits = self.logits_shard(state.hidden)
         out = ZTTOutput(cycles_used=state.cycles_used.transpose(0, 1))
         if return_logits:
-            out.logits = gather_logits(logits, config.vocab_size)
+            out.logits = gather_logits(self.logits_shard(state.hidden), config.vocab_size)
         if labels is not None:
-            out.lm_loss = language_model_loss(logits, labels, loss_mask)
-            kept = [language_model_loss(self.logits_shard(s), labels, loss_mask)
-                    for s in state.exit_states]
+            out.lm_loss = self.loss_of(state.hidden, labels, loss_mask)
+            kept = [self.loss_of(s, labels, loss_mask) for s in state.exit_states]
             out.exit_losses = self.engine.exit_losses(out.lm_loss, kept)
             out.loss = self.engine.objective(out.exit_losses)
         if tally is not None:

@@ -51,8 +51,7 @@ from megatron_ztt.model.cycle_engine import (Application, CycleEngine, ExitRule,
                                              check_exit_signal, token_positions,
                                              zero_attention_by_cycle)
 from megatron_ztt.model.layers import (OutputHead, TokenEmbedding, all_reduce_tensor_parallel,
-                                       build_transformer_layer, language_model_loss,
-                                       rotary_embedding)
+                                       build_transformer_layer, rotary_embedding)
 from megatron_ztt.model.seeding import init_scope
 from megatron_ztt.model.ztt import GateLookup, build_gates, run_layer
 
@@ -177,8 +176,9 @@ class CircularStage(torch.nn.Module):
     # ------------------------------------------------------------------ one virtual stage
     def run_virtual_stage(self, cycle: int, inputs: Tuple[torch.Tensor, ...]):
         """Cycle ``cycle``'s pass through this rank: carried tensors in, carried tensors out
-        (the first virtual stage takes token ids; the last returns the vocab-parallel logits
-        of the final state and of every kept exit state)."""
+        (the first virtual stage takes token ids; the last returns the hidden states after
+        the tail, of the final state and of every kept exit state: ``micro_batch_losses``
+        runs the output head on them with the loss, so no stage holds whole logits)."""
         config, engine = self.config, self.engine
         apps = self.stage_apps[cycle]
         first_virtual = self.is_first and cycle == 0
@@ -214,9 +214,12 @@ class CircularStage(torch.nn.Module):
             return engine.pack(state, self.plan[apps[-1].index + 1])
         if exit_rule is not None:
             self.cycles_used.append(state.cycles_used.transpose(0, 1))
-        weight = self.embedding.weight if config.tie_embeddings else None
-        return tuple(self.output_head(h, embedding_weight=weight)
-                     for h in [state.hidden, *state.exit_states])
+        return (state.hidden, *state.exit_states)
+
+    def loss_of(self, hidden: torch.Tensor, labels: torch.Tensor, loss_mask) -> torch.Tensor:
+        """Last rank: LM loss of hidden states after the tail (``ZTTModel.loss_of``)."""
+        weight = self.embedding.weight if self.config.tie_embeddings else None
+        return self.output_head.loss(hidden, labels, loss_mask, embedding_weight=weight)
 
     # ------------------------------------------------------------------ losses, statistics
     def read_statistics(self) -> Dict[str, float]:
@@ -264,7 +267,6 @@ def carried_shapes(module: CircularStage, micro_batch: int, training: bool, exit
     ``exits``: evaluation with an exit rule (the exit record travels too)."""
     config, engine = module.config, module.engine
     dtype = next(module.parameters()).dtype
-    tensor_parallel = parallel_state.get_tensor_model_parallel_world_size()
     exit_cycles = engine.exit_cycles
 
     def hidden(requires_grad):
@@ -288,12 +290,9 @@ def carried_shapes(module: CircularStage, micro_batch: int, training: bool, exit
                                   device="meta"),)
         else:
             inputs = arriving(apps[0])
-        if module.is_last and cycle == config.num_cycles - 1:
-            logits = 1 + (len(exit_cycles) if training else 0)
-            outputs = tuple(torch.empty(config.seq_length, micro_batch,
-                                        config.padded_vocab_size // tensor_parallel, dtype=dtype,
-                                        device="meta", requires_grad=training)
-                            for _ in range(logits))
+        if module.is_last and cycle == config.num_cycles - 1:  # the states after the tail
+            states = 1 + (len(exit_cycles) if training else 0)
+            outputs = tuple(hidden(training) for _ in range(states))
         else:
             outputs = arriving(module.plan[apps[-1].index + 1])
         shapes.append((inputs, outputs))
@@ -348,9 +347,9 @@ def micro_batch_losses(module: CircularStage, outputs, labels, loss_mask,
                        training: bool) -> Tuple[torch.Tensor, Dict[int, torch.Tensor]]:
     """Last virtual stage: (objective, cycle -> LM loss) of one micro batch."""
     final, *exits = outputs if isinstance(outputs, tuple) else (outputs,)
-    lm_loss = language_model_loss(final, labels, loss_mask)
+    lm_loss = module.loss_of(final, labels, loss_mask)
     if not training:
         return lm_loss, {module.config.num_cycles: lm_loss}
     losses = module.engine.exit_losses(
-        lm_loss, [language_model_loss(logits, labels, loss_mask) for logits in exits])
+        lm_loss, [module.loss_of(hidden, labels, loss_mask) for hidden in exits])
     return module.engine.objective(losses), losses

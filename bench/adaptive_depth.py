@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from results_common import (REPO, add_analysis_arguments, batches, default_paths,
-                            init_single_process, load_model, relative, trained_runs,
+                            init_single_process, load_model, relative, save_figure, trained_runs,
                             use_run_data, validation_samples, write_json)
 
 SIGNALS = ("zero_attention", "zero_attention_relative", "hidden_change")
@@ -465,10 +465,7 @@ def plot(report: dict, output: Path) -> None:
         difference_axes.set_ylabel("loss − random exits' loss at equal compute")
         difference_axes.set_title(f"{name}: against random exits (below 0: better)")
         difference_axes.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(output, dpi=110)
-    plt.close(figure)
-    print(f"wrote {output}", flush=True)
+    save_figure(figure, output)
 
 
 def plot_depth_dial(report: dict, output: Path) -> None:
@@ -495,10 +492,7 @@ def plot_depth_dial(report: dict, output: Path) -> None:
     axes.set_title("loss against the depth dial, no exits")
     axes.grid(True, alpha=0.3)
     axes.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(output, dpi=110)
-    plt.close(figure)
-    print(f"wrote {output}", flush=True)
+    save_figure(figure, output)
 
 
 def write_reports(report: dict, out: Path) -> None:

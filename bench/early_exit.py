@@ -30,9 +30,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from results_common import (add_analysis_arguments, batches, default_paths,
-                            init_single_process, load_model, relative, trained_runs,
-                            validation_samples, write_json)
+from results_common import (add_analysis_arguments, batches, default_paths, init_single_process,
+                            load_model, relative, save_figure, trained_runs, validation_samples,
+                            write_json)
 
 
 @torch.no_grad()
@@ -250,10 +250,7 @@ def plot(report: dict, output: Path, baselines: dict) -> None:
     axes.set_ylabel("sequences")
     axes.set_title("exit signal distribution")
     axes.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(output, dpi=110)
-    plt.close(figure)
-    print(f"wrote {output}", flush=True)
+    save_figure(figure, output)
 
 
 def baseline_points(path: Path) -> dict:

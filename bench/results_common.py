@@ -212,3 +212,13 @@ def use_run_data(config, work: Path, cache_dir: Path) -> None:
             setattr(data, split, [moved(p) for p in prefixes])
     data.tokenizer = moved(data.tokenizer)
     data.cache_dir = str(cache_dir)
+
+
+def save_figure(figure, output, dpi: int = 110) -> None:
+    """Lay out, write and close a matplotlib figure; say where it went."""
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    figure.savefig(output, dpi=dpi)
+    plt.close(figure)
+    print(f"wrote {output}", flush=True)

@@ -33,8 +33,8 @@ from pathlib import Path
 import yaml
 
 from results_common import (BASE_CONFIG, DEFAULT_CORPUS, REPO, VARIANT_CONFIGS,
-                            add_train_iters_argument, default_paths, is_completed,
-                            prepare_corpus, relative, run_dir, write_json)
+                            add_train_iters_argument, default_paths, is_completed, prepare_corpus,
+                            relative, run_dir, save_figure, write_json)
 
 from megatron_ztt.parallel.runtime import free_port
 
@@ -296,10 +296,7 @@ def plot(report: dict, output: Path) -> None:
     if final:
         for axes in (left, middle, right):
             axes.set_ylim(min(final) - 0.2, min(final) + 1.5)
-    figure.tight_layout()
-    figure.savefig(output, dpi=120)
-    plt.close(figure)
-    print(f"wrote {output}", flush=True)
+    save_figure(figure, output, dpi=120)
 
 
 def main():

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from results_common import (add_analysis_arguments, batches, default_paths,
-                            init_single_process, load_model, relative, trained_runs,
-                            validation_samples, write_json)
+from results_common import (add_analysis_arguments, batches, default_paths, init_single_process,
+                            load_model, relative, save_figure, trained_runs, validation_samples,
+                            write_json)
 
 
 @torch.no_grad()
@@ -162,10 +162,7 @@ def plot(report: dict, output: Path) -> None:
     for axes in (left, right):
         axes.grid(True, alpha=0.3)
         axes.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(output, dpi=110)
-    plt.close(figure)
-    print(f"wrote {output}", flush=True)
+    save_figure(figure, output)
 
 
 def main():

@@ -183,7 +183,8 @@ def _train_and_eval_worker(rank, data, run_dir):
                        f"model.vocab_size={MODEL_VOCAB}"))
     report = Path(run_dir) / "eval.json"
     code = evaluate.run(Namespace(checkpoint=f"{run_dir}/checkpoints", exit_threshold=[],
-                                  iters=1, split="valid", output=str(report), overrides=[]))
+                                  exit_signal=None, num_cycles=[], iters=1, split="valid",
+                                  output=str(report), overrides=[]))
     return {"eval_code": code, "eval": json.loads(report.read_text()) if code == 0 else None}
 
 

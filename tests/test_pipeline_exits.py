@@ -25,9 +25,9 @@ def _ring_evaluation(rank, config, state, ids, rules):
     load_full_state_dict(module, state, strict=False)
     outputs = []
 
-    def keep_logits(output, target):  # the loss function sees each micro batch's logits
+    def keep_logits(output, target):  # the loss function sees each micro batch's final state
         final = output[0] if isinstance(output, tuple) else output
-        outputs.append(gather_logits(final, config.vocab_size))
+        outputs.append(gather_logits(module.logits_shard(final), config.vocab_size))
         return final.sum() * 0
 
     results = {}

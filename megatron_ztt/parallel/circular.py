@@ -216,6 +216,11 @@ class CircularStage(torch.nn.Module):
             self.cycles_used.append(state.cycles_used.transpose(0, 1))
         return (state.hidden, *state.exit_states)
 
+    def logits_shard(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Last rank: this tensor-parallel rank's logits of hidden states after the tail."""
+        weight = self.embedding.weight if self.config.tie_embeddings else None
+        return self.output_head(hidden, embedding_weight=weight)
+
     def loss_of(self, hidden: torch.Tensor, labels: torch.Tensor, loss_mask) -> torch.Tensor:
         """Last rank: LM loss of hidden states after the tail (``ZTTModel.loss_of``)."""
         weight = self.embedding.weight if self.config.tie_embeddings else None

@@ -26,7 +26,7 @@ setup(
     ],
     extras_require={
         "dev": ["pytest", "pytest-timeout"],
-        "import": ["gguf"],  # ztt import-hf --gguf
+        "import": ["gguf", "accelerate"],  # ztt import-hf --gguf (transformers needs both)
     },
     entry_points={"console_scripts": ["ztt=megatron_ztt.cli:main"]},
 )

@@ -1,7 +1,7 @@
 """Import a pretrained Hugging Face Llama-family model as a ZTT checkpoint (``ztt import-hf``).
 
     ztt import-hf --model HF_DIR --output CKPT_DIR [--num-cycles C] [--middle-layers A:B] ...
-    ztt import-hf --gguf FILE.gguf --output CKPT_DIR ...          (needs `pip install gguf`)
+    ztt import-hf --gguf FILE.gguf --output CKPT_DIR ...   (needs `pip install gguf accelerate`)
 
 Supported: ``model_type`` llama (SmolLM2 is one), mistral (without a sliding window) and qwen2
 (q/k/v biases; without a sliding window), with SwiGLU (silu), RMSNorm, plain RoPE, any number
@@ -204,9 +204,11 @@ def _check_model_dir(path: Path) -> None:
 def _gguf_location(gguf: Path) -> Tuple[str, dict]:
     if not gguf.is_file():
         _refuse(f"--gguf {gguf}: no such file")
-    if importlib.util.find_spec("gguf") is None:
-        _refuse("--gguf needs the gguf package: pip install gguf "
-                "(or pip install 'megatron_ztt[import]')")
+    # transformers' GGUF loader needs gguf, and accelerate for the device_map it is given
+    missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
+    if missing:
+        _refuse(f"--gguf needs the {' and '.join(missing)} package{'s' * (len(missing) > 1)}: "
+                f"pip install gguf accelerate (or pip install 'megatron_ztt[import]')")
     return str(gguf.parent), {"gguf_file": gguf.name}
 
 
@@ -467,7 +469,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="Hugging Face model directory (config.json + "
                                         "safetensors or .bin weights)")
-    source.add_argument("--gguf", help="a GGUF file (needs `pip install gguf`)")
+    source.add_argument("--gguf", help="a GGUF file (needs `pip install gguf accelerate`)")
     parser.add_argument("--output", required=True,
                         help="checkpoint directory to create (must not exist or be empty)")
     parser.add_argument("--num-cycles", type=int, default=1,

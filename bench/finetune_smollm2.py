@@ -224,9 +224,13 @@ def train_command(args, cycles: int, data: dict) -> list:
 
 
 def training_summary(directory: Path) -> dict:
+    from megatron_ztt.config import load_config
     from megatron_ztt.tools.plot_runs import read_scalars
+    from megatron_ztt.training.metrics import model_flops_per_token
 
     config = json.loads((directory / "config.json").read_text())
+    model = load_config(str(directory / "config.json"), check=False).model
+    flops_per_token = model_flops_per_token(model, model.seq_length)
     status = json.loads((directory / "status.json").read_text())
     steps, loss = read_scalars(str(directory), "lm loss")
     _, speed = read_scalars(str(directory), "tokens-per-sec")
@@ -236,6 +240,10 @@ def training_summary(directory: Path) -> dict:
             "train_tokens": config["train"]["train_iters"] * tokens_per_step,
             # the first logged step carries the start-up (allocations, first-call overheads)
             "median_tokens_per_sec": statistics.median(speed[1:] or speed),
+            "training_flops_per_token": flops_per_token,
+            # what the shared machine delivered: tokens/s x model FLOPs per token
+            "median_achieved_gflops": statistics.median(speed[1:] or speed)
+            * flops_per_token / 1e9,
             "train_seconds": status.get("seconds"),
             "train_curve": {"steps": steps, "loss": loss}}
 
@@ -331,15 +339,18 @@ def markdown(report: dict) -> str:
              f"loss {parity_result['loss_ztt_c1']:.4f} (ZTT) vs "
              f"{parity_result['loss_transformers']:.4f} (transformers).\n",
              "| model | zero token + gate | train tokens | held-out loss before | after | "
-             "change | Δ after vs C=1 | median tokens/s | training seconds |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "change | Δ after vs C=1 | training GFLOP per token | median tokens/s | "
+             "achieved GFLOP/s | training seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     models = report["models"]
     reference = models["C=1"]["loss_after"]
     for name, m in models.items():
         extras = f"yes ({m['gate_init']})" if m["gate"] else "no"
         lines.append(f"| {name} | {extras} | {m['train_tokens']:,} | {m['loss_before']:.4f} | "
                      f"{m['loss_after']:.4f} | {m['loss_after'] - m['loss_before']:+.4f} | "
-                     f"{m['loss_after'] - reference:+.4f} | {m['median_tokens_per_sec']:,.0f} | "
+                     f"{m['loss_after'] - reference:+.4f} | "
+                     f"{m['training_flops_per_token'] / 1e9:.3f} | "
+                     f"{m['median_tokens_per_sec']:,.0f} | {m['median_achieved_gflops']:.1f} | "
                      f"{m['train_seconds']:.0f} |")
     lines += ["", "**Early exit of the fine-tuned ZTTs** (`ztt eval --exit-threshold`): "
               "held-out loss and mean cycles used per token.\n",

@@ -248,6 +248,27 @@ def training_summary(directory: Path) -> dict:
             "train_curve": {"steps": steps, "loss": loss}}
 
 
+def new_parameters(checkpoint: Path) -> dict:
+    """Where the zero keys and gates ended: each gate's bias and the largest |zero key| entry.
+
+    Adam moves a parameter by about lr per step, so these show whether the fine-tuning
+    could open a gate (bias -8 -> near 0) at all."""
+    import torch
+
+    from megatron_ztt.checkpoint import model_file, resolve
+
+    root, tag = resolve(str(checkpoint), note=False)
+    state = torch.load(Path(root) / tag / model_file(0, 0), map_location="cpu", mmap=True,
+                       weights_only=True)
+    keys = [v for k, v in state.items() if k.startswith("zero_token_pool.")]
+    return {"gate_bias": {k.split(".")[1]: float(v) for k, v in sorted(state.items())
+                          if k.startswith("gates.") and k.endswith(".bias")},
+            "gate_weight_max_abs": max((float(v.abs().max()) for k, v in state.items()
+                                        if k.startswith("gates.") and k.endswith(".weight")),
+                                       default=None),
+            "zero_key_max_abs": max((float(v.abs().max()) for v in keys), default=None)}
+
+
 # ----------------------------------------------------------------------------- steps
 def run_all(args, env: dict) -> dict:
     commands = {}
@@ -323,6 +344,10 @@ def build_report(args, data: dict, commands: dict) -> dict:
                            for r in after["results"]],
             **training_summary(run_dir(args, cycles)),
         }
+        if model["gate"] or model["zero_token"]:
+            report["models"][f"C={cycles}"]["new_parameters"] = {
+                "before": new_parameters(import_dir(args, cycles)),
+                "after": new_parameters(run_dir(args, cycles) / "checkpoints")}
     return report
 
 

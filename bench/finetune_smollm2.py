@@ -386,7 +386,7 @@ def markdown(report: dict) -> str:
         for point in m["exit_curve"]:
             threshold = ("none (all cycles)" if point["exit_threshold"] is None
                          else f"{point['exit_threshold']:g}")
-            lines.append(f"| {name} | {threshold} | {point['loss']:.4f} | "
+            lines.append(f"| {name} | {threshold} | {point['loss']:.6f} | "
                          f"{point['mean_cycles']:.3f} |")
     return "\n".join(lines) + "\n"
 

@@ -313,7 +313,8 @@ def run_all(args, env: dict) -> dict:
 def build_report(args, data: dict, commands: dict) -> dict:
     import torch
 
-    report = {"command": "python bench/finetune_smollm2.py " + " ".join(sys.argv[1:]),
+    arguments = " ".join(sys.argv[1:]).replace(str(args.gguf), args.gguf.name)
+    report = {"command": f"python bench/finetune_smollm2.py {arguments}".rstrip(),
               "setup": {"gguf": args.gguf.name, "seq_length": args.seq_length,
                         "train_iters": args.train_iters, "processes": args.nproc,
                         "threads_per_process": int(os.environ.get("OMP_NUM_THREADS", "1")),

@@ -321,6 +321,23 @@ def test_gguf_without_the_gguf_package_says_how_to_install(tmp_path, monkeypatch
     assert not (tmp_path / "out").exists()
 
 
+def test_gguf_without_accelerate_says_how_to_install(tmp_path, monkeypatch):
+    """transformers loads a GGUF file with a device_map, which needs accelerate."""
+    import importlib.util
+
+    from megatron_ztt.pretrained import import_hf as module
+
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(module.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "accelerate" else real(name, *a))
+    with pytest.raises(module.ImportRefused, match="needs the accelerate package: pip install "
+                                                   "gguf accelerate"):
+        module.import_hf(str(tmp_path / "out"), gguf=str(gguf))
+    assert not (tmp_path / "out").exists()
+
+
 # --------------------------------------------------------------------------- init_from
 @pytest.fixture(scope="module")
 def training_import(tmp_path_factory):

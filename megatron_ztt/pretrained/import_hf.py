@@ -1,7 +1,7 @@
 """Import a pretrained Hugging Face Llama-family model as a ZTT checkpoint (``ztt import-hf``).
 
     ztt import-hf --model HF_DIR --output CKPT_DIR [--num-cycles C] [--middle-layers A:B] ...
-    ztt import-hf --gguf FILE.gguf --output CKPT_DIR ...          (needs `pip install gguf accelerate`)
+    ztt import-hf --gguf FILE.gguf --output CKPT_DIR ...   (needs `pip install gguf accelerate`)
 
 Supported: ``model_type`` llama (SmolLM2 is one), mistral (without a sliding window) and qwen2
 (q/k/v biases; without a sliding window), with SwiGLU (silu), RMSNorm, plain RoPE, any number
@@ -204,10 +204,11 @@ def _check_model_dir(path: Path) -> None:
 def _gguf_location(gguf: Path) -> Tuple[str, dict]:
     if not gguf.is_file():
         _refuse(f"--gguf {gguf}: no such file")
+    # transformers' GGUF loader needs gguf, and accelerate for the device_map it is given
     missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
-    if missing:  # transformers reads GGUF files with both
-        _refuse(f"--gguf needs the {' and '.join(missing)} package(s): pip install "
-                f"{' '.join(missing)} (or pip install 'megatron_ztt[import]')")
+    if missing:
+        _refuse(f"--gguf needs the {' and '.join(missing)} package{'s' * (len(missing) > 1)}: "
+                f"pip install gguf accelerate (or pip install 'megatron_ztt[import]')")
     return str(gguf.parent), {"gguf_file": gguf.name}
 
 

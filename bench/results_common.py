@@ -222,3 +222,26 @@ def save_figure(figure, output, dpi: int = 110) -> None:
     figure.savefig(output, dpi=dpi)
     plt.close(figure)
     print(f"wrote {output}", flush=True)
+
+
+def printable(command: list) -> str:
+    """A command as the reports and logs show it (``python`` for the interpreter's path)."""
+    return "python " + " ".join(str(c) for c in command[1:])
+
+
+def run_logged(command: list, log_path: Path, env: dict) -> float:
+    """Run ``command`` in the repository (output appended to ``log_path``); its wall time in
+    seconds. A failure stops the script, naming the log."""
+    import subprocess
+    import time
+
+    print(f"$ {printable(command)}", flush=True)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    with open(log_path, "a") as log:
+        log.write(f"$ {printable(command)}\n")
+        log.flush()
+        result = subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if result.returncode:
+        raise SystemExit(f"command failed (exit {result.returncode}); see {log_path}")
+    return time.time() - start

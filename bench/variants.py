@@ -27,14 +27,14 @@ import shutil
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import yaml
 
 from results_common import (BASE_CONFIG, DEFAULT_CORPUS, REPO, VARIANT_CONFIGS,
                             add_train_iters_argument, default_paths, is_completed, prepare_corpus,
-                            relative, run_dir, save_figure, write_json)
+                            printable, relative, run_dir, run_logged, save_figure,
+                            write_json)
 
 from megatron_ztt.parallel.runtime import free_port
 
@@ -66,17 +66,6 @@ def evaluation_command(directory: Path, iters: int) -> list:
             "--output", relative(directory / "eval.json")]
 
 
-def run_logged(command: list, log_path: Path, env: dict) -> None:
-    printable = " ".join(command[1:])
-    print(f"$ python {printable}", flush=True)
-    with open(log_path, "a") as log:
-        log.write(f"$ python {printable}\n")
-        log.flush()
-        result = subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    if result.returncode:
-        raise SystemExit(f"command failed (exit {result.returncode}); see {log_path}")
-
-
 def train_and_evaluate(args, name: str, variant: dict, seed: int, data: dict, env: dict):
     directory = run_dir(args.work, name, seed, args.train_iters)
     evaluation = directory / "eval.json"
@@ -90,9 +79,8 @@ def train_and_evaluate(args, name: str, variant: dict, seed: int, data: dict, en
     directory.mkdir(parents=True, exist_ok=True)
     log_path = directory / "log.txt"
     if not is_completed(directory):
-        start = time.time()
-        run_logged(commands["train"], log_path, env)
-        print(f"{directory.name}: trained in {time.time() - start:.0f} s", flush=True)
+        seconds = run_logged(commands["train"], log_path, env)
+        print(f"{directory.name}: trained in {seconds:.0f} s", flush=True)
     output = subprocess.run(commands["eval"], cwd=REPO, env=env, capture_output=True, text=True)
     if output.returncode:
         raise SystemExit(f"ztt eval failed for {directory}:\n{output.stderr[-3000:]}")
@@ -351,10 +339,9 @@ def main():
                 continue
             commands[(name, seed)] = train_and_evaluate(args, name, variants[name], seed, data,
                                                         env)
-    printable = {key: {k: "python " + " ".join(c[1:]) for k, c in value.items()}
-                 for key, value in commands.items()}
+    shown = {key: {k: printable(c) for k, c in value.items()} for key, value in commands.items()}
     ordered = [n for n in variants if n in names]
-    report = build_report(args, variants, ordered, data, printable)
+    report = build_report(args, variants, ordered, data, shown)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out.with_suffix(".json"), report)
     table = markdown(report)

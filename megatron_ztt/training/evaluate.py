@@ -117,11 +117,13 @@ def _run(args: argparse.Namespace) -> int:
     try:
         if args.exit_threshold:
             check_exit_signal(signal, config.model.zero_token)
+    except ValueError as error:
+        raise ConfigError(f"--exit-signal: {error}") from None
+    try:
         for depth in args.num_cycles:
             check_num_cycles(depth, config.model.num_cycles)
     except ValueError as error:
-        raise ConfigError(f"--{'num-cycles' if 'num_cycles' in str(error) else 'exit-signal'}: "
-                          f"{error}") from None
+        raise ConfigError(f"--num-cycles: {error}") from None
     # one process evaluates the merged weights, whatever layout trained them
     config.parallel.tensor = config.parallel.pipeline = 1
     config.train.micro_batch_size = min(config.train.micro_batch_size, 8)

@@ -6,8 +6,9 @@ A checkpoint directory (``<run.dir>/checkpoints``) holds one folder per saved it
     iter_0000200/
         ztt_stage00_tp00.pt ...  # the model: each pipeline stage's and tensor-parallel
                                  # rank's weights under ZTTModel's names (every layout)
-        engine/ ...              # the training engine's own files (optimizer state, ...),
-                                 # read back only by the same layout to resume
+        optim_stage00_tp00.pt .. # the same slices' optimizer state: Adam's exp_avg and
+                                 # exp_avg_sq, the step, and the fp32 master weights where
+                                 # the model trains in another precision
         rank_state_00000.pt ...  # per-rank RNG states
         tokenizer.model          # copy of the run's tokenizer, for export: the SentencePiece
                                  # model, or a folder tokenizer/ of a Hugging Face tokenizer's
@@ -22,6 +23,12 @@ Face model: one iteration-0 folder with the full single-layout model file, its t
 folder (``"tokenizer": "tokenizer"``, ``"tokenizer_kind": "huggingface"`` in the metadata) and
 the run config. The training
 side that writes checkpoints is ``megatron_ztt.training.checkpoint``.
+
+Format 3 holds no file of DeepSpeed's layout-bound engine state: every tensor is stored by
+(pipeline stage, tensor-parallel rank) slice under its canonical name with the split recorded
+in ``partition_spec``, so :class:`SliceReader` serves any other layout the full tensors it
+asks for, one at a time. Format 2 (DeepSpeed's engine files in ``engine/``) still gives its
+weights to every reader but cannot resume training.
 """
 
 from __future__ import annotations
@@ -46,8 +53,10 @@ from megatron_ztt.parallel.sharding import merge_shards
 
 LATEST = "latest"
 META = "ztt_meta.json"
-ENGINE_DIR = "engine"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+# formats whose model files every reader of trained models understands; resuming training
+# needs FORMAT_VERSION
+READABLE_FORMATS = (2, 3)
 
 
 class CheckpointError(RuntimeError):
@@ -61,6 +70,11 @@ def tag_for(iteration: int) -> str:
 def model_file(pipeline_rank: int, tensor_rank: int) -> str:
     """The model file of one pipeline stage and tensor-parallel rank."""
     return f"ztt_stage{pipeline_rank:02d}_tp{tensor_rank:02d}.pt"
+
+
+def optimizer_file(pipeline_rank: int, tensor_rank: int) -> str:
+    """The optimizer state of the same slice as :func:`model_file`."""
+    return f"optim_stage{pipeline_rank:02d}_tp{tensor_rank:02d}.pt"
 
 
 def rank_state_file(rank: int) -> str:
@@ -82,11 +96,11 @@ def read_meta(tag_dir: str) -> dict:
     except (OSError, ValueError) as error:
         raise CheckpointError(f"{path} is unreadable or corrupt ({error}); use another "
                               f"checkpoint folder of the same run") from None
-    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+    if not isinstance(meta, dict) or meta.get("format_version") not in READABLE_FORMATS:
         found = meta.get("format_version") if isinstance(meta, dict) else None
         raise CheckpointError(f"{path}: checkpoint format {found!r}, this megatron_ztt reads "
-                              f"format {FORMAT_VERSION}; use the version that wrote it (its "
-                              f"ztt_meta.json lists the versions)")
+                              f"formats {', '.join(map(str, READABLE_FORMATS))}; use the "
+                              f"version that wrote it (its ztt_meta.json lists the versions)")
     return meta
 
 
@@ -214,13 +228,68 @@ def latest_iteration(root: str) -> Optional[int]:
         return None
 
 
-def read_model_file(path: str) -> Dict[str, torch.Tensor]:
+def read_model_file(path: str, mmap: bool = False) -> Dict[str, torch.Tensor]:
+    """A model or optimizer file; ``mmap`` maps the tensors instead of reading them all."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint file {path} is missing")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # noqa: BLE001 - any unreadable file gets the same message
         raise CheckpointError(f"cannot read {path}: {error}") from error
+
+
+class SliceReader:
+    """Full tensors of a checkpoint's slices, one name at a time, for any reading layout.
+
+    The files are memory-mapped, so a rank touches only the bytes of the tensors it asks for:
+    each full tensor is assembled from the saved tensor-parallel slices along the recorded
+    split, and the caller keeps its own part of it.
+    """
+
+    def __init__(self, tag_dir: str, meta: dict):
+        self.tag_dir = tag_dir
+        self.tensor, self.pipeline = meta["layout"]["tensor"], meta["layout"]["pipeline"]
+        self.spec = {k: tuple(v) for k, v in meta["partition_spec"].items()}
+        self._files: Dict[Tuple[str, int, int], dict] = {}
+        self._stage_of: Dict[str, int] = {}
+        for stage in range(self.pipeline):  # the first stage holding a (shared) weight wins
+            for name in self._file(model_file, stage, 0):
+                self._stage_of.setdefault(name, stage)
+
+    def _file(self, kind, stage: int, tensor_rank: int) -> dict:
+        key = (kind.__name__, stage, tensor_rank)
+        if key not in self._files:
+            self._files[key] = read_model_file(os.path.join(self.tag_dir,
+                                                            kind(stage, tensor_rank)), mmap=True)
+        return self._files[key]
+
+    def names(self) -> List[str]:
+        return list(self._stage_of)
+
+    def step(self) -> Optional[float]:
+        """The optimizer's step count (the same in every slice)."""
+        return self._file(optimizer_file, 0, 0).get("step")
+
+    def full(self, name: str, part: str = "weight") -> Optional[torch.Tensor]:
+        """The full tensor ``name``: its weight, or ``part`` of its optimizer state
+        ("fp32", "exp_avg", "exp_avg_sq"); None where the checkpoint has none (a frozen
+        weight's moments, an fp32 master that is the weight itself)."""
+        if name not in self._stage_of:
+            raise CheckpointError(f"{self.tag_dir} holds no weight {name}: the checkpoint is of "
+                                  f"another model")
+        stage = self._stage_of[name]
+        shards = []
+        for rank in range(self.tensor):
+            if part == "weight":
+                held = self._file(model_file, stage, rank)
+            else:
+                held = self._file(optimizer_file, stage, rank).get(part, {})
+            if name not in held:
+                return None
+            shards.append(held[name])
+        if name in self.spec and self.tensor > 1:
+            return merge_shards(shards, *self.spec[name])
+        return shards[0].clone()
 
 
 @dataclass

@@ -104,7 +104,7 @@ def test_checkpoint_layout_and_zero_key_and_gate_init(sources, tmp_path):
                       "closed-after-first") == 0
     assert (out / "latest").read_text() == "iter_0000000"
     meta = json.loads((out / "iter_0000000" / "ztt_meta.json").read_text())
-    assert meta["format_version"] == 2 and meta["imported_from"]["dropped_hf_layers"] == [2]
+    assert meta["format_version"] == 3 and meta["imported_from"]["dropped_hf_layers"] == [2]
     assert meta["imported_from"]["hf_layers"] == [0, 1, 3]
     trained = load_trained(str(out))
     config, state = trained.model_config, trained.state

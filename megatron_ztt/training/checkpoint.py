@@ -1,10 +1,11 @@
 """Saving and resuming training: the collective side of the checkpoint format.
 
 The format and the reader of trained models are ``megatron_ztt.checkpoint``. A save writes
-the engine's files, every rank's RNG state, the per-stage model files and the tokenizer, and
-only then ``ztt_meta.json`` (which marks the folder complete) and ``latest``; ``latest`` is
+each slice's model and optimizer files, every rank's RNG state and the tokenizer, and only
+then ``ztt_meta.json`` (which marks the folder complete) and ``latest``; ``latest`` is
 replaced with ``os.replace`` after every rank has finished writing, so a crash during a save
-leaves the previous checkpoint as ``latest``.
+leaves the previous checkpoint as ``latest``. A resume reads the checkpoint into any layout
+(tensor, pipeline, data parallel, ZeRO stage).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from megatron_ztt.checkpoint import (FORMAT_VERSION, META, CheckpointError,
                                      repair_latest, tag_for)
 from megatron_ztt.data.tokenizer import copy_tokenizer
 from megatron_ztt.files import save_torch_atomic, write_text_atomic
+from megatron_ztt.parallel import runtime
 
 
 @dataclass
@@ -51,6 +53,7 @@ def save(engine, config, state: TrainingState, layout: Dict[str, int],
     save_torch_atomic(extra_rank_state, os.path.join(tag_dir, rank_state_file(rank)))
     specs = [None] * dist.get_world_size()
     dist.all_gather_object(specs, engine.local_partition_spec())
+    counters = engine.training_counters()
     dist.barrier()
     if rank == 0:
         merged_spec = {}
@@ -65,6 +68,7 @@ def save(engine, config, state: TrainingState, layout: Dict[str, int],
             "consumed_train_samples": state.consumed_train_samples,
             "skipped_steps": state.skipped_steps,
             "layout": layout,
+            "engine_state": counters,
             "partition_spec": {k: list(v) for k, v in sorted(merged_spec.items())},
             "config": config.to_dict(),
             "tokenizer": tokenizer,
@@ -99,25 +103,47 @@ def _versions() -> dict:
             "megatron_core": megatron.core.__version__}
 
 
+def describe_layout(layout: Dict[str, int]) -> str:
+    return (f"TP={layout.get('tensor')} x PP={layout.get('pipeline')} x DP={layout.get('data')}, "
+            f"ZeRO-{layout.get('zero_stage')}")
+
+
 def load(engine, root: str, tag: str, layout: Dict[str, int]) -> Tuple[TrainingState, Optional[dict]]:
-    """Collective. Restores model, optimizer, LR schedule; returns the training state and this
-    rank's extra state (RNG), or None when the checkpoint has none for this rank."""
+    """Collective. Restores model, optimizer, LR schedule in any layout; returns the training
+    state and this rank's extra state (RNG), or None when the checkpoint has none for it.
+
+    In the layout that saved it every rank gets its own RNG states back (bit-exact resume).
+    In another layout the per-rank streams cannot map (they belong to ranks that no longer
+    exist): every rank takes saved rank 0's Python, NumPy and torch generators, and
+    megatron-core's tensor-parallel streams (dropout inside tensor-parallel regions) keep
+    this run's start-up seeding."""
     tag_dir = os.path.join(root, tag)
     meta = read_meta(tag_dir)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{tag_dir} is a checkpoint of format {meta.get('format_version')} (DeepSpeed's "
+            f"engine files), which this megatron_ztt cannot resume (it reads format "
+            f"{FORMAT_VERSION}); resume it with the version that wrote it, or start a new run "
+            f"from its weights with train.init_from={tag_dir} (the optimizer starts fresh)")
     saved = meta["layout"]
-    mismatched = {k: (saved.get(k), v) for k, v in layout.items() if saved.get(k) != v}
-    if mismatched:
-        details = ", ".join(f"{k}: saved {a}, now {b}" for k, (a, b) in mismatched.items())
-        raise CheckpointError(f"{tag_dir} was saved with another parallel layout ({details}); "
-                              f"resume with the same layout, or start a new run from its "
-                              f"weights with train.init_from={tag_dir}")
+    same_layout = all(saved.get(k) == v for k, v in layout.items())
     _check_readable_on_rank0(root, tag)
+    if not same_layout and dist.get_rank() == 0:
+        print(f"resuming {tag_dir} in another layout: saved as {describe_layout(saved)}, now "
+              f"{describe_layout(layout)} (weights, optimizer state, LR schedule and data "
+              f"position carry over; per-rank RNG streams restart, see docs/TRAINING.md)",
+              flush=True)
     try:
-        engine.load(tag_dir)
+        engine.load(tag_dir, meta)
     except CheckpointError as error:
         raise CheckpointError(f"{error}; {fallback_advice(root, tag)}") from None
-    rank_file = os.path.join(tag_dir, rank_state_file(dist.get_rank()))
+    rank = dist.get_rank() if same_layout else 0
+    rank_file = os.path.join(tag_dir, rank_state_file(rank))
     extra = torch.load(rank_file, weights_only=False) if os.path.isfile(rank_file) else None
+    if extra is not None and not same_layout:
+        rng = runtime.rng_state()  # this run's own tensor-parallel (and device) streams
+        rng.update({k: extra["rng"][k] for k in ("python", "numpy", "torch")})
+        extra = {**extra, "rng": rng}
     state = TrainingState(meta["iteration"], meta["consumed_train_samples"],
                           meta.get("skipped_steps", 0))
     return state, extra

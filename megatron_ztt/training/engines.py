@@ -20,11 +20,13 @@ from typing import Dict, Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_ztt.checkpoint import ENGINE_DIR, CheckpointError, load_initial_weights, model_file
+from megatron_ztt.checkpoint import (CheckpointError, SliceReader, load_initial_weights,
+                                     model_file, optimizer_file)
 from megatron_ztt.config import RunConfig
 from megatron_ztt.model.cycle_engine import zero_attention_by_cycle
 from megatron_ztt.parallel import runtime
-from megatron_ztt.parallel.sharding import load_full_state_dict, merge_shards, partition_spec
+from megatron_ztt.parallel.sharding import (load_full_state_dict, merge_shards, partition_spec,
+                                            split_full)
 from megatron_ztt.training.evaluate import evaluate
 from megatron_ztt.training.metrics import optimizer_state_bytes
 
@@ -137,29 +139,187 @@ class TrainingEngine:
         return merged
 
     # ------------------------------------------------------------------ checkpoints
+    # Adam's moments, under DeepSpeed's per-parameter names for them
+    MOMENTS = ("exp_avg", "exp_avg_sq")
+
     def save(self, tag_dir: str) -> None:
-        """Collective. The engine's own files go to ``tag_dir/engine``; each stage and
-        tensor-parallel rank's weights to its model file (data-parallel rank 0 writes)."""
+        """Collective. Each stage and tensor-parallel rank's slice (data-parallel rank 0
+        writes): its weights to the model file, its fp32 master weights (where they are not
+        the weights themselves), Adam moments and step to the optimizer file."""
         from megatron.core import parallel_state
 
         from megatron_ztt.files import save_torch_atomic
 
-        self._ds.save_checkpoint(tag_dir, tag=ENGINE_DIR, client_state={}, save_latest=False)
         weights = self.local_state_dict()  # collective under ZeRO-3
+        optimizer = self.local_optimizer_state()  # collective over the data-parallel group
         if parallel_state.get_data_parallel_rank() == 0:
-            path = os.path.join(tag_dir, model_file(self.pipeline_rank,
-                                                    parallel_state.get_tensor_model_parallel_rank()))
-            save_torch_atomic({k: v.detach().cpu().clone() for k, v in weights.items()}, path)
+            slice_ = (self.pipeline_rank, parallel_state.get_tensor_model_parallel_rank())
+            save_torch_atomic({k: v.detach().cpu().clone() for k, v in weights.items()},
+                              os.path.join(tag_dir, model_file(*slice_)))
+            save_torch_atomic(optimizer, os.path.join(tag_dir, optimizer_file(*slice_)))
 
-    def load(self, tag_dir: str) -> None:
-        """Collective: weights, optimizer and LR schedule from a checkpoint of this layout."""
+    def _inner_optimizer(self) -> torch.optim.Optimizer:
+        """The torch optimizer holding the state (inside ZeRO's or the bf16 wrapper)."""
+        optimizer = self._ds.optimizer
+        return getattr(optimizer, "optimizer", optimizer)
+
+    def _link_optimizer_state(self) -> None:
+        """DeepSpeed's per-parameter views of the optimizer state (ZeRO 1-2, bf16) are linked
+        once, right after the first parameter group's first step, when the other groups have
+        no state yet: their moments would be unreachable. Link again, now that all have."""
+        optimizer = self._ds.optimizer
+        if hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
+            optimizer._hp_optimizer_states_linked = False
+            optimizer._lazy_init_hp_params_optimizer_state()
+
+    def _optimizer_step_count(self) -> float:
+        steps = [float(st["step"]) for st in self._inner_optimizer().state.values() if "step" in st]
+        return max(steps) if steps else 0.0
+
+    def local_optimizer_state(self) -> dict:
+        """Collective over the data-parallel group: this slice's fp32 master weights (only
+        those not stored as the weights), Adam moments and step, canonical names, on CPU.
+
+        DeepSpeed's per-parameter API assembles each from ZeRO's partitions (ZeRO 1-3 and
+        the bf16 optimizer); without ZeRO the torch optimizer holds them per parameter."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        self._link_optimizer_state()
+        names = self.canonical_names()
+        inner = self._inner_optimizer()
+        out = {"fp32": {}, **{key: {} for key in self.MOMENTS},
+               "step": self._optimizer_step_count()}
+        for module_name, param in self.module.named_parameters():
+            if not param.requires_grad:
+                continue
+            name = names[module_name]
+            master = safe_get_full_fp32_param(param)
+            if master is None:  # no ZeRO: the parameter is its own master
+                state = inner.state.get(param, {})
+                moments = {key: state.get(key) for key in self.MOMENTS}
+            else:
+                moments = {key: safe_get_full_optimizer_state(param, key) for key in self.MOMENTS}
+                if param.dtype != torch.float32:
+                    out["fp32"][name] = master.detach().cpu().clone()
+            for key, value in moments.items():
+                if value is not None:
+                    out[key][name] = value.detach().reshape(param.ds_shape if hasattr(
+                        param, "ds_shape") else param.shape).cpu().clone()
+        return out
+
+    def training_counters(self) -> dict:
+        """The LR schedule and DeepSpeed's step counters, for the checkpoint's metadata."""
+        return {"lr_scheduler": self._ds.lr_scheduler.state_dict(),
+                "global_steps": self._ds.global_steps,
+                "global_samples": self._ds.global_samples,
+                "skipped_steps": self._ds.skipped_steps}
+
+    def load(self, tag_dir: str, meta: dict) -> None:
+        """Collective: weights, fp32 master weights, Adam moments and step, LR schedule from
+        a checkpoint of any layout. Every rank reads the full tensors of its own parameters
+        (memory-mapped, one at a time) and keeps its tensor-parallel part."""
+        from megatron.core import parallel_state
+
+        self._create_optimizer_state()
+        reader = SliceReader(tag_dir, meta)
+        names = self.canonical_names()
+        spec = self.local_partition_spec()
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        tp_size = parallel_state.get_tensor_model_parallel_world_size()
+
+        def mine(module_name, full):
+            if full is None or module_name not in spec:
+                return full
+            return split_full(full, tp_rank, tp_size, *spec[module_name])
+
+        inner = self._inner_optimizer()
+        step = reader.step()
         try:
-            path, _ = self._ds.load_checkpoint(tag_dir, tag=ENGINE_DIR, load_optimizer_states=True,
-                                               load_lr_scheduler_states=True)
-        except (RuntimeError, OSError, EOFError, KeyError) as error:
+            for module_name, param in self.module.named_parameters():
+                name = names[module_name]
+                weight = mine(module_name, reader.full(name))
+                self._set_working_copy(param, weight)
+                if not param.requires_grad:
+                    continue
+                fp32 = mine(module_name, reader.full(name, "fp32"))
+                self._set_master(param, weight if fp32 is None else fp32)
+                for key in self.MOMENTS:
+                    value = mine(module_name, reader.full(name, key))
+                    if value is None:  # frozen when saved: moments start at zero
+                        value = torch.zeros_like(weight, dtype=torch.float32)
+                    self._set_moment(inner, param, value, key)
+        except (RuntimeError, ValueError, KeyError) as error:
             raise CheckpointError(f"cannot resume from {tag_dir}: {error}") from error
-        if path is None:
-            raise CheckpointError(f"DeepSpeed found no engine state in {tag_dir}/{ENGINE_DIR}")
+        for state in inner.state.values():
+            if "step" in state and step is not None:
+                state["step"] = (torch.tensor(step, dtype=state["step"].dtype)
+                                 if torch.is_tensor(state["step"]) else step)
+        self._restore_counters(meta.get("engine_state"))
+
+    def _create_optimizer_state(self) -> None:
+        """A fresh engine has no Adam state (torch creates it in the first step, and ZeRO
+        links its per-parameter views then): one step at learning rate 0 on zero gradients
+        creates it and changes no weight. The LR schedule and counters it advances are
+        restored afterwards."""
+        groups = self._ds.optimizer.param_groups
+        rates = [g["lr"] for g in groups]
+        for group in groups:
+            group["lr"] = 0.0
+        self._zero_step()
+        for group, rate in zip(groups, rates):
+            group["lr"] = rate
+        self._link_optimizer_state()
+
+    def _zero_step(self) -> None:
+        raise NotImplementedError
+
+    def _restore_counters(self, counters: Optional[dict]) -> None:
+        engine = self._ds
+        if counters is None:
+            return
+        engine.lr_scheduler.load_state_dict(counters["lr_scheduler"])
+        # the rates the next step uses: loading a scheduler's state does not set them
+        for group, rate in zip(engine.lr_scheduler.optimizer.param_groups,
+                               engine.lr_scheduler.get_last_lr()):
+            group["lr"] = rate
+        engine.global_steps = counters["global_steps"]
+        engine.global_samples = counters["global_samples"]
+        engine.skipped_steps = counters["skipped_steps"]
+        engine.micro_steps = engine.global_steps * engine.gradient_accumulation_steps()
+
+    @torch.no_grad()
+    def _set_working_copy(self, param, value: torch.Tensor) -> None:
+        """The module's own copy of a weight (what forward reads)."""
+        if hasattr(param, "ds_tensor"):  # ZeRO-3: this rank's partition of the flat weight
+            from deepspeed import comm
+
+            local = param.ds_tensor
+            start = comm.get_rank(group=param.ds_process_group) * local.numel()
+            flat = value.reshape(-1)[start:start + local.numel()]
+            local.zero_()
+            local.view(-1)[:flat.numel()].copy_(flat.to(local.dtype))
+        else:
+            param.copy_(value.to(param.dtype))
+
+    def _set_master(self, param, value: torch.Tensor) -> None:
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        if hasattr(param, "ds_id") or hasattr(param, "_hp_mapping"):
+            safe_set_full_fp32_param(param, value.to(torch.float32))
+        # without ZeRO the working copy is the master
+
+    @torch.no_grad()
+    def _set_moment(self, inner, param, value: torch.Tensor, key: str) -> None:
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        if hasattr(param, "ds_id") or hasattr(param, "_hp_mapping"):
+            safe_set_full_optimizer_state(param, value.to(torch.float32), key)
+            return
+        state = inner.state[param]
+        if key not in state:  # not used by the zero step's forward: as torch would create it
+            state.setdefault("step", torch.tensor(0.0))
+            state[key] = torch.zeros_like(param)
+        state[key].copy_(value.to(state[key].dtype))
 
     @property
     def pipeline_rank(self) -> int:
@@ -221,6 +381,17 @@ class DenseEngine(TrainingEngine):
 
         micro_batches = iterations * self.config.gradient_accumulation_steps(dist.get_world_size())
         return evaluate(forward, batches, micro_batches, exit_threshold)
+
+    def _zero_step(self):
+        """One optimizer step on zero gradients: every micro batch a forward of zero tokens
+        whose loss is multiplied by 0 (ZeRO 2-3 take gradients only through backward)."""
+        engine, train = self._ds, self.config.train
+        tokens = torch.zeros(train.micro_batch_size, self.config.model.seq_length,
+                             dtype=torch.long, device=runtime.current_device())
+        for _ in range(engine.gradient_accumulation_steps()):
+            out = engine(tokens, tokens, collect_stats=False)
+            engine.backward(out.loss * 0.0)
+            engine.step()
 
     def _zero3_gathered(self):
         import deepspeed
@@ -389,6 +560,17 @@ class CircularPipelineEngine(TrainingEngine):
     @property
     def pipeline_rank(self) -> int:
         return self.module.rank
+
+    def _zero_step(self):
+        """One optimizer step on zero gradients, handed over as in a training step: a
+        backward (of 0 x the parameters, through ZeRO's gradient hooks), the data-parallel
+        reduction, the step."""
+        trained = [p for p in self.module.parameters() if p.requires_grad]
+        torch.stack([(p * 0.0).sum() for p in trained]).sum().backward()
+        self._ds.allreduce_gradients()
+        self._ds.step()
+        for param in self.module.parameters():
+            param.grad = None
 
     def local_state_dict(self):
         return {n: p.detach().cpu().clone() for n, p in self.module.named_parameters()}

@@ -1,0 +1,132 @@
+"""Checkpoints that reshard: a checkpoint saved in one parallel layout resumes in another (TP,
+PP, DP, ZeRO stage) with the weights, Adam moments and step, LR schedule and data position;
+the next losses follow an uninterrupted run."""
+
+import math
+import os
+
+import pytest
+import torch
+
+from distributed import run_distributed
+from train_helpers import micro_config
+
+SAVED_AT, ITERS = 2, 4
+TOLERANCE = 2e-3  # relative, on the next steps' losses
+# a model the circular pipeline can split over two stages (two cycled layers)
+MODEL = ["model.num_layers=4", "model.num_cycles=2"]
+
+
+def _run(data, run_dir, *overrides):
+    from megatron_ztt.training.train import train
+
+    return train(micro_config(data, run_dir, *MODEL, f"train.train_iters={ITERS}",
+                              f"train.lr_decay_iters={ITERS}", *overrides))
+
+
+def _restored_moments(data, run_dir, source, *overrides):
+    """Build the engine of the layout ``overrides`` give, load ``source`` into it and return
+    its Adam moments merged to full tensors, with the saved ones (rank 0)."""
+    from megatron_ztt.checkpoint import SliceReader, read_meta, resolve
+    from megatron_ztt.parallel import runtime
+    from megatron_ztt.training import checkpoint as ckpt
+    from megatron_ztt.training.engines import build_engine
+    from megatron_ztt.training.train import layout_of
+
+    config = micro_config(data, run_dir, *MODEL, *overrides)
+    runtime.init_distributed(runtime.ParallelLayout(config.parallel.tensor,
+                                                    config.parallel.pipeline))
+    engine = build_engine(config)
+    root, tag = resolve(source)
+    state, _ = ckpt.load(engine, root, tag, layout_of(config))
+    local = engine.local_optimizer_state()
+    restored = {key: engine.gather_to_full(local[key]) for key in engine.MOMENTS}
+    reader = SliceReader(os.path.join(root, tag), read_meta(os.path.join(root, tag)))
+    saved = {key: {name: reader.full(name, key) for name in restored[key]}
+             for key in engine.MOMENTS}
+    return {"restored": restored, "saved": saved, "step": local["step"],
+            "saved_step": reader.step(), "lr": engine.learning_rate(),
+            "iteration": state.iteration}
+
+
+def _reshard_worker(rank, data, root, source_overrides, targets):
+    out = {"reference": _run(data, f"{root}/reference", "checkpoint.interval=2",
+                             *source_overrides).losses}
+    source = f"{root}/reference/checkpoints/iter_{SAVED_AT:07d}"
+    for name, overrides in targets.items():
+        out[name] = _run(data, f"{root}/{name}", f"train.load={source}", *overrides).losses
+        out[f"{name} moments"] = _restored_moments(data, f"{root}/{name}_m", source, *overrides)
+    return out
+
+
+def _check(out, targets):
+    reference = out["reference"]
+    for name in targets:
+        losses = out[name]
+        assert sorted(losses) == list(range(SAVED_AT + 1, ITERS + 1)), (name, losses)
+        for it, loss in losses.items():
+            assert math.isclose(loss, reference[it], rel_tol=TOLERANCE), (name, it, loss,
+                                                                          reference[it])
+        moments = out[f"{name} moments"]
+        assert moments["iteration"] == SAVED_AT
+        assert moments["step"] == moments["saved_step"] == SAVED_AT
+        for key, tensors in moments["restored"].items():
+            assert tensors.keys() == moments["saved"][key].keys() and tensors, key
+            for tensor_name, tensor in tensors.items():
+                assert torch.equal(tensor, moments["saved"][key][tensor_name]), (name, key,
+                                                                                 tensor_name)
+
+
+DP2_TARGETS = {"pp2": ["parallel.pipeline=2", "parallel.zero_stage=1"],
+               "tp2": ["parallel.tensor=2", "parallel.zero_stage=1"],
+               "dp2_zero2": ["parallel.zero_stage=2"]}
+
+
+def _resume_worker(rank, data, root, source, reference_losses, targets):
+    out = {"reference": reference_losses}
+    for name, overrides in targets.items():
+        out[name] = _run(data, f"{root}/{name}", f"train.load={source}", *overrides).losses
+        out[f"{name} moments"] = _restored_moments(data, f"{root}/{name}_m", source, *overrides)
+    return out
+
+
+@pytest.fixture(scope="module")
+def dp2_zero1_run(sample_data, tmp_path_factory):
+    """DP=2 ZeRO-1, uninterrupted, saving at iteration 2; resumed there as PP=2, TP=2 and
+    DP=2 ZeRO-2 in the same spawn."""
+    root = tmp_path_factory.mktemp("reshard_dp2")
+    (out, _) = run_distributed(_reshard_worker, world_size=2,
+                               args=(sample_data, str(root), ["parallel.zero_stage=1"],
+                                     DP2_TARGETS))
+    return out, root
+
+
+@pytest.mark.slow
+def test_dp2_zero1_checkpoint_resumes_as_pp2_tp2_and_zero2(dp2_zero1_run):
+    _check(dp2_zero1_run[0], DP2_TARGETS)
+
+
+@pytest.mark.slow
+def test_dp2_zero1_checkpoint_resumes_on_one_rank_with_zero3(sample_data, dp2_zero1_run,
+                                                             tmp_path):
+    out, root = dp2_zero1_run
+    targets = {"dp1_zero3": ["parallel.zero_stage=3"]}
+    source = f"{root}/reference/checkpoints/iter_{SAVED_AT:07d}"
+    (resumed,) = run_distributed(_resume_worker, world_size=1,
+                                 args=(sample_data, str(tmp_path), source, out["reference"],
+                                       targets))
+    _check(resumed, targets)
+
+
+@pytest.mark.slow
+def test_pp2_tp2_checkpoint_resumes_as_dp2(sample_data, tmp_path):
+    source_layout = ["parallel.pipeline=2", "parallel.tensor=2", "parallel.zero_stage=1"]
+    (reference, *_) = run_distributed(
+        _reshard_worker, world_size=4,
+        args=(sample_data, str(tmp_path / "pp2tp2"), source_layout, {}))
+    targets = {"dp2": ["parallel.zero_stage=1"]}
+    source = f"{tmp_path}/pp2tp2/reference/checkpoints/iter_{SAVED_AT:07d}"
+    (resumed, _) = run_distributed(_resume_worker, world_size=2,
+                                   args=(sample_data, str(tmp_path / "dp2"), source,
+                                         reference["reference"], targets))
+    _check(resumed, targets)

@@ -75,6 +75,9 @@ class CheckpointSection:
     interval: int = 500
     keep_last: int = 3
     save_at_end: bool = True
+    # copy the state to host memory and write it in a background thread while training
+    # goes on (the next save, a SIGTERM's final save and the end of the run wait for it)
+    async_save: bool = False
 
 
 @dataclass

@@ -136,3 +136,59 @@ def test_eval_reports_truncated_incomplete_and_corrupt_checkpoints_in_one_line(c
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
     assert f"iter_0000006/{ckpt.model_file(0, 0)}" in result.stderr, result.stderr[-2000:]
+
+
+def _async_worker(rank, data, root):
+    from megatron_ztt.training import checkpoint as train_ckpt
+    from megatron_ztt.training.train import train
+
+    def run(name, *overrides):
+        return train(micro_config(data, f"{root}/{name}", "checkpoint.interval=2",
+                                  "train.lr_decay_iters=6", *overrides))
+
+    out = {"sync": run("sync", "train.train_iters=6").losses}
+    first = run("async", "train.train_iters=4", "checkpoint.async_save=true")
+    out["stalls"] = first.checkpoint_stalls
+    resumed = run("async", "train.train_iters=6", "checkpoint.async_save=true",
+                  "train.load=auto")
+    out["async_resumed"] = resumed.losses
+    out["async_listing"] = sorted(os.listdir(f"{root}/async/checkpoints/iter_0000006"))
+    # a write that fails in the background thread, half way through iteration 4's files
+    original = train_ckpt.save_torch_atomic
+    written = []
+
+    def crash_mid_write(obj, path):
+        if "iter_0000004" in str(path) and written:
+            raise OSError("simulated crash during the background write")
+        written.append(path)
+        original(obj, path)
+
+    train_ckpt.save_torch_atomic = crash_mid_write
+    try:
+        run("crash", "train.train_iters=4", "checkpoint.async_save=true")
+        out["crash_error"] = None
+    except OSError as error:
+        out["crash_error"] = str(error)
+    finally:
+        train_ckpt.save_torch_atomic = original
+    tag_dir = f"{root}/crash/checkpoints/iter_0000004"
+    out["crash_listing"] = sorted(os.listdir(tag_dir))
+    with open(f"{root}/crash/checkpoints/latest") as f:
+        out["crash_latest"] = f.read()
+    out["crash_resumed"] = run("crash", "train.train_iters=4", "train.load=auto").losses
+    return out
+
+
+def test_async_saves_resume_exactly_and_a_failed_write_leaves_no_complete_checkpoint(
+        sample_data, tmp_path):
+    (out,) = run_distributed(_async_worker, world_size=1, args=(sample_data, str(tmp_path)))
+    assert len(out["stalls"]) == 2
+    assert sorted(out["async_resumed"]) == [5, 6]
+    for it in (5, 6):
+        assert out["async_resumed"][it] == pytest.approx(out["sync"][it], rel=1e-6, abs=1e-7)
+    assert ckpt.META in out["async_listing"]
+    assert not [n for n in out["async_listing"] if n.startswith(".")]  # no markers left
+    assert out["crash_error"] == "simulated crash during the background write"
+    assert ckpt.META not in out["crash_listing"], out["crash_listing"]
+    assert out["crash_latest"] == "iter_0000002"
+    assert sorted(out["crash_resumed"]) == [3, 4]

@@ -10,9 +10,12 @@ leaves the previous checkpoint as ``latest``. A resume reads the checkpoint into
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import threading
+import time
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
@@ -37,7 +40,13 @@ class TrainingState:
 
 def save(engine, config, state: TrainingState, layout: Dict[str, int],
          extra_rank_state: dict) -> str:
-    """Collective: every rank calls it. ``config`` is the RunConfig. Returns the tag folder."""
+    """Collective: every rank calls it. ``config`` is the RunConfig. Returns the tag folder.
+
+    With ``checkpoint.async_save`` the state is copied to host memory here and written by a
+    background thread while training goes on (:class:`_BackgroundWrite`); a save first waits
+    for the previous one's write."""
+    wait_for_pending_save()
+    dist.barrier()  # rank 0's wait completed that checkpoint: every rank now sees it complete
     root = config.checkpoint_dir
     tag = tag_for(state.iteration)
     tag_dir = os.path.join(root, tag)
@@ -49,37 +58,126 @@ def save(engine, config, state: TrainingState, layout: Dict[str, int],
         return tag_dir
     os.makedirs(tag_dir, exist_ok=True)
     dist.barrier()
-    engine.save(tag_dir)
-    save_torch_atomic(extra_rank_state, os.path.join(tag_dir, rank_state_file(rank)))
+    files = engine.checkpoint_files()
+    files[rank_state_file(rank)] = extra_rank_state
     specs = [None] * dist.get_world_size()
     dist.all_gather_object(specs, engine.local_partition_spec())
-    counters = engine.training_counters()
-    dist.barrier()
+    meta = None
     if rank == 0:
         merged_spec = {}
         for spec in specs:
             merged_spec.update(spec)
-        tokenizer, tokenizer_kind = None, None
-        if config.data.tokenizer and os.path.exists(config.data.tokenizer):
-            tokenizer, tokenizer_kind = copy_tokenizer(config.data.tokenizer, tag_dir)
         meta = {
             "format_version": FORMAT_VERSION,
             "iteration": state.iteration,
             "consumed_train_samples": state.consumed_train_samples,
             "skipped_steps": state.skipped_steps,
             "layout": layout,
-            "engine_state": counters,
+            "engine_state": engine.training_counters(),
             "partition_spec": {k: list(v) for k, v in sorted(merged_spec.items())},
             "config": config.to_dict(),
-            "tokenizer": tokenizer,
-            "tokenizer_kind": tokenizer_kind,
             "versions": _versions(),
         }
-        write_text_atomic(os.path.join(tag_dir, META), json.dumps(meta, indent=2))
-        repair_latest(root)  # -> this tag, the newest complete one
-        _prune(root, config.checkpoint.keep_last)
+    if config.checkpoint.async_save:
+        global _pending
+        _pending = _BackgroundWrite(config, tag_dir, files, meta, dist.get_world_size())
+        return tag_dir
+    _write_files(tag_dir, files)
+    dist.barrier()
+    if rank == 0:
+        _complete(config, tag_dir, meta)
     dist.barrier()
     return tag_dir
+
+
+def _write_files(tag_dir: str, files: Dict[str, object]) -> None:
+    for name, contents in files.items():
+        save_torch_atomic(contents, os.path.join(tag_dir, name))
+
+
+def _complete(config, tag_dir: str, meta: dict) -> None:
+    """Rank 0, once every rank's files are written: the tokenizer, then ``ztt_meta.json``
+    (the folder is complete from here on), then ``latest``; old checkpoints are pruned."""
+    root = os.path.dirname(tag_dir)
+    tokenizer, tokenizer_kind = None, None
+    if config.data.tokenizer and os.path.exists(config.data.tokenizer):
+        tokenizer, tokenizer_kind = copy_tokenizer(config.data.tokenizer, tag_dir)
+    meta = {**meta, "tokenizer": tokenizer, "tokenizer_kind": tokenizer_kind}
+    write_text_atomic(os.path.join(tag_dir, META), json.dumps(meta, indent=2))
+    repair_latest(root)  # -> this tag, the newest complete one
+    _prune(root, config.checkpoint.keep_last)
+
+
+def _marker(tag_dir: str, rank: int, outcome: str) -> str:
+    return os.path.join(tag_dir, f".{outcome}-rank{rank:05d}")
+
+
+class _BackgroundWrite:
+    """One rank's asynchronous write of a checkpoint, in a thread.
+
+    The thread uses no collective (training's collectives run meanwhile): each rank marks
+    the end of its own write with a hidden file in the folder, and rank 0's thread completes
+    the checkpoint (``ztt_meta.json``, then ``latest``) only once every rank's marker says
+    written. A write that fails, or a process killed meanwhile, leaves a folder without
+    ``ztt_meta.json``: never a complete-looking checkpoint.
+    """
+
+    POLL_SECONDS = 0.05
+
+    def __init__(self, config, tag_dir: str, files: Dict[str, object], meta: Optional[dict],
+                 world_size: int):
+        self.error: Optional[BaseException] = None
+        self._args = (config, tag_dir, files, meta, world_size)
+        self._thread = threading.Thread(target=self._run, name="ztt-checkpoint-write",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        config, tag_dir, files, meta, world_size = self._args
+        rank = dist.get_rank()
+        try:
+            _write_files(tag_dir, files)
+            write_text_atomic(_marker(tag_dir, rank, "written"), "")
+        except BaseException as error:  # noqa: BLE001 - reported by wait()
+            self.error = error
+            with contextlib.suppress(OSError):
+                write_text_atomic(_marker(tag_dir, rank, "failed"), repr(error))
+            return
+        if meta is None:
+            return
+        try:
+            while True:
+                failed = [r for r in range(world_size)
+                          if os.path.exists(_marker(tag_dir, r, "failed"))]
+                if failed:
+                    raise CheckpointError(f"{tag_dir}: the write of rank(s) {failed} failed; "
+                                          f"the checkpoint stays incomplete")
+                if all(os.path.exists(_marker(tag_dir, r, "written"))
+                       for r in range(world_size)):
+                    break
+                time.sleep(self.POLL_SECONDS)
+            for r in range(world_size):
+                os.remove(_marker(tag_dir, r, "written"))
+            _complete(config, tag_dir, meta)
+        except BaseException as error:  # noqa: BLE001 - reported by wait()
+            self.error = error
+
+    def wait(self) -> None:
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+_pending: Optional[_BackgroundWrite] = None
+
+
+def wait_for_pending_save() -> None:
+    """Block until this rank's asynchronous write (if any) is done; raise its error. The
+    training loop calls it before the next save, a final save on SIGTERM and at the end."""
+    global _pending
+    pending, _pending = _pending, None
+    if pending is not None:
+        pending.wait()
 
 
 def _prune(root: str, keep_last: int) -> None:

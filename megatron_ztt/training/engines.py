@@ -142,21 +142,20 @@ class TrainingEngine:
     # Adam's moments, under DeepSpeed's per-parameter names for them
     MOMENTS = ("exp_avg", "exp_avg_sq")
 
-    def save(self, tag_dir: str) -> None:
-        """Collective. Each stage and tensor-parallel rank's slice (data-parallel rank 0
-        writes): its weights to the model file, its fp32 master weights (where they are not
-        the weights themselves), Adam moments and step to the optimizer file."""
+    def checkpoint_files(self) -> Dict[str, dict]:
+        """Collective. This rank's share of a checkpoint, copied to host memory: file name ->
+        contents. Each stage and tensor-parallel slice is written by its data-parallel rank
+        0: its weights to the model file, its fp32 master weights (where they are not the
+        weights themselves), Adam moments and step to the optimizer file."""
         from megatron.core import parallel_state
-
-        from megatron_ztt.files import save_torch_atomic
 
         weights = self.local_state_dict()  # collective under ZeRO-3
         optimizer = self.local_optimizer_state()  # collective over the data-parallel group
-        if parallel_state.get_data_parallel_rank() == 0:
-            slice_ = (self.pipeline_rank, parallel_state.get_tensor_model_parallel_rank())
-            save_torch_atomic({k: v.detach().cpu().clone() for k, v in weights.items()},
-                              os.path.join(tag_dir, model_file(*slice_)))
-            save_torch_atomic(optimizer, os.path.join(tag_dir, optimizer_file(*slice_)))
+        if parallel_state.get_data_parallel_rank() != 0:
+            return {}
+        slice_ = (self.pipeline_rank, parallel_state.get_tensor_model_parallel_rank())
+        return {model_file(*slice_): {k: v.detach().cpu().clone() for k, v in weights.items()},
+                optimizer_file(*slice_): optimizer}
 
     def _inner_optimizer(self) -> torch.optim.Optimizer:
         """The torch optimizer holding the state (inside ZeRO's or the bf16 wrapper)."""

@@ -11,6 +11,7 @@ accumulation, clipping and the LR schedule; megatron-core owns the tensor-parall
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -45,6 +46,7 @@ class TrainResult:
     optimizer_state_bytes: int = 0  # on this rank, after the first step
     last_checkpoint: Optional[str] = None
     validation: Dict[int, Dict[str, float]] = field(default_factory=dict)
+    checkpoint_stalls: List[float] = field(default_factory=list)  # seconds per save
 
 
 def log(message: str) -> None:
@@ -218,9 +220,14 @@ class Trainer:
         self.tb.scalars(metrics, iteration)
 
     def checkpoint(self) -> None:
+        start = time.perf_counter()
         tag_dir = ckpt.save(self.engine, self.config, self.state, self.layout,
                             extra_rank_state={"rng": runtime.rng_state()})
-        log(f"saved checkpoint iteration {self.state.iteration} to {tag_dir}")
+        stall = time.perf_counter() - start  # the time training waits for this save
+        self.result.checkpoint_stalls.append(stall)
+        how = "writing in the background" if self.config.checkpoint.async_save else "saved"
+        log(f"{how} checkpoint iteration {self.state.iteration} to {tag_dir} "
+            f"(training stalled {stall:.3f} s)")
         self.result.last_checkpoint = tag_dir
 
     # ------------------------------------------------------------------ the loop
@@ -248,6 +255,11 @@ class Trainer:
                 saved_already = state.iteration % config.checkpoint.interval == 0
                 if config.checkpoint.save_at_end and self.steps_done and not saved_already:
                     self.checkpoint()
+            ckpt.wait_for_pending_save()  # an asynchronous write ends before the run does
+        except BaseException:
+            with contextlib.suppress(Exception):  # the first error is the one to report
+                ckpt.wait_for_pending_save()
+            raise
         finally:
             self.tb.close()
         self.finish()
@@ -271,6 +283,7 @@ class Trainer:
                   "peak_memory_bytes_per_rank": [r["peak_memory_bytes"] for r in per_rank],
                   "optimizer_state_bytes_per_rank": [r["optimizer_state_bytes"]
                                                      for r in per_rank],
+                  "checkpoint_stall_seconds": [round(s, 4) for s in result.checkpoint_stalls],
                   "parameters_per_rank": [r["parameters"] for r in per_rank]}
         if result.signal:
             status["signal"] = result.signal

@@ -192,3 +192,15 @@ def test_async_saves_resume_exactly_and_a_failed_write_leaves_no_complete_checkp
     assert ckpt.META not in out["crash_listing"], out["crash_listing"]
     assert out["crash_latest"] == "iter_0000002"
     assert sorted(out["crash_resumed"]) == [3, 4]
+
+
+def test_a_format_2_checkpoint_gives_its_weights_but_is_refused_for_resume(tmp_path):
+    from megatron_ztt.training import checkpoint as train_ckpt
+
+    tag_dir = _fake_checkpoint(tmp_path, 9)
+    (tag_dir / ckpt.META).write_text(json.dumps({"format_version": 2, "iteration": 9}))
+    assert ckpt.read_meta(str(tag_dir))["iteration"] == 9  # eval, export, init_from read it
+    with pytest.raises(ckpt.CheckpointError) as error:
+        train_ckpt.load(None, str(tmp_path), tag_dir.name, layout={})
+    message = str(error.value)
+    assert "format 2" in message and f"train.init_from={tag_dir}" in message, message

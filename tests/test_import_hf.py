@@ -94,7 +94,7 @@ def test_c1_without_zero_token_gives_the_source_logits(single_process, sources, 
 
 
 def test_checkpoint_layout_and_zero_key_and_gate_init(sources, tmp_path):
-    """The import is a complete format-2 checkpoint with the new parameters as asked."""
+    """The import is a complete format-3 checkpoint with the new parameters as asked."""
     from megatron_ztt.checkpoint import load_trained
 
     _, path = sources["llama"]

@@ -93,8 +93,9 @@ class TrainingEngine:
         return optimizer_state_bytes(self._ds.optimizer)
 
     # ------------------------------------------------------------------ weights
-    def local_state_dict(self) -> Dict[str, torch.Tensor]:
-        """This rank's (tensor-parallel shard of its stage's) weights, canonical names."""
+    def local_state_dict(self, keep: bool = True) -> Dict[str, torch.Tensor]:
+        """This rank's (tensor-parallel shard of its stage's) weights, canonical names
+        (collective under ZeRO-3; ``keep=False``: take part, return nothing)."""
         raise NotImplementedError
 
     def local_partition_spec(self) -> Dict[str, tuple]:
@@ -149,13 +150,13 @@ class TrainingEngine:
         weights themselves), Adam moments and step to the optimizer file."""
         from megatron.core import parallel_state
 
-        weights = self.local_state_dict()  # collective under ZeRO-3
-        optimizer = self.local_optimizer_state()  # collective over the data-parallel group
-        if parallel_state.get_data_parallel_rank() != 0:
+        writer = parallel_state.get_data_parallel_rank() == 0
+        weights = self.local_state_dict(keep=writer)  # collective under ZeRO-3
+        optimizer = self.local_optimizer_state(keep=writer)  # collective over data-parallel ranks
+        if not writer:
             return {}
         slice_ = (self.pipeline_rank, parallel_state.get_tensor_model_parallel_rank())
-        return {model_file(*slice_): {k: v.detach().cpu().clone() for k, v in weights.items()},
-                optimizer_file(*slice_): optimizer}
+        return {model_file(*slice_): weights, optimizer_file(*slice_): optimizer}
 
     def _inner_optimizer(self) -> torch.optim.Optimizer:
         """The torch optimizer holding the state (inside ZeRO's or the bf16 wrapper)."""
@@ -175,12 +176,13 @@ class TrainingEngine:
         steps = [float(st["step"]) for st in self._inner_optimizer().state.values() if "step" in st]
         return max(steps) if steps else 0.0
 
-    def local_optimizer_state(self) -> dict:
+    def local_optimizer_state(self, keep: bool = True) -> dict:
         """Collective over the data-parallel group: this slice's fp32 master weights (only
         those not stored as the weights), Adam moments and step, canonical names, on CPU.
 
         DeepSpeed's per-parameter API assembles each from ZeRO's partitions (ZeRO 1-3 and
-        the bf16 optimizer); without ZeRO the torch optimizer holds them per parameter."""
+        the bf16 optimizer); without ZeRO the torch optimizer holds them per parameter.
+        ``keep=False``: take part in the gathers, keep nothing (one tensor at a time)."""
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
         self._link_optimizer_state()
@@ -198,10 +200,10 @@ class TrainingEngine:
                 moments = {key: state.get(key) for key in self.MOMENTS}
             else:
                 moments = {key: safe_get_full_optimizer_state(param, key) for key in self.MOMENTS}
-                if param.dtype != torch.float32:
+                if param.dtype != torch.float32 and keep:
                     out["fp32"][name] = master.detach().cpu().clone()
             for key, value in moments.items():
-                if value is not None:
+                if value is not None and keep:
                     out[key][name] = value.detach().reshape(param.ds_shape if hasattr(
                         param, "ds_shape") else param.shape).cpu().clone()
         return out
@@ -392,16 +394,20 @@ class DenseEngine(TrainingEngine):
             engine.backward(out.loss * 0.0)
             engine.step()
 
-    def _zero3_gathered(self):
+    def local_state_dict(self, keep: bool = True):
+        """Under ZeRO-3 each weight is gathered on its own (collective), so that no rank ever
+        holds more than one whole weight besides what it returns; ``keep=False`` (a rank
+        that only takes part in the gathers) returns nothing."""
         import deepspeed
 
-        if self.config.parallel.zero_stage == 3:
-            return deepspeed.zero.GatheredParameters(list(self.module.parameters()))
-        return contextlib.nullcontext()
-
-    def local_state_dict(self):
-        with self._zero3_gathered():
-            return {n: p.detach().cpu().clone() for n, p in self.module.named_parameters()}
+        out = {}
+        for name, param in self.module.named_parameters():
+            gathered = (deepspeed.zero.GatheredParameters([param])
+                        if hasattr(param, "ds_id") else contextlib.nullcontext())
+            with gathered:
+                if keep:
+                    out[name] = param.detach().cpu().clone()
+        return out
 
     @staticmethod
     def load_weights_into(module, full):
@@ -571,7 +577,9 @@ class CircularPipelineEngine(TrainingEngine):
         for param in self.module.parameters():
             param.grad = None
 
-    def local_state_dict(self):
+    def local_state_dict(self, keep: bool = True):
+        if not keep:
+            return {}
         return {n: p.detach().cpu().clone() for n, p in self.module.named_parameters()}
 
     @staticmethod

@@ -34,6 +34,7 @@ weights to every reader but cannot resume training.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import sys
@@ -67,14 +68,19 @@ def tag_for(iteration: int) -> str:
     return f"iter_{iteration:07d}"
 
 
-def model_file(pipeline_rank: int, tensor_rank: int) -> str:
-    """The model file of one pipeline stage and tensor-parallel rank."""
-    return f"ztt_stage{pipeline_rank:02d}_tp{tensor_rank:02d}.pt"
+def _partition(data_rank: Optional[int]) -> str:
+    return "" if data_rank is None else f"_dp{data_rank:03d}"
 
 
-def optimizer_file(pipeline_rank: int, tensor_rank: int) -> str:
-    """The optimizer state of the same slice as :func:`model_file`."""
-    return f"optim_stage{pipeline_rank:02d}_tp{tensor_rank:02d}.pt"
+def model_file(pipeline_rank: int, tensor_rank: int, data_rank: Optional[int] = None) -> str:
+    """The model file of one pipeline stage and tensor-parallel rank; under ZeRO-3 one per
+    data-parallel rank, holding that rank's partition of every weight (flat)."""
+    return f"ztt_stage{pipeline_rank:02d}_tp{tensor_rank:02d}{_partition(data_rank)}.pt"
+
+
+def optimizer_file(pipeline_rank: int, tensor_rank: int, data_rank: Optional[int] = None) -> str:
+    """The optimizer state of the same slice (or partition) as :func:`model_file`."""
+    return f"optim_stage{pipeline_rank:02d}_tp{tensor_rank:02d}{_partition(data_rank)}.pt"
 
 
 def rank_state_file(rank: int) -> str:
@@ -243,50 +249,67 @@ class SliceReader:
 
     The files are memory-mapped, so a rank touches only the bytes of the tensors it asks for:
     each full tensor is assembled from the saved tensor-parallel slices along the recorded
-    split, and the caller keeps its own part of it.
+    split (and, for a ZeRO-3 checkpoint, each slice from its data-parallel partitions), and
+    the caller keeps its own part of it.
     """
 
     def __init__(self, tag_dir: str, meta: dict):
         self.tag_dir = tag_dir
         self.tensor, self.pipeline = meta["layout"]["tensor"], meta["layout"]["pipeline"]
         self.spec = {k: tuple(v) for k, v in meta["partition_spec"].items()}
-        self._files: Dict[Tuple[str, int, int], dict] = {}
+        # ZeRO-3: {"data": partitions per slice, "shapes": {name: a slice's shape}}
+        self.partitions = meta.get("zero_partitions")
+        self._files: Dict[tuple, dict] = {}
         self._stage_of: Dict[str, int] = {}
         for stage in range(self.pipeline):  # the first stage holding a (shared) weight wins
-            for name in self._file(model_file, stage, 0):
+            for name in self.stage_names(stage):
                 self._stage_of.setdefault(name, stage)
 
-    def _file(self, kind, stage: int, tensor_rank: int) -> dict:
-        key = (kind.__name__, stage, tensor_rank)
+    def _file(self, kind, stage: int, tensor_rank: int, data_rank: Optional[int] = None) -> dict:
+        key = (kind.__name__, stage, tensor_rank, data_rank)
         if key not in self._files:
-            self._files[key] = read_model_file(os.path.join(self.tag_dir,
-                                                            kind(stage, tensor_rank)), mmap=True)
+            path = os.path.join(self.tag_dir, kind(stage, tensor_rank, data_rank))
+            self._files[key] = read_model_file(path, mmap=True)
         return self._files[key]
+
+    def _held(self, part: str, stage: int, tensor_rank: int, data_rank=None) -> dict:
+        if part == "weight":
+            return self._file(model_file, stage, tensor_rank, data_rank)
+        return self._file(optimizer_file, stage, tensor_rank, data_rank).get(part, {})
+
+    def stage_names(self, stage: int) -> List[str]:
+        return list(self._held("weight", stage, 0, 0 if self.partitions else None))
 
     def names(self) -> List[str]:
         return list(self._stage_of)
 
     def step(self) -> Optional[float]:
         """The optimizer's step count (the same in every slice)."""
-        return self._file(optimizer_file, 0, 0).get("step")
+        return self._file(optimizer_file, 0, 0, 0 if self.partitions else None).get("step")
 
-    def full(self, name: str, part: str = "weight") -> Optional[torch.Tensor]:
-        """The full tensor ``name``: its weight, or ``part`` of its optimizer state
-        ("fp32", "exp_avg", "exp_avg_sq"); None where the checkpoint has none (a frozen
-        weight's moments, an fp32 master that is the weight itself)."""
+    def _slice(self, name: str, part: str, stage: int, tensor_rank: int):
+        if not self.partitions:
+            return self._held(part, stage, tensor_rank).get(name)
+        pieces = [self._held(part, stage, tensor_rank, d).get(name)
+                  for d in range(self.partitions["data"])]
+        if any(piece is None for piece in pieces):
+            return None
+        shape = self.partitions["shapes"][name]
+        return torch.cat([p.reshape(-1) for p in pieces])[:math.prod(shape)].reshape(shape)
+
+    def full(self, name: str, part: str = "weight",
+             stage: Optional[int] = None) -> Optional[torch.Tensor]:
+        """The full tensor ``name`` (of pipeline ``stage``, default the first holding it):
+        its weight, or ``part`` of its optimizer state ("fp32", "exp_avg", "exp_avg_sq");
+        None where the checkpoint has none (a frozen weight's moments, an fp32 master that
+        is the weight itself)."""
         if name not in self._stage_of:
             raise CheckpointError(f"{self.tag_dir} holds no weight {name}: the checkpoint is of "
                                   f"another model")
-        stage = self._stage_of[name]
-        shards = []
-        for rank in range(self.tensor):
-            if part == "weight":
-                held = self._file(model_file, stage, rank)
-            else:
-                held = self._file(optimizer_file, stage, rank).get(part, {})
-            if name not in held:
-                return None
-            shards.append(held[name])
+        stage = self._stage_of[name] if stage is None else stage
+        shards = [self._slice(name, part, stage, rank) for rank in range(self.tensor)]
+        if any(shard is None for shard in shards):
+            return None
         if name in self.spec and self.tensor > 1:
             return merge_shards(shards, *self.spec[name])
         return shards[0].clone()
@@ -323,17 +346,15 @@ class TrainedModel:
 def merge_model_files(tag_dir: str, meta: dict) -> Dict[str, torch.Tensor]:
     """The per-stage, per-tensor-rank model files -> the canonical full state dict.
 
-    Tensor-parallel shards are merged along the dimension recorded at save time; pipeline
-    stages are united, and a weight that several stages hold must be identical there.
+    Tensor-parallel shards are merged along the dimension recorded at save time (ZeRO-3
+    partitions first joined); pipeline stages are united, and a weight that several stages
+    hold must be identical there.
     """
-    tp, pp = meta["layout"]["tensor"], meta["layout"]["pipeline"]
-    spec = {k: tuple(v) for k, v in meta["partition_spec"].items()}
+    reader = SliceReader(tag_dir, meta)
     full: Dict[str, torch.Tensor] = {}
-    for stage in range(pp):
-        shards = [read_model_file(os.path.join(tag_dir, model_file(stage, t))) for t in range(tp)]
-        for name in shards[0]:
-            tensor = (merge_shards([s[name] for s in shards], *spec[name])
-                      if name in spec and tp > 1 else shards[0][name])
+    for stage in range(reader.pipeline):
+        for name in reader.stage_names(stage):
+            tensor = reader.full(name, stage=stage)
             if name in full and not torch.equal(full[name], tensor):
                 raise CheckpointError(f"{tag_dir}: the pipeline stages hold different copies "
                                       f"of the shared weight {name}")

@@ -130,3 +130,34 @@ def test_pp2_tp2_checkpoint_resumes_as_dp2(sample_data, tmp_path):
                                    args=(sample_data, str(tmp_path / "dp2"), source,
                                          reference["reference"], targets))
     _check(resumed, targets)
+
+
+def _zero3_worker(rank, data, root):
+    from megatron_ztt.checkpoint import load_trained
+    from megatron_ztt.model.weight_layout import expected_canonical_shapes
+
+    out = {"reference": _run(data, f"{root}/reference", "checkpoint.interval=2",
+                             "parallel.zero_stage=3").losses}
+    source = f"{root}/reference/checkpoints/iter_{SAVED_AT:07d}"
+    out["listing"] = sorted(n for n in os.listdir(source) if n.endswith(".pt"))
+    out["sizes"] = {n: os.path.getsize(os.path.join(source, n)) for n in out["listing"]}
+    trained = load_trained(source)
+    expected = expected_canonical_shapes(trained.model_config)
+    out["merged_shapes_ok"] = {k: tuple(v.shape) for k, v in trained.state.items()} == expected
+    targets = {"dp2_zero1": ["parallel.zero_stage=1"]}
+    out.update(_resume_worker(rank, data, root, source, out["reference"], targets))
+    return out
+
+
+@pytest.mark.slow
+def test_zero3_ranks_write_their_own_partitions_and_resume_as_zero1(sample_data, tmp_path):
+    (out, _) = run_distributed(_zero3_worker, world_size=2, args=(sample_data, str(tmp_path)))
+    assert out["listing"] == ["optim_stage00_tp00_dp000.pt", "optim_stage00_tp00_dp001.pt",
+                              "rank_state_00000.pt", "rank_state_00001.pt",
+                              "ztt_stage00_tp00_dp000.pt", "ztt_stage00_tp00_dp001.pt"]
+    assert out["merged_shapes_ok"]  # eval, export and init_from read the partitions joined
+    # each rank's save holds about its half of the weights and moments, not the whole
+    for kind in ("ztt", "optim"):
+        sizes = [out["sizes"][f"{kind}_stage00_tp00_dp00{d}.pt"] for d in (0, 1)]
+        assert max(sizes) < 0.6 * sum(sizes), (kind, sizes)
+    _check(out, {"dp2_zero1": None})

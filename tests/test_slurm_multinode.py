@@ -125,13 +125,15 @@ def test_two_nodes_data_parallel_requeued_on_other_nodes_then_eval_and_export(
     assert series[-1][0] == 12 and series[-1][1] < series[0][1] - 0.5, series
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "completed" and status["iteration"] == 12, status
-    # ZeRO-1 over the two data-parallel ranks: each host wrote its optimizer shard, in both
-    # checkpoints (n1 + n2, then n2 + n3)
+    # ZeRO-1 over the two data-parallel ranks: the slice's optimizer state is gathered and
+    # written once (checkpoint format 3, no DeepSpeed engine files), each host wrote its RNG
+    # state, in both checkpoints (n1 + n2, then n2 + n3)
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
     assert latest != first_checkpoint
     for tag in (first_checkpoint, latest):
-        shards = sorted(p.name for p in (run_dir / "checkpoints" / tag).rglob("*optim_states*"))
-        assert len(shards) == 2, (tag, shards)
+        files = sorted(p.name for p in (run_dir / "checkpoints" / tag).rglob("*.pt"))
+        assert files == ["optim_stage00_tp00.pt", "rank_state_00000.pt", "rank_state_00001.pt",
+                         "ztt_stage00_tp00.pt"], (tag, files)
 
     result = ztt("eval", "--checkpoint", run_dir / "checkpoints", "--iters", "1",
                  "--exit-threshold", "0.02", "--output", tmp_path / "eval.json")

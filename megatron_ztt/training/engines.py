@@ -208,6 +208,11 @@ class TrainingEngine:
                         param, "ds_shape") else param.shape).cpu().clone()
         return out
 
+    def zero_partitions(self) -> Optional[dict]:
+        """How a ZeRO-3 checkpoint's slices are split into data-parallel partitions (for the
+        metadata), or None where each slice is written whole."""
+        return None
+
     def training_counters(self) -> dict:
         """The LR schedule and DeepSpeed's step counters, for the checkpoint's metadata."""
         return {"lr_scheduler": self._ds.lr_scheduler.state_dict(),
@@ -393,6 +398,43 @@ class DenseEngine(TrainingEngine):
             out = engine(tokens, tokens, collect_stats=False)
             engine.backward(out.loss * 0.0)
             engine.step()
+
+    def checkpoint_files(self):
+        """Under ZeRO-3 every rank writes its own partitions (DeepSpeed's ``safe_get_local_*``
+        API: no gather), so that a save holds no more than this rank's share; the readers
+        join the partitions (``SliceReader``)."""
+        if self.config.parallel.zero_stage != 3:
+            return super().checkpoint_files()
+        from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
+        from megatron.core import parallel_state
+
+        names = self.canonical_names()
+        weights = {}
+        optimizer = {"fp32": {}, **{key: {} for key in self.MOMENTS},
+                     "step": self._optimizer_step_count()}
+        for module_name, param in self.module.named_parameters():
+            name = names[module_name]
+            weights[name] = param.ds_tensor.detach().reshape(-1).cpu().clone()
+            if not param.requires_grad:
+                continue
+            for key in self.MOMENTS:
+                optimizer[key][name] = safe_get_local_optimizer_state(param, key).detach() \
+                    .reshape(-1).cpu().clone()
+            if param.dtype != torch.float32:
+                optimizer["fp32"][name] = safe_get_local_fp32_param(param).detach() \
+                    .reshape(-1).cpu().clone()
+        slice_ = (0, parallel_state.get_tensor_model_parallel_rank(),
+                  parallel_state.get_data_parallel_rank())
+        return {model_file(*slice_): weights, optimizer_file(*slice_): optimizer}
+
+    def zero_partitions(self):
+        if self.config.parallel.zero_stage != 3:
+            return None
+        from megatron.core import parallel_state
+
+        names = self.canonical_names()
+        return {"data": parallel_state.get_data_parallel_world_size(),
+                "shapes": {names[n]: list(p.ds_shape) for n, p in self.module.named_parameters()}}
 
     def local_state_dict(self, keep: bool = True):
         """Under ZeRO-3 each weight is gathered on its own (collective), so that no rank ever

@@ -87,14 +87,19 @@ def fit_prompt(input_ids, max_new_tokens: int, context: int | None, notice=None)
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64,
                   exit_threshold: float | None = None, exit_mode: str | None = None,
                   temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                  notice=None, exit_signal: str | None = None, num_cycles: int | None = None):
+                  notice=None, exit_signal: str | None = None, num_cycles: int | None = None,
+                  add_special_tokens: bool = False):
     """-> (continuation, mean cycles per new token). temperature 0 is greedy decoding.
 
     ``notice(message)`` is told when the prompt is cut to fit the context (see fit_prompt).
+    The prompt is encoded as ``ztt preprocess`` encodes the training data, without the
+    special tokens a tokenizer's template adds (a BOS, or an EOS that would end the text
+    before it is continued), unless ``add_special_tokens``.
     """
     import torch
 
-    inputs = tokenizer(prompt, return_tensors="pt", verbose=False)  # fit_prompt says it
+    inputs = tokenizer(prompt, return_tensors="pt", verbose=False,  # fit_prompt says it
+                       add_special_tokens=add_special_tokens)
     context = getattr(model.config, "max_position_embeddings", None)
     input_ids = fit_prompt(inputs["input_ids"], max_new_tokens, context, notice)
     if input_ids.shape[1] != inputs["input_ids"].shape[1]:
@@ -140,6 +145,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+    parser.add_argument("--add-special-tokens", action="store_true",
+                        help="encode the prompt with the tokenizer's template (e.g. a BOS); by "
+                             "default it is encoded as the training data is, without them")
     parser.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
                         help="compute dtype (default: the exported weights' dtype)")
 
@@ -168,7 +176,8 @@ def run(args: argparse.Namespace) -> int:
             model, tokenizer, args.prompt, args.max_new_tokens, args.exit_threshold,
             args.exit_mode, args.temperature, args.top_k, args.top_p,
             notice=lambda message: print(f"ztt generate: note: {message}", file=sys.stderr),
-            exit_signal=args.exit_signal, num_cycles=args.num_cycles)
+            exit_signal=args.exit_signal, num_cycles=args.num_cycles,
+            add_special_tokens=args.add_special_tokens)
     except ValueError as error:  # e.g. an exit threshold for a model without zero tokens
         print(f"ztt generate: error: {error}", file=sys.stderr)
         return 1

@@ -80,7 +80,8 @@ def test_runs_resumes_and_their_outputs(sample_data, tmp_path):
     assert_one_line_error(cases[6], "--iters must be >= 1", code=2)
     assert_one_line_error(cases[7], "--num-cycles", code=2)
     assert_one_line_error(cases[8], "--num-cycles", code=2)
-    assert_one_line_error(cases[9], f"--output {meta}: lands on the file", "write it somewhere")
+    assert_one_line_error(cases[9], f"--output {meta}: lands inside the folder {ckpt}",
+                          "write it somewhere")
     assert meta.read_bytes() == before  # the checkpoint still loads
     assert_one_line_error(cases[10], f"--output {tmp_path} is a folder")
     assert_one_line_error(cases[11], "lands on the file", ".bin")
@@ -260,3 +261,138 @@ def test_outputs_never_land_on_inputs(surrogate_input, tmp_path):
     assert not (tmp_path / "corpus.bin").exists()
     assert_one_line_error(cases[1], "lands inside the folder", "tensorboard", code=2)
     assert_one_line_error(cases[2], f"--output {tmp_path} is a folder", code=2)
+
+
+# --------------------------------------------------------------------------- import-hf
+def _import_refused(capsys, *args):
+    from test_import_hf import import_cli
+
+    assert import_cli(*args) == 1
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("ztt import-hf: error:"), err
+    assert "Traceback" not in captured.out + captured.err
+    return err
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    from test_import_hf import hf_model, save_hf
+
+    return Path(save_hf(hf_model("llama", num_layers=3), tmp_path_factory.mktemp("llama")))
+
+
+def test_import_checks_the_tokenizer_against_the_vocabulary(single_process, llama_dir, tmp_path,
+                                                            capsys):
+    """6: a tokenizer with more ids than the model's vocabulary is refused, or grown with
+    --grow-vocab into a checkpoint that export-hf takes."""
+    from megatron_ztt.cli import main
+    from test_import_hf import import_cli, write_word_tokenizer
+
+    source = tmp_path / "source"
+    shutil.copytree(llama_dir, source)
+    write_word_tokenizer(source, 230)  # the model has 200 rows
+    err = _import_refused(capsys, "--model", source, "--output", tmp_path / "refused")
+    assert "the tokenizer has 230 ids but the model's vocabulary (vocab_size) 200: ids " \
+           "200..229 have no embedding row; pass --grow-vocab" in err
+    assert not (tmp_path / "refused").exists()
+    assert import_cli("--model", source, "--output", tmp_path / "grown", "--grow-vocab") == 0
+    assert "grew it by 30 rows (--grow-vocab)" in capsys.readouterr().out
+    assert main(["export-hf", "--checkpoint", str(tmp_path / "grown"), "--output",
+                 str(tmp_path / "export"), "--dtype", "fp32"]) == 0
+
+
+def test_bad_gguf_files_and_numbers_are_one_line_errors(llama_dir, tmp_path, capsys):
+    """11: a fake or truncated GGUF file; 4: a NaN gate bias."""
+    from test_import_hf import hf_model, write_gguf
+
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(b"PK\x03\x04 not a gguf file at all")
+    err = _import_refused(capsys, "--gguf", fake, "--output", tmp_path / "o1")
+    assert f"--gguf {fake}: not a GGUF file (it starts with b'PK\\x03\\x04'" in err
+    real = tmp_path / "real.gguf"
+    write_gguf(hf_model("llama", num_layers=3, vocab_size=260), real)
+    for cut in (12, 200, real.stat().st_size // 2):
+        truncated = tmp_path / f"cut{cut}.gguf"
+        truncated.write_bytes(real.read_bytes()[:cut])
+        err = _import_refused(capsys, "--gguf", truncated, "--output", tmp_path / "o2")
+        assert f"{truncated}" in err and ("truncated or corrupt GGUF" in err or
+                                           "cannot load the weights" in err), err
+    for bias in ("nan", "inf", "-1"):
+        err = _import_refused(capsys, "--model", llama_dir, "--output", tmp_path / "o3",
+                              "--gate-bias", bias)
+        assert "--gate-bias must be a finite number > 0" in err
+
+
+# --------------------------------------------------------------------------- generate
+def test_generate_encodes_the_prompt_as_the_training_data(single_process, llama_dir, tmp_path,
+                                                          capsys):
+    """8: no template specials (a tokenizer that appends </s>) unless --add-special-tokens."""
+    from tokenizers import Tokenizer, processors
+
+    from megatron_ztt.cli import main
+    from megatron_ztt.inference import generate
+    from test_import_hf import import_cli, write_word_tokenizer
+
+    source = tmp_path / "source"
+    shutil.copytree(llama_dir, source)
+    write_word_tokenizer(source, 200)
+    tokenizer = Tokenizer.from_file(str(source / "tokenizer.json"))
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A </s>", special_tokens=[("</s>", 1)])
+    tokenizer.save(str(source / "tokenizer.json"))
+    (source / "tokenizer_config.json").write_text('{"eos_token": "</s>"}')
+    assert import_cli("--model", source, "--output", tmp_path / "ckpt") == 0
+    assert main(["export-hf", "--checkpoint", str(tmp_path / "ckpt"), "--output",
+                 str(tmp_path / "export"), "--dtype", "fp32"]) == 0
+    model, hf_tokenizer = generate.load(tmp_path / "export")
+    prompts = []
+    real_generate = model.generate
+
+    def spy(**inputs):
+        prompts.append(inputs["input_ids"][0].tolist())
+        return real_generate(**inputs)
+
+    model.generate = spy
+    generate.generate_text(model, hf_tokenizer, "w5 w6", 2)
+    generate.generate_text(model, hf_tokenizer, "w5 w6", 2, add_special_tokens=True)
+    assert prompts == [[5, 6], [5, 6, 1]]
+    capsys.readouterr()
+    assert main(["generate", "--model", str(tmp_path / "export"), "--prompt", "w5 w6",
+                 "--max-new-tokens", "2"]) == 0
+    assert "mean cycles used" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- launchers
+@pytest.mark.slow
+def test_launchers_check_config_and_layout_once_before_any_rank(sample_data, tmp_path):
+    """13: launch/torchrun.sh and train.sbatch's launch step refuse a bad layout, data or
+    start with one line, before torchrun or srun start a rank."""
+    env = dict(os.environ, NPROC_PER_NODE="3", PYTHON=sys.executable,
+               LOG_DIR=str(tmp_path / "logs"), ZTT_DEVICE="cpu", DS_ACCELERATOR="cpu",
+               OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    script = REPO / "launch" / "torchrun.sh"
+    plan = REPO / "launch" / "slurm" / "launch_plan.py"
+    cases = [  # 3 processes
+        (["parallel.tensor=2"], "launch_plan: error: parallel layout impossible: 3 processes "
+                                "are not divisible by parallel.tensor (2)"),
+        ([], "train.global_batch_size (8) must be a multiple of train.micro_batch_size (2) x "
+             "data-parallel size (3)"),
+        ([f"data.blend=[{tmp_path / 'missing'}]", "train.global_batch_size=6"],
+         f"{tmp_path / 'missing'}.idx: missing"),
+    ]
+    for overrides, message in cases:
+        argv = micro_overrides(sample_data, tmp_path / "run", *overrides)
+        for command, extra_env in (
+                (["bash", str(script), CONFIG, *argv], {}),
+                ([sys.executable, str(plan), "launch", "--hosts", "localhost", CONFIG, *argv],
+                 {"SLURM_JOB_ID": "7", "SLURM_NTASKS_PER_NODE": "3",
+                  "SLURM_JOB_NUM_NODES": "1"})):
+            result = subprocess.run(command, env={**env, **extra_env}, capture_output=True,
+                                    text=True, timeout=300, cwd=tmp_path)
+            text = result.stdout + result.stderr
+            assert result.returncode == 2, text
+            assert "Traceback" not in text and "ChildFailedError" not in text, text
+            errors = [line for line in text.splitlines() if "error:" in line]
+            assert len(errors) == 1 and message in errors[0], text
+            assert "torch.distributed.run" not in result.stdout  # torchrun never started

@@ -151,9 +151,14 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
             if not os.path.isfile(path):
                 raise ConfigError(f"config file not found: {path}")
             try:
-                layers.append(OmegaConf.load(path))
+                loaded = OmegaConf.load(path)
             except yaml.YAMLError as error:
                 raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(error)}") from None
+            if not OmegaConf.is_dict(loaded):
+                raise ConfigError(f"{path}: the file must map sections (run, model, data, "
+                                  f"train, ...) to their settings, got a "
+                                  f"{type(OmegaConf.to_container(loaded)).__name__}")
+            layers.append(loaded)
         if overrides:
             bad = [o for o in overrides if "=" not in o]
             if bad:
@@ -255,8 +260,10 @@ def validate(config: RunConfig) -> None:
             fail("data.tokenizer", str(error))
     if config.checkpoint.interval < 1 or config.checkpoint.keep_last < 1:
         fail("checkpoint.interval", "checkpoint.interval and checkpoint.keep_last must be >= 1")
-    if config.eval.interval < 1 or config.eval.iters < 0:
-        fail("eval.interval", "eval.interval must be >= 1 and eval.iters >= 0")
+    if config.eval.interval < 1:
+        fail("eval.interval", f"must be >= 1, got {config.eval.interval}")
+    if config.eval.iters < 0:
+        fail("eval.iters", f"must be >= 0 (0: no validation), got {config.eval.iters}")
     if config.logging.interval < 1:
         fail("logging.interval", f"must be >= 1, got {config.logging.interval}")
     config.model.check_parallel_layout(parallel.tensor, parallel.pipeline)

@@ -310,17 +310,21 @@ def check_numbers(config: RunConfig) -> None:
         if not _finite(threshold) or threshold < 0:
             fail("eval.exit_thresholds", f"every threshold must be a finite number >= 0, got "
                  f"{list(config.eval.exit_thresholds)}")
-    # Attention materialises (micro batch x heads x seq x seq) scores per layer: a sequence
-    # length far beyond the memory would only fail minutes later, in an allocation.
+    # Attention materialises (micro batch x heads x seq x seq) scores per layer application,
+    # and training keeps them for the backward of every application (one at a time with
+    # activation checkpointing): a sequence length far beyond the memory would only fail
+    # minutes later, in an allocation.
     model = config.model
     heads = model.num_attention_heads // max(1, config.parallel.tensor)
-    scores = train.micro_batch_size * heads * model.seq_length ** 2 * 4
+    kept = 1 if model.activation_checkpointing else model.num_applications
+    scores = train.micro_batch_size * heads * model.seq_length ** 2 * 4 * kept
     memory = physical_memory_bytes()
     if memory and scores > memory:
         fail("model.seq_length", f"{model.seq_length} needs {scores / 2**30:,.1f} GiB for the "
-             f"attention scores of one layer (train.micro_batch_size {train.micro_batch_size} x "
-             f"{heads} heads x {model.seq_length}^2 x 4 bytes), more than this machine's "
-             f"{memory / 2**30:,.1f} GiB; lower model.seq_length or train.micro_batch_size")
+             f"attention scores training keeps (train.micro_batch_size {train.micro_batch_size} "
+             f"x {heads} heads x {model.seq_length}^2 x 4 bytes x {kept} layer applications), "
+             f"more than this machine's {memory / 2**30:,.1f} GiB; lower model.seq_length or "
+             f"train.micro_batch_size, or set model.activation_checkpointing=true")
 
 
 def exit_threshold_arg(allow_inf: bool = False):

@@ -187,8 +187,8 @@ def test_seq_length_memory_refusal_gives_the_numbers(sample_data, tmp_path):
 
     with pytest.raises(ConfigError) as error:
         load_config(None, micro_overrides(sample_data, tmp_path, "model.seq_length=1000000"))
-    assert "GiB for the attention scores of one layer (train.micro_batch_size 2 x 4 heads x " \
-           "1000000^2 x 4 bytes)" in str(error.value)
+    assert "GiB for the attention scores training keeps (train.micro_batch_size 2 x 4 heads " \
+           "x 1000000^2 x 4 bytes x 4 layer applications)" in str(error.value)
 
 
 # --------------------------------------------------------------------------- text input
@@ -396,3 +396,54 @@ def test_launchers_check_config_and_layout_once_before_any_rank(sample_data, tmp
             errors = [line for line in text.splitlines() if "error:" in line]
             assert len(errors) == 1 and message in errors[0], text
             assert "torch.distributed.run" not in result.stdout  # torchrun never started
+
+
+# --------------------------------------------------------------------------- twenty more
+def test_twenty_more_hostile_cases(sample_data, tmp_path):
+    """The closing note's own cases: config, resume, import, the circular pipeline, exit
+    signals and the depth dial, each a one-line error naming the setting or flag."""
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- a\n- b\n")
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a torch file")
+    meta = tmp_path / "ztt_meta.json"
+    meta.write_text("{}")
+    no_tokenizer = tmp_path / "empty"
+    no_tokenizer.mkdir()
+
+    def train(*overrides):
+        return train_argv(sample_data, tmp_path / "run", *overrides)
+
+    generate = ["generate", "--model", tmp_path / "unread", "--prompt", "hi"]
+    cases = [
+        (["train", "--config", listing], f"{listing}: the file must map sections", 2),
+        (train("eval.iters=-1"), "eval.iters: must be >= 0 (0: no validation), got -1", 2),
+        (generate + ["--temperature", "-1"], "--temperature must be a finite number >= 0", 1),
+        (generate + ["--temperature", "nan"], "--temperature must be a finite number >= 0", 1),
+        (generate + ["--top-p", "2", "--temperature", "1"], "--top-p must be in (0, 1]", 1),
+        (generate + ["--top-k", "0", "--temperature", "1"], "--top-k must be >= 1, got 0", 1),
+        (train(f"train.init_from={garbage}"), f"{garbage} is not a torch file", 2),
+        (train(f"train.init_from={meta}"), f"{meta} is not a torch file", 2),
+        (train("model.seq_length=20000", "train.micro_batch_size=8",
+               "train.global_batch_size=8"), "attention scores training keeps", 2),
+        (["import-hf", "--model", tmp_path, "--output", tmp_path / "o", "--seq-length", "0"],
+         "--seq-length must be >= 1, got 0", 1),
+        (train("parallel.tensor=0"), "sizes must be >= 1", 2),
+        (train("data.blend=[0.5,a,nan,b]"), "data.blend: weight 'nan' (of 'b') must be a "
+                                            "positive number", 2),
+        (train("model.hiden_size=3"), "Did you mean one of: 'hidden_size'", 2),
+        (train("train.load=/nonexistent/ckpt"), "no checkpoint at /nonexistent/ckpt", 2),
+        (train("model.num_layers=4", "parallel.pipeline=3"), "more pipeline stages than "
+                                                             "cycled layers", 2),
+        (train("model=3"), "int is not a subclass of ZTTConfig", 2),
+        (train("train.precision=fp16"), "train.precision: must be fp32 or bf16", 2),
+        (train("model.exit_threshold=-1"), "model.exit_threshold: must be a number >= 0", 2),
+        (train("model.zero_token=false", "model.exit_threshold=0.5"),
+         "early exit on exit_signal=zero_attention reads the zero attention", 2),
+        (train(f"data.tokenizer={no_tokenizer}"), "the directory holds no tokenizer.json", 2),
+        (train("parallel.pipeline=2", "model.num_layers=4", "parallel.zero_stage=2"),
+         "supports parallel.zero_stage 0 or 1 only", 2),
+    ]
+    results = cli_cases(*(argv for argv, _, _ in cases))
+    for (argv, message, code), result in zip(cases, results):
+        assert_one_line_error(result, message, code=code)

@@ -123,6 +123,19 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64,
     return tokenizer.decode(new_tokens, skip_special_tokens=True), model.mean_cycles_used
 
 
+def sampling_flag_problem(temperature: float, top_k, top_p) -> str | None:
+    """What is wrong with the sampling flags (transformers would ignore some silently)."""
+    import math
+
+    if not (math.isfinite(temperature) and temperature >= 0):
+        return f"--temperature must be a finite number >= 0 (0: greedy), got {temperature}"
+    if top_k is not None and top_k < 1:
+        return f"--top-k must be >= 1, got {top_k}"
+    if top_p is not None and not 0 < top_p <= 1:
+        return f"--top-p must be in (0, 1], got {top_p}"
+    return None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
                         help="exported model directory, or a training checkpoint directory")
@@ -159,6 +172,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1:
         print("ztt generate: error: --max-new-tokens must be >= 1", file=sys.stderr)
+        return 1
+    bad = sampling_flag_problem(args.temperature, args.top_k, args.top_p)
+    if bad:
+        print(f"ztt generate: error: {bad}", file=sys.stderr)
         return 1
     if not args.prompt:  # checked again on the token ids, once the tokenizer is loaded
         print("ztt generate: error: the prompt is empty: give some text to continue",

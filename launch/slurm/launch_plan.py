@@ -344,7 +344,9 @@ def check_run(config: str, overrides: List[str], world_size: int) -> str:
             point = resolve(load, note=False) if load else None
         check_start(run, point)
     except (ConfigError, CheckpointError, DataError) as error:
-        raise PlanError(f"{error} ({world_size} processes)") from None
+        message = str(error)
+        raise PlanError(message if "processes" in message
+                        else f"{message} (checked for {world_size} processes)") from None
     return os.path.abspath(run.run.dir)
 
 

@@ -399,8 +399,10 @@ def import_vocabulary(hf, tokenizer_ids: Optional[int], options: ImportOptions) 
     if tokenizer_ids is None or tokenizer_ids <= vocab:
         return vocab
     if not options.grow_vocab:
+        missing = (f"id {vocab} has" if tokenizer_ids == vocab + 1
+                   else f"ids {vocab}..{tokenizer_ids - 1} have")
         _refuse(f"the tokenizer has {tokenizer_ids} ids but the model's vocabulary (vocab_size) "
-                f"{vocab}: ids {vocab}..{tokenizer_ids - 1} have no embedding row; pass "
+                f"{vocab}: {missing} no embedding row; pass "
                 f"--grow-vocab to add rows for them (each the mean of the others)")
     return tokenizer_ids
 

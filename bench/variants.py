@@ -63,7 +63,9 @@ def training_command(args, variant: dict, seed: int, directory: Path, data: dict
 def evaluation_command(directory: Path, iters: int) -> list:
     return [sys.executable, "-m", "megatron_ztt.cli", "eval",
             "--checkpoint", relative(directory / "checkpoints"), "--iters", str(iters),
-            "--output", relative(directory / "eval.json")]
+            "--output", relative(directory / "eval.json"),
+            # --iters counts global batches: of 8 sequences, as the recorded results read them
+            "train.global_batch_size=8"]
 
 
 def train_and_evaluate(args, name: str, variant: dict, seed: int, data: dict, env: dict):
@@ -300,7 +302,8 @@ def main():
     parser.add_argument("--vocab-size", type=int, default=2048)
     parser.add_argument("--nproc", type=int, default=2, help="training processes")
     parser.add_argument("--eval-iters", type=int, default=64,
-                        help="ztt eval batches of 8 sequences (64: 65,536 tokens)")
+                        help="ztt eval batches of 8 sequences (64: 65,536 tokens; "
+                             "train.global_batch_size=8 in the eval command)")
     parser.add_argument("--override", nargs="*", default=[],
                         help="extra dotted overrides for every run (changes the results!)")
     add_train_iters_argument(parser)

@@ -60,8 +60,9 @@ if (( DRY_RUN )); then
     echo
     exit 0
 fi
-# the configuration is checked now, and status.json is found through run.dir
-RUN_DIR=$("$PYTHON" "$PLAN" run-dir "$CONFIG" "$@" train.load=auto)
+# config, layout, data and checkpoints are checked now, once (a refusal is one line, not one
+# traceback per rank); status.json is found through run.dir
+RUN_DIR=$("$PYTHON" "$PLAN" run-dir --world-size "$NPROC_PER_NODE" "$CONFIG" "$@" train.load=auto)
 LOG_DIR=${LOG_DIR:-logs}
 mkdir -p "$LOG_DIR"
 log="$LOG_DIR/torchrun-$(date +%Y%m%d-%H%M%S).log"

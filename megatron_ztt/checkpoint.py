@@ -238,10 +238,15 @@ def read_model_file(path: str, mmap: bool = False) -> Dict[str, torch.Tensor]:
     """A model or optimizer file; ``mmap`` maps the tensors instead of reading them all."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint file {path} is missing")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path} is not a torch file (torch.save writes a zip archive): "
+                              f"truncated, or a file of another format")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # noqa: BLE001 - any unreadable file gets the same message
-        raise CheckpointError(f"cannot read {path}: {error}") from error
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise CheckpointError(f"cannot read {path} as a torch file of tensors (a state dict "
+                              f"saved with torch.save): {first}") from None
 
 
 class SliceReader:

@@ -15,6 +15,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import List, Optional
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -152,12 +153,26 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
         if path:
             if not os.path.isfile(path):
                 raise ConfigError(f"config file not found: {path}")
-            layers.append(OmegaConf.load(path))
+            try:
+                loaded = OmegaConf.load(path)
+            except yaml.YAMLError as error:
+                raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(error)}") from None
+            if not OmegaConf.is_dict(loaded):
+                raise ConfigError(f"{path}: the file must map sections (run, model, data, "
+                                  f"train, ...) to their settings, got a "
+                                  f"{type(OmegaConf.to_container(loaded)).__name__}")
+            layers.append(loaded)
         if overrides:
             bad = [o for o in overrides if "=" not in o]
             if bad:
                 raise ConfigError(f"overrides must look like section.key=value, got {bad}")
-            layers.append(OmegaConf.from_dotlist(list(overrides)))
+            for override in overrides:  # one at a time, so that a YAML error names its override
+                try:
+                    layers.append(OmegaConf.from_dotlist([override]))
+                except yaml.YAMLError as error:
+                    raise ConfigError(f"override {override!r}: its value is not valid YAML "
+                                      f"({_yaml_problem(error)}); quote it or close its "
+                                      f"brackets") from None
         merged = OmegaConf.merge(*layers)
         config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as error:
@@ -168,6 +183,14 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
     if check:
         validate(config)
     return config
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """PyYAML's several-line message as one line: what is wrong, and where."""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    mark = getattr(error, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}"
 
 
 def config_from_dict(values: dict, overrides: Optional[List[str]] = None) -> RunConfig:
@@ -184,6 +207,7 @@ def validate(config: RunConfig) -> None:
     def fail(key, message):
         raise ConfigError(f"{key}: {message}")
 
+    check_numbers(config)
     if train.init_weights is not None:
         if train.init_from is not None and train.init_from != train.init_weights:
             fail("train.init_weights", f"is the earlier name of train.init_from; set only "
@@ -239,11 +263,71 @@ def validate(config: RunConfig) -> None:
             fail("data.tokenizer", str(error))
     if config.checkpoint.interval < 1 or config.checkpoint.keep_last < 1:
         fail("checkpoint.interval", "checkpoint.interval and checkpoint.keep_last must be >= 1")
-    if config.eval.interval < 1 or config.eval.iters < 0:
-        fail("eval.interval", "eval.interval must be >= 1 and eval.iters >= 0")
+    if config.eval.interval < 1:
+        fail("eval.interval", f"must be >= 1, got {config.eval.interval}")
+    if config.eval.iters < 0:
+        fail("eval.iters", f"must be >= 0 (0: no validation), got {config.eval.iters}")
     if config.logging.interval < 1:
         fail("logging.interval", f"must be >= 1, got {config.logging.interval}")
     config.model.check_parallel_layout(parallel.tensor, parallel.pipeline)
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def physical_memory_bytes() -> Optional[int]:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_numbers(config: RunConfig) -> None:
+    """Refuse, naming the setting, numbers that torch or DeepSpeed would reject on every rank
+    with a traceback, or that break the math (a NaN learning rate trains NaN weights)."""
+    train = config.train
+
+    def fail(key, message):
+        raise ConfigError(f"{key}: {message}")
+
+    for key in ("lr", "min_lr", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps",
+                "clip_grad"):
+        if not _finite(getattr(train, key)):
+            fail(f"train.{key}", f"must be a finite number, got {getattr(train, key)}")
+    if train.lr <= 0:
+        fail("train.lr", f"must be > 0, got {train.lr}")
+    for key in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(train, key) < 1:
+            fail(f"train.{key}", f"must be in [0, 1), got {getattr(train, key)}")
+    if train.adam_eps <= 0:
+        fail("train.adam_eps", f"must be > 0, got {train.adam_eps}")
+    if train.weight_decay < 0:
+        fail("train.weight_decay", f"must be >= 0, got {train.weight_decay}")
+    if train.clip_grad < 0:
+        fail("train.clip_grad", f"must be >= 0 (0: no clipping), got {train.clip_grad}")
+    peak = config.logging.peak_flops_per_device
+    if not _finite(peak) or peak <= 0:
+        fail("logging.peak_flops_per_device", f"must be a finite number > 0, got {peak}")
+    for threshold in config.eval.exit_thresholds:
+        if not _finite(threshold) or threshold < 0:
+            fail("eval.exit_thresholds", f"every threshold must be a finite number >= 0, got "
+                 f"{list(config.eval.exit_thresholds)}")
+    # Attention materialises (micro batch x heads x seq x seq) scores per layer application,
+    # and training keeps them for the backward of every application (one at a time with
+    # activation checkpointing): a sequence length far beyond the memory would only fail
+    # minutes later, in an allocation.
+    model = config.model
+    heads = model.num_attention_heads // max(1, config.parallel.tensor)
+    kept = 1 if model.activation_checkpointing else model.num_applications
+    scores = train.micro_batch_size * heads * model.seq_length ** 2 * 4 * kept
+    memory = physical_memory_bytes()
+    if memory and scores > memory:
+        fail("model.seq_length", f"{model.seq_length} needs {scores / 2**30:,.1f} GiB for the "
+             f"attention scores training keeps (train.micro_batch_size {train.micro_batch_size} "
+             f"x {heads} heads x {model.seq_length}^2 x 4 bytes x {kept} layer applications), "
+             f"more than this machine's {memory / 2**30:,.1f} GiB; lower model.seq_length or "
+             f"train.micro_batch_size, or set model.activation_checkpointing=true")
 
 
 def exit_threshold_arg(allow_inf: bool = False):

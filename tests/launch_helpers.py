@@ -103,3 +103,57 @@ def starts(text: str):
     marks = list(START.finditer(text))
     return {int(m.group(1)): text[m.start(): marks[i + 1].start() if i + 1 < len(marks) else None]
             for i, m in enumerate(marks)}
+
+
+# --------------------------------------------------------------------------- CLI cases
+_CLI_CASES = r"""
+import contextlib, io, json, sys, traceback
+from megatron_ztt.cli import main
+
+results = []
+for argv in json.loads(sys.argv[1]):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as stop:  # argparse
+            code = stop.code if isinstance(stop.code, int) else 2
+        except BaseException:  # what a user would see: a traceback
+            traceback.print_exc()
+            code = "traceback"
+    results.append({"argv": argv, "code": code, "out": out.getvalue(), "err": err.getvalue()})
+print("\n@@CASES@@" + json.dumps(results))
+"""
+
+
+def cli_cases(*argvs, timeout=600, env=None):
+    """Run ``ztt ARGV`` for each argv, in order and to its end, in one fresh process (the
+    commands' own imports once): [{"code", "out", "err"}]. Each call may depend on the files
+    the calls before it wrote."""
+    environ = dict(os.environ, PYTHONPATH=str(REPO), ZTT_DEVICE="cpu", DS_ACCELERATOR="cpu",
+                   OMP_NUM_THREADS="1", **(env or {}))
+    for launcher_variable in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        environ.pop(launcher_variable, None)
+    import json
+
+    result = subprocess.run([sys.executable, "-c", _CLI_CASES,
+                             json.dumps([[str(a) for a in argv] for argv in argvs])],
+                            env=environ, capture_output=True, text=True, timeout=timeout,
+                            cwd=str(REPO))
+    assert "@@CASES@@" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads(result.stdout.split("@@CASES@@")[-1])
+
+
+def assert_one_line_error(case, *expected, code=None):
+    """The command failed with one line (the last of stderr) holding every ``expected`` text,
+    and no traceback anywhere."""
+    text = case["out"] + case["err"]
+    assert "Traceback" not in text and case["code"] != "traceback", text
+    assert case["code"] != 0 if code is None else case["code"] == code, case
+    lines = [line for line in case["err"].splitlines() if line.strip()]
+    assert lines, case
+    errors = [line for line in lines if "error:" in line]
+    assert len(errors) == 1, case["err"]
+    for text_part in expected:
+        assert text_part in errors[0], (text_part, errors[0])
+    return errors[0]

@@ -46,6 +46,16 @@ def save_hf(model, directory):
     return str(directory)
 
 
+def write_word_tokenizer(directory, size):
+    """A Hugging Face tokenizer.json of ``size`` ids (a word-level model, eos </s>)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "</s>": 1, **{f"w{i}": i for i in range(2, size)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(directory / "tokenizer.json"))
+
+
 def import_cli(*args):
     from megatron_ztt.cli import main
 
@@ -139,7 +149,7 @@ def test_tokenizer_files_are_copied_unchanged(sources, tmp_path):
     _, path = sources["llama"]
     source = tmp_path / "with_tokenizer"
     shutil.copytree(path, source)
-    (source / "tokenizer.json").write_text('{"version": "1.0", "model": {}}')
+    write_word_tokenizer(source, 150)
     (source / "tokenizer_config.json").write_text('{"model_max_length": 64}')
     assert import_cli("--model", source, "--output", tmp_path / "ckpt") == 0
     tag = tmp_path / "ckpt" / "iter_0000000"
@@ -211,13 +221,15 @@ def test_gguf_import_gives_the_source_logits_and_its_tokenizer(single_process, t
 
     model = hf_model("llama", num_layers=3, vocab_size=260)
     write_gguf(model, tmp_path / "tiny.gguf")
+    # transformers' tokenizer of the file gains <|endoftext|> at id 260: one row more
     assert import_cli("--gguf", tmp_path / "tiny.gguf", "--output", tmp_path / "ckpt",
-                      "--no-zero-token", "--no-gate") == 0
+                      "--no-zero-token", "--no-gate", "--grow-vocab") == 0
     trained = load_trained(str(tmp_path / "ckpt"))
+    assert trained.model_config.vocab_size == 261
     ids = token_ids(260)
     with torch.no_grad():
         expected = model(ids).logits
-    got = ztt_logits(trained.state, trained.model_config, ids)
+    got = ztt_logits(trained.state, trained.model_config, ids)[..., :260]
     assert torch.allclose(got, expected, atol=1e-4, rtol=0), (got - expected).abs().max()
     assert trained.meta["tokenizer_kind"] == "huggingface"
     assert (tmp_path / "ckpt" / "iter_0000000" / "tokenizer" / "tokenizer.json").is_file()

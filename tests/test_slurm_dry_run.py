@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from launch_helpers import tiny_data  # noqa: F401 - a fixture
+
 from megatron_ztt.parallel import runtime
 
 REPO = Path(__file__).resolve().parent.parent
@@ -233,8 +235,9 @@ def test_torchrun_sh_dry_run(config):
                          "train.load=auto"]
 
 
-def test_launch_execs_the_planned_srun_with_the_job_environment(config, tmp_path):
-    """Inside an allocation (faked: SLURM's variables and an srun that records what it got)."""
+def test_launch_execs_the_planned_srun_with_the_job_environment(config, tiny_data, tmp_path):
+    """Inside an allocation (faked: SLURM's variables and an srun that records what it got).
+    The run (config, layout for 8 processes, data) is checked before srun starts."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     record = tmp_path / "srun.txt"
@@ -244,7 +247,7 @@ def test_launch_execs_the_planned_srun_with_the_job_environment(config, tmp_path
            "SLURM_JOB_NUM_NODES": "2", "SLURM_TASKS_PER_NODE": "4(x2)", "SLURM_CPUS_PER_TASK": "3",
            "RANK": "5", "LOCAL_RANK": "1"}  # leftovers of a torchrun shell must not leak
     result = run([sys.executable, PLAN, "launch", "--hosts", "localhost,n2", "--python", "python",
-                  config, "train.lr=1e-3"], env=env)
+                  config, "train.lr=1e-3", *tiny_data, "train.global_batch_size=32"], env=env)
     assert result.returncode == 0, result.stderr
     printed = next(l for l in result.stdout.splitlines() if "srun " in l and not l.startswith("["))
     job_env, planned = split_env(shlex.split(printed))

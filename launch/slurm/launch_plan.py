@@ -320,6 +320,36 @@ def resolve_run_dir(config: str, overrides: List[str]) -> str:
         raise PlanError(f"{config}: {error}") from None
 
 
+def check_run(config: str, overrides: List[str], world_size: int) -> str:
+    """Everything about the run that can fail on every rank at once, checked here once
+    before any rank starts (so the launcher shows one line, not one traceback per rank):
+    the config, the layout for ``world_size`` processes, the data files, and what the run
+    starts from (training.resume_checks). Returns run.dir, absolute."""
+    from megatron_ztt.checkpoint import CheckpointError, complete_tags, load_run_config, resolve
+    from megatron_ztt.data.datasets import DataError, parse_blend, validate_indexed_dataset
+    from megatron_ztt.model.config import ConfigError
+    from megatron_ztt.training.resume_checks import check_start
+
+    try:
+        run = load_run_config(config, overrides)
+        run.gradient_accumulation_steps(world_size)
+        for blend in (run.data.blend, run.data.valid_blend, run.data.test_blend):
+            for prefix in parse_blend(blend)[0] if blend else []:
+                validate_indexed_dataset(prefix)
+        load = run.train.load
+        if load == "auto":
+            tags = complete_tags(run.checkpoint_dir)
+            point = (run.checkpoint_dir, tags[-1]) if tags else None
+        else:
+            point = resolve(load, note=False) if load else None
+        check_start(run, point)
+    except (ConfigError, CheckpointError, DataError) as error:
+        message = str(error)
+        raise PlanError(message if "processes" in message
+                        else f"{message} (checked for {world_size} processes)") from None
+    return os.path.abspath(run.run.dir)
+
+
 def run_state(run_dir: str) -> str:
     """state from <run.dir>/status.json: completed, interrupted, ... or missing/unreadable."""
     path = os.path.join(run_dir, "status.json")
@@ -371,6 +401,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     launch.add_argument("--hosts", required=True, help="comma-separated, in SLURM's order")
     _common(launch)
     run_dir = sub.add_parser("run-dir", help="print run.dir of CONFIG + overrides (validates)")
+    run_dir.add_argument("--world-size", type=int, default=None,
+                         help="also check the layout, the data and the start for this many "
+                              "processes (check_run)")
     run_dir.add_argument("config")
     run_dir.add_argument("overrides", nargs="*")
     status = sub.add_parser("status", help="print the state in RUN_DIR/status.json")
@@ -382,7 +415,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         overrides = _config_and_overrides(args)
         if args.action == "run-dir":
-            print(resolve_run_dir(args.config, overrides))
+            if args.world_size is not None:
+                print(check_run(args.config, overrides,
+                                _positive(args.world_size, "--world-size")))
+            else:
+                print(resolve_run_dir(args.config, overrides))
             return 0
         port = args.master_port
         if args.action == "dry-run":
@@ -408,6 +445,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                           master_port=port, job_id=job_id, python=args.python, cpus_per_task=cpus,
                           shutdown_timeout=args.shutdown_timeout)
         if args.action == "launch":
+            check_run(args.config, overrides, len(hosts) * procs)
             check_rendezvous(plan.master_addr, plan.master_port)
     except PlanError as error:
         print(f"launch_plan: error: {error}", file=sys.stderr)

@@ -44,6 +44,7 @@ from megatron.core.datasets.utils import Split
 
 from megatron_ztt.data.preprocess import SIDECAR_FORMAT, sidecar_path
 from megatron_ztt.data.tokenizer import file_sha256
+from megatron_ztt.files import write_text_atomic
 
 SPLIT_NAMES = tuple(split.name for split in Split)  # ("train", "valid", "test")
 # .idx layout (megatron-core _IndexWriter): magic, <Q version, <B dtype code, <Q sequence count,
@@ -306,6 +307,57 @@ def default_cache_dir(prefixes: Sequence[str]) -> str:
     return str(Path(prefixes[0]).parent / "index-cache")
 
 
+class FilesGPTDataset(GPTDataset):
+    """megatron-core's GPTDataset, whose index-cache key also holds the identity of the
+    ``.bin/.idx`` files (``config.data_files``, :func:`data_identity`): megatron-core keys it
+    by path, seed, split, sample count, sequence length and tokenizer only, so a corpus
+    re-preprocessed under the same prefix would reuse the old corpus's sample index."""
+
+    @staticmethod
+    def _key_config_attributes():
+        return GPTDataset._key_config_attributes() + ["data_files"]
+
+
+IDENTITY_RECORD = "data-identity.json"
+
+
+def data_identity(prefix: str) -> dict:
+    """What tells one corpus under ``prefix`` from another: sizes and modification times of
+    the two files, and the sha256 of the ``.idx`` (every document's length and offset)."""
+    identity = {}
+    for suffix in (".bin", ".idx"):
+        stat = os.stat(prefix + suffix)
+        identity[f"{suffix[1:]}_bytes"] = stat.st_size
+        identity[f"{suffix[1:]}_mtime_ns"] = stat.st_mtime_ns
+    identity["idx_sha256"] = file_sha256(prefix + ".idx")
+    return identity
+
+
+def _note_changed_data(cache_dir: str, identities: dict) -> None:
+    """Say which prefixes changed since the cache folder last saw them (their sample index
+    is rebuilt, under a new key), and record what it sees now. Rank 0 only."""
+    record = Path(cache_dir) / IDENTITY_RECORD
+    try:
+        seen = json.loads(record.read_text())
+    except (OSError, ValueError):
+        seen = {}
+    for prefix, identity in identities.items():
+        before = seen.get(prefix) if isinstance(seen, dict) else None
+        if before and before != identity:
+            changes = ", ".join(f"{key} {before.get(key)} -> {value}" for key, value in
+                                identity.items() if before.get(key) != value and
+                                "sha" not in key) or "same sizes, other contents"
+            print(f"note: {prefix}.bin/.idx changed since the index cache {cache_dir} was "
+                  f"built ({changes}): rebuilding its sample index", flush=True)
+    if seen != identities:
+        try:
+            os.makedirs(cache_dir, exist_ok=True)
+            write_text_atomic(record, json.dumps({**(seen if isinstance(seen, dict) else {}),
+                                                  **identities}, indent=2))
+        except OSError:
+            pass  # a read-only cache folder: megatron-core reports it if it must write there
+
+
 def build_datasets(
     cfg: DataConfig,
     tokenizer,
@@ -384,13 +436,17 @@ def build_datasets(
             f"but {num_samples[index]} {name} samples are needed: {advice}"
         )
 
+    cache_dir = cfg.cache_dir or default_cache_dir(all_prefixes)
+    identities = {os.path.abspath(prefix): data_identity(prefix) for prefix in all_prefixes}
+    if torch.distributed.get_rank() == 0:
+        _note_changed_data(cache_dir, identities)
     config = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,
         blend=None if per_split else (prefixes, weights),
         blend_per_split=blends if per_split else None,
         split=None if per_split else cfg.split,
-        path_to_cache=cfg.cache_dir or default_cache_dir(all_prefixes),
+        path_to_cache=cache_dir,
         tokenizer=tokenizer,
         reset_position_ids=False,
         reset_attention_mask=False,
@@ -400,8 +456,9 @@ def build_datasets(
     )
     if not per_split:
         config.split_matrix = split_matrix
+    config.data_files = identities  # part of the cache key (FilesGPTDataset)
     builder = BlendedMegatronDatasetBuilder(
-        GPTDataset, num_samples, is_built_on_rank or (lambda: True), config
+        FilesGPTDataset, num_samples, is_built_on_rank or (lambda: True), config
     )
     train, valid, test = builder.build()
     return train, valid, test

@@ -377,6 +377,13 @@ def preprocess(
     eod = tokenizer.eod if append_eod else None
 
     prefix = Path(output_prefix)
+    from megatron_ztt.files import OutputPathError, check_output_path
+
+    try:  # never onto an input or the tokenizer (written only at the end, but then lost)
+        for path in (Path(f"{prefix}.bin"), Path(f"{prefix}.idx"), sidecar_path(prefix)):
+            check_output_path(path, "--output-prefix", [*files, tokenizer_model])
+    except OutputPathError as err:
+        raise PreprocessError(str(err)) from None
     try:
         prefix.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:

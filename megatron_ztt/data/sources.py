@@ -164,6 +164,12 @@ def _parse_record(raw: bytes, path: Path, line_number: int, json_key: str) -> Do
         raise InputError(
             path, line_number, f"value of {json_key!r} is {type(value).__name__}, not a string"
         )
+    try:  # JSON may escape a lone surrogate (\ud800), which no UTF-8 text can hold
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise InputError(path, line_number, f"the text holds a lone surrogate escape "
+                         f"(\\u{ord(value[err.start]):04x} at character {err.start}), which is "
+                         f"not Unicode text") from None
     return Document(value, str(path), line_number)
 
 

@@ -172,6 +172,13 @@ def train_tokenizer(
             f"{len(SPECIAL_PIECES)} special ones"
         )
     files = sources.expand_inputs(inputs)
+    from megatron_ztt.files import OutputPathError, check_output_path
+
+    try:  # before reading the corpus: never onto an input file
+        for suffix in (".model", ".vocab"):
+            check_output_path(f"{output_prefix}{suffix}", "--output", files)
+    except OutputPathError as err:
+        raise TokenizerError(str(err)) from None
     stats = sources.ReadStats()
     start = time.perf_counter()
     lines_seen, sample = sample_lines(

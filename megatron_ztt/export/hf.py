@@ -547,7 +547,15 @@ def load_checkpoint_state(checkpoint: str | os.PathLike):
 
 
 def run(args: argparse.Namespace) -> int:
+    from megatron_ztt.checkpoint import CheckpointError, resolve
+    from megatron_ztt.files import check_output_path, run_files
+
     try:
+        try:  # never into the checkpoint or its run (before the slow part)
+            check_output_path(args.output, "--output",
+                              run_files(resolve(args.checkpoint, note=False)[0]), folder=True)
+        except CheckpointError as error:
+            raise ExportError(str(error)) from None
         if args.overwrite and Path(args.output).exists():  # before the slow part
             check_replaceable(Path(args.output).absolute())
         config, full_state, tokenizer_model = load_checkpoint_state(args.checkpoint)

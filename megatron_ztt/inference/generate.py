@@ -87,14 +87,19 @@ def fit_prompt(input_ids, max_new_tokens: int, context: int | None, notice=None)
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64,
                   exit_threshold: float | None = None, exit_mode: str | None = None,
                   temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                  notice=None, exit_signal: str | None = None, num_cycles: int | None = None):
+                  notice=None, exit_signal: str | None = None, num_cycles: int | None = None,
+                  add_special_tokens: bool = False):
     """-> (continuation, mean cycles per new token). temperature 0 is greedy decoding.
 
     ``notice(message)`` is told when the prompt is cut to fit the context (see fit_prompt).
+    The prompt is encoded as ``ztt preprocess`` encodes the training data, without the
+    special tokens a tokenizer's template adds (a BOS, or an EOS that would end the text
+    before it is continued), unless ``add_special_tokens``.
     """
     import torch
 
-    inputs = tokenizer(prompt, return_tensors="pt", verbose=False)  # fit_prompt says it
+    inputs = tokenizer(prompt, return_tensors="pt", verbose=False,  # fit_prompt says it
+                       add_special_tokens=add_special_tokens)
     context = getattr(model.config, "max_position_embeddings", None)
     input_ids = fit_prompt(inputs["input_ids"], max_new_tokens, context, notice)
     if input_ids.shape[1] != inputs["input_ids"].shape[1]:
@@ -116,6 +121,19 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64,
         output = model.generate(**inputs, **options)
     new_tokens = output[0, inputs["input_ids"].shape[1]:]
     return tokenizer.decode(new_tokens, skip_special_tokens=True), model.mean_cycles_used
+
+
+def sampling_flag_problem(temperature: float, top_k, top_p) -> str | None:
+    """What is wrong with the sampling flags (transformers would ignore some silently)."""
+    import math
+
+    if not (math.isfinite(temperature) and temperature >= 0):
+        return f"--temperature must be a finite number >= 0 (0: greedy), got {temperature}"
+    if top_k is not None and top_k < 1:
+        return f"--top-k must be >= 1, got {top_k}"
+    if top_p is not None and not 0 < top_p <= 1:
+        return f"--top-p must be in (0, 1], got {top_p}"
+    return None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -140,6 +158,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+    parser.add_argument("--add-special-tokens", action="store_true",
+                        help="encode the prompt with the tokenizer's template (e.g. a BOS); by "
+                             "default it is encoded as the training data is, without them")
     parser.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
                         help="compute dtype (default: the exported weights' dtype)")
 
@@ -151,6 +172,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1:
         print("ztt generate: error: --max-new-tokens must be >= 1", file=sys.stderr)
+        return 1
+    bad = sampling_flag_problem(args.temperature, args.top_k, args.top_p)
+    if bad:
+        print(f"ztt generate: error: {bad}", file=sys.stderr)
         return 1
     if not args.prompt:  # checked again on the token ids, once the tokenizer is loaded
         print("ztt generate: error: the prompt is empty: give some text to continue",
@@ -168,7 +193,8 @@ def run(args: argparse.Namespace) -> int:
             model, tokenizer, args.prompt, args.max_new_tokens, args.exit_threshold,
             args.exit_mode, args.temperature, args.top_k, args.top_p,
             notice=lambda message: print(f"ztt generate: note: {message}", file=sys.stderr),
-            exit_signal=args.exit_signal, num_cycles=args.num_cycles)
+            exit_signal=args.exit_signal, num_cycles=args.num_cycles,
+            add_special_tokens=args.add_special_tokens)
     except ValueError as error:  # e.g. an exit threshold for a model without zero tokens
         print(f"ztt generate: error: {error}", file=sys.stderr)
         return 1

@@ -143,14 +143,18 @@ class ZTTConfig:
             fail("activation", f"must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
         if self.ffn_hidden_size is not None and self.ffn_hidden_size < 1:
             fail("ffn_hidden_size", f"must be >= 1, got {self.ffn_hidden_size}")
-        if self.init_std <= 0:
-            fail("init_std", f"must be > 0, got {self.init_std}")
+        for name in ("init_std", "rotary_base", "norm_epsilon"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                fail(name, f"must be a finite number > 0, got {value}")
+        if not math.isfinite(self.gate_bias_init):
+            fail("gate_bias_init", f"must be a finite number, got {self.gate_bias_init}")
         if self.exit_loss_weights is not None:
             weights = self.exit_weights
             if len(weights) != self.num_cycles:
                 fail("exit_loss_weights", f"needs one weight per cycle ({self.num_cycles}), "
                      f"got {len(weights)}")
-            if any(w < 0 for w in weights) or sum(weights) <= 0:
+            if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
                 fail("exit_loss_weights", f"weights must be >= 0 with a positive sum, got {weights}")
         try:
             signal = check_exit_signal(self.exit_signal)

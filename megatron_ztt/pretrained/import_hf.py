@@ -77,6 +77,10 @@ class ImportOptions:
     gate_bias: float = DEFAULT_GATE_BIAS
     seq_length: Optional[int] = None  # None: max_position_embeddings, at most 2048
     seed: int = 1234  # for --zero-key-init normal
+    # A tokenizer with more ids than the model's vocabulary (e.g. a GGUF file's tokenizer,
+    # rebuilt by transformers, gains a special token): False refuses, True adds embedding
+    # (and output) rows for the extra ids, each the mean of the existing rows.
+    grow_vocab: bool = False
 
 
 @dataclass
@@ -155,11 +159,13 @@ def check_supported(hf) -> None:
                 f"{hf.hidden_size // heads}; not supported")
 
 
-def ztt_config(hf, options: ImportOptions, layers: LayerMap) -> ZTTConfig:
-    """The ZTT model config of the import (the model section of the run config)."""
+def ztt_config(hf, options: ImportOptions, layers: LayerMap,
+               vocab: Optional[int] = None) -> ZTTConfig:
+    """The ZTT model config of the import (the model section of the run config); ``vocab``:
+    the vocabulary, when grown beyond the source's for its tokenizer."""
     rope = getattr(hf, "rope_parameters", None) or {}
     rotary_base = rope.get("rope_theta", getattr(hf, "rope_theta", 10000.0))
-    vocab = hf.vocab_size
+    vocab = vocab or hf.vocab_size
     seq_length = options.seq_length or min(hf.max_position_embeddings, DEFAULT_MAX_SEQ_LENGTH)
     try:
         return ZTTConfig(
@@ -201,9 +207,17 @@ def _check_model_dir(path: Path) -> None:
         _refuse(f"--model {path}: no weights file ({', '.join(WEIGHT_FILES)})")
 
 
+GGUF_MAGIC = b"GGUF"
+
+
 def _gguf_location(gguf: Path) -> Tuple[str, dict]:
     if not gguf.is_file():
         _refuse(f"--gguf {gguf}: no such file")
+    with open(gguf, "rb") as stream:
+        magic = stream.read(len(GGUF_MAGIC))
+    if magic != GGUF_MAGIC:
+        _refuse(f"--gguf {gguf}: not a GGUF file (it starts with {magic!r}, a GGUF file with "
+                f"{GGUF_MAGIC!r})")
     # transformers' GGUF loader needs gguf, and accelerate for the device_map it is given
     missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
     if missing:
@@ -223,9 +237,10 @@ def read_source_config(model_dir: Optional[str], gguf: Optional[str]):
         location, extra = str(model_dir), {}
     try:
         hf = AutoConfig.from_pretrained(location, **extra)
-    except (OSError, ValueError, KeyError) as error:
-        _refuse(f"cannot read the model config of {gguf or model_dir}: "
-                f"{str(error).splitlines()[0]}")
+    except Exception as error:  # noqa: BLE001 - the GGUF reader raises struct.error and more
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        hint = " (a truncated or corrupt GGUF file?)" if gguf is not None else ""
+        _refuse(f"cannot read the model config of {gguf or model_dir}{hint}: {reason}")
     check_supported(hf)
     return hf, location, extra
 
@@ -285,7 +300,10 @@ def canonical_state(hf_state: Dict[str, torch.Tensor], config: ZTTConfig, layers
     def take(name):
         return hf_state[name].detach().to(torch.float32).clone()
 
-    def padded(weight):  # vocabulary rows up to padded_vocab_size (zeros)
+    def padded(weight):  # rows for the grown vocabulary (the mean row), then zero padding
+        grown = config.vocab_size - weight.shape[0]
+        if grown > 0:
+            weight = torch.cat([weight, weight.mean(0, keepdim=True).expand(grown, -1)])
         extra = config.padded_vocab_size - weight.shape[0]
         return torch.cat([weight, weight.new_zeros(extra, weight.shape[1])]) if extra else weight
 
@@ -350,16 +368,50 @@ def _versions() -> dict:
             "megatron_core": megatron.core.__version__}
 
 
+def _gguf_tokenizer(location: str, extra: dict):
+    from transformers import AutoTokenizer
+
+    try:
+        with _quiet_transformers():
+            return AutoTokenizer.from_pretrained(location, **extra)
+    except Exception as error:  # noqa: BLE001 - the GGUF reader raises its own errors
+        _refuse(f"cannot build the tokenizer of the GGUF file: {str(error).splitlines()[0]}")
+
+
+def tokenizer_size(location: str, extra: dict) -> Optional[int]:
+    """The ids the source's tokenizer can produce (None without a tokenizer): the rows the
+    model's embedding needs."""
+    if extra.get("gguf_file"):
+        return len(_gguf_tokenizer(location, extra))
+    if not (Path(location) / HF_TOKENIZER_JSON).is_file():
+        return None
+    from megatron_ztt.data.tokenizer import TokenizerError, load_tokenizer
+
+    try:
+        return load_tokenizer(location).vocab_size
+    except TokenizerError as error:
+        _refuse(f"--model {location}: {error}")
+
+
+def import_vocabulary(hf, tokenizer_ids: Optional[int], options: ImportOptions) -> int:
+    """The imported model's vocabulary: the source's, or grown to fit its tokenizer."""
+    vocab = hf.vocab_size
+    if tokenizer_ids is None or tokenizer_ids <= vocab:
+        return vocab
+    if not options.grow_vocab:
+        missing = (f"id {vocab} has" if tokenizer_ids == vocab + 1
+                   else f"ids {vocab}..{tokenizer_ids - 1} have")
+        _refuse(f"the tokenizer has {tokenizer_ids} ids but the model's vocabulary (vocab_size) "
+                f"{vocab}: {missing} no embedding row; pass "
+                f"--grow-vocab to add rows for them (each the mean of the others)")
+    return tokenizer_ids
+
+
 def _save_tokenizer(location: str, extra: dict, target: Path) -> bool:
     """Copy the source's tokenizer files (unchanged bytes), or, for a GGUF file, save the
     tokenizer transformers builds from it. Returns whether there was a tokenizer."""
     if extra.get("gguf_file"):
-        from transformers import AutoTokenizer
-
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(location, **extra)
-        except (OSError, ValueError, KeyError) as error:
-            _refuse(f"cannot build the tokenizer of the GGUF file: {str(error).splitlines()[0]}")
+        tokenizer = _gguf_tokenizer(location, extra)
         target.mkdir()
         tokenizer.save_pretrained(target)
         return True
@@ -428,14 +480,17 @@ def import_hf(output: str, model_dir: Optional[str] = None, gguf: Optional[str] 
         _refuse(f"--zero-key-init must be one of {', '.join(ZERO_KEY_INITS)}")
     if options.gate_init not in GATE_INITS:
         _refuse(f"--gate-init must be one of {', '.join(GATE_INITS)}")
-    if options.gate_bias <= 0:
-        _refuse(f"--gate-bias must be > 0 (its sign comes from --gate-init), got "
-                f"{options.gate_bias}")
+    if not (math.isfinite(options.gate_bias) and options.gate_bias > 0):
+        _refuse(f"--gate-bias must be a finite number > 0 (its sign comes from --gate-init), "
+                f"got {options.gate_bias}")
+    if options.seq_length is not None and options.seq_length < 1:
+        _refuse(f"--seq-length must be >= 1, got {options.seq_length}")
     target = Path(output).absolute()
     _check_output(target)
     hf, location, extra = read_source_config(model_dir, gguf)
     layers = layer_map(hf.num_hidden_layers, options.middle_layers)
-    config = ztt_config(hf, options, layers)
+    vocab = import_vocabulary(hf, tokenizer_size(location, extra), options)
+    config = ztt_config(hf, options, layers, vocab)
     model = load_source_model(hf, location, extra, gguf or model_dir)
     state = canonical_state(model.state_dict(), config, layers, options)
     del model
@@ -443,8 +498,12 @@ def import_hf(output: str, model_dir: Optional[str] = None, gguf: Optional[str] 
               "path": str(Path(gguf or model_dir).absolute()), "model_type": hf.model_type,
               "hf_layers": layers.hf_layers, "dropped_hf_layers": layers.dropped,
               "num_cycles": options.num_cycles, "zero_key_init": options.zero_key_init,
-              "gate_init": options.gate_init, "gate_bias": options.gate_bias}
+              "gate_init": options.gate_init, "gate_bias": options.gate_bias,
+              "vocab_size": hf.vocab_size}
     log(f"layer mapping: {layers.describe(options.num_cycles)}")
+    if vocab != hf.vocab_size:
+        log(f"note: the tokenizer has {vocab} ids, the model's vocabulary {hf.vocab_size}: "
+            f"grew it by {vocab - hf.vocab_size} rows (--grow-vocab), each the mean of the others")
     if layers.dropped:
         log(f"note: HF layers {', '.join(map(str, layers.dropped))} are outside head, middle "
             f"block and tail (--middle-layers) and are not imported")
@@ -493,13 +552,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model.seq_length of the run config (default: the model's "
                              f"max_position_embeddings, at most {DEFAULT_MAX_SEQ_LENGTH})")
     parser.add_argument("--seed", type=int, default=1234, help="seed of --zero-key-init normal")
+    parser.add_argument("--grow-vocab", action="store_true",
+                        help="when the tokenizer has more ids than the model's vocabulary, add "
+                             "embedding rows for them (each the mean of the others) instead of "
+                             "refusing")
 
 
 def run(args: argparse.Namespace) -> int:
     options = ImportOptions(num_cycles=args.num_cycles, middle_layers=args.middle_layers,
                             zero_token=args.zero_token, gate=args.gate,
                             zero_key_init=args.zero_key_init, gate_init=args.gate_init,
-                            gate_bias=args.gate_bias, seq_length=args.seq_length, seed=args.seed)
+                            gate_bias=args.gate_bias, seq_length=args.seq_length, seed=args.seed,
+                            grow_vocab=args.grow_vocab)
     try:
         import_hf(args.output, model_dir=args.model, gguf=args.gguf, options=options)
     except ImportRefused as error:

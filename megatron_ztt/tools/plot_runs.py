@@ -148,6 +148,16 @@ def run(args: argparse.Namespace) -> int:
     try:
         if not 0 <= args.smooth < 1:
             raise PlotError(f"--smooth must be in [0, 1), got {args.smooth}")
+        from megatron_ztt.files import OutputPathError, check_output_path
+
+        # before reading the runs: never among the event files it reads (a run's tensorboard/)
+        event_folders = [os.path.join(run, "tensorboard")
+                         if os.path.isdir(os.path.join(run, "tensorboard")) else run
+                         for run in args.runs]
+        try:
+            check_output_path(args.output, "--output", event_folders)
+        except OutputPathError as error:
+            raise PlotError(str(error)) from None
         series = collect(args.runs, tag, args.labels, args.x, args.smooth)
         draw(series, tag, args.output, xlabel=args.x, title=args.title, log_y=args.log_y)
     except PlotError as error:

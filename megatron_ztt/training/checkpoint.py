@@ -51,11 +51,10 @@ def save(engine, config, state: TrainingState, layout: Dict[str, int],
     tag = tag_for(state.iteration)
     tag_dir = os.path.join(root, tag)
     rank = dist.get_rank()
-    if is_complete(tag_dir):  # already saved at this iteration (e.g. interval + end of run)
-        if rank == 0:
-            repair_latest(root)  # a crash may have come before `latest` moved to it
-        dist.barrier()
-        return tag_dir
+    if is_complete(tag_dir):  # never report a save that did not write (a run saves once per
+        # iteration; training.resume_checks refuses a start into another run's checkpoints)
+        raise CheckpointError(f"{tag_dir} already holds a complete checkpoint, of another run; "
+                              f"not writing over it: set run.dir to a new folder")
     os.makedirs(tag_dir, exist_ok=True)
     dist.barrier()
     files = engine.checkpoint_files()

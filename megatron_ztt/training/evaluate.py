@@ -77,7 +77,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "trained cycles; cycles beyond it reuse the last one's zero keys "
                              "and gate)")
     parser.add_argument("--iters", type=int, default=None,
-                        help="validation batches (default: the run's eval.iters)")
+                        help="global batches of the run (train.global_batch_size samples each, "
+                             "as training validation counts eval.iters; default: the run's "
+                             "eval.iters)")
     parser.add_argument("--split", choices=["valid", "test"], default="valid")
     parser.add_argument("--output", default=None,
                         help="also write the JSON report to this file (written whole or not "
@@ -90,26 +92,36 @@ def run(args: argparse.Namespace) -> int:
     from megatron_ztt.checkpoint import CheckpointError
     from megatron_ztt.data.datasets import DataError
     from megatron_ztt.data.tokenizer import TokenizerError
+    from megatron_ztt.files import OutputPathError
     from megatron_ztt.model.config import ConfigError
 
     try:
         return _run(args)
-    except (CheckpointError, ConfigError, DataError, TokenizerError) as error:
+    except (CheckpointError, ConfigError, DataError, TokenizerError, OutputPathError) as error:
         print(f"ztt eval: error: {error}", file=sys.stderr, flush=True)
         return 2
 
 
 def _run(args: argparse.Namespace) -> int:
-    from megatron_ztt.checkpoint import load_trained
+    from megatron_ztt.checkpoint import load_trained, resolve
     from megatron_ztt.config import validate as validate_config
-    from megatron_ztt.files import write_text_atomic
+    from megatron_ztt.files import check_output_path, run_files, write_text_atomic
+    from megatron_ztt.model.config import ConfigError
     from megatron_ztt.model.ztt import ZTTModel
     from megatron_ztt.parallel.sharding import load_full_state_dict
 
     from megatron_ztt.model.cycle_engine import check_exit_signal, check_num_cycles
 
+    if args.iters is not None and args.iters < 1:
+        raise ConfigError(f"--iters must be >= 1 (global batches to evaluate), got {args.iters}")
     trained = load_trained(args.checkpoint, args.overrides)
     config = trained.run_config
+    if args.output:  # before the evaluation, never onto the checkpoint, its run or its data
+        reads = run_files(resolve(args.checkpoint, note=False)[0])
+        reads += [p + suffix for p in _prefixes(config) for suffix in (".bin", ".idx",
+                                                                        ".tokenizer.json")]
+        reads += [config.data.tokenizer] if config.data.tokenizer else []
+        output = check_output_path(args.output, "--output", reads)
     if trained.tokenizer and not any(o.startswith("data.tokenizer=") for o in args.overrides):
         # the checkpoint's own copy: the same bytes as the run's, wherever those are now
         config.data.tokenizer = trained.tokenizer
@@ -124,12 +136,19 @@ def _run(args: argparse.Namespace) -> int:
             check_num_cycles(depth, config.model.num_cycles)
     except ValueError as error:
         raise ConfigError(f"--num-cycles: {error}") from None
-    # one process evaluates the merged weights, whatever layout trained them
-    config.parallel.tensor = config.parallel.pipeline = 1
-    config.train.micro_batch_size = min(config.train.micro_batch_size, 8)
-    config.train.global_batch_size = config.train.micro_batch_size
     if args.iters is not None:
         config.eval.iters = args.iters
+    if config.eval.iters < 1:
+        raise ConfigError(f"the run's eval.iters is {config.eval.iters}: pass --iters N "
+                          f"(global batches to evaluate)")
+    # one process evaluates the merged weights, whatever layout trained them: a global batch
+    # of the run (what eval.iters counts, in training validation too) in micro batches of at
+    # most 8 samples that divide it
+    config.parallel.tensor = config.parallel.pipeline = 1
+    global_batch = config.train.global_batch_size
+    config.train.micro_batch_size = max(d for d in range(1, min(config.train.micro_batch_size,
+                                                                8) + 1) if global_batch % d == 0)
+    micro_batches = config.eval.iters * global_batch // config.train.micro_batch_size
     validate_config(config)
     runtime.init_distributed(seed=config.train.seed)
     try:
@@ -156,7 +175,7 @@ def _run(args: argparse.Namespace) -> int:
 
             for threshold in thresholds:
                 values = evaluate(forward, validation_batches(dataset, config),
-                                  config.eval.iters, threshold)
+                                  micro_batches, threshold)
                 results.append({"num_cycles": depth or model_config.num_cycles,
                                 "exit_threshold": threshold,
                                 "exit_signal": signal if threshold is not None else None,
@@ -165,13 +184,25 @@ def _run(args: argparse.Namespace) -> int:
                                 "mean_cycles": values["mean_cycles"]})
         report = json.dumps({"checkpoint": trained.path, "iteration": trained.iteration,
                              "split": args.split,
-                             "tokens": config.eval.iters * config.train.micro_batch_size
+                             "tokens": config.eval.iters * global_batch
                              * model_config.seq_length,
                              "num_cycles": model_config.num_cycles, "results": results},
                             indent=2)
         print(report)
         if args.output:
-            write_text_atomic(args.output, report + "\n")
+            output.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(output, report + "\n")
     finally:
         runtime.shutdown_distributed()
     return 0
+
+
+def _prefixes(config) -> List[str]:
+    """The .bin/.idx prefixes the run's data settings name."""
+    from megatron_ztt.data.datasets import parse_blend
+
+    prefixes = []
+    for blend in (config.data.blend, config.data.valid_blend, config.data.test_blend):
+        if blend:
+            prefixes += parse_blend(blend)[0]
+    return prefixes

@@ -30,6 +30,7 @@ from megatron_ztt.model.config import ConfigError
 from megatron_ztt.parallel import runtime
 from megatron_ztt.training import checkpoint as ckpt
 from megatron_ztt.training.engines import NonFiniteLossError, build_engine
+from megatron_ztt.training.resume_checks import check_start
 from megatron_ztt.training.metrics import (TensorBoardLogger, console_line, metric_keys,
                                            model_flops_per_token, reduce_means)
 from megatron_ztt.training.batches import TrainingBatches, build_tokenizer_and_data
@@ -122,12 +123,13 @@ class Trainer:
         runtime.init_distributed(runtime.ParallelLayout(config.parallel.tensor,
                                                         config.parallel.pipeline),
                                  seed=config.train.seed)
+        point = resume_point(config)
+        check_start(config, point)  # before any data or weights are read
         self.world = dist.get_world_size()
         _, (train_set, self.valid_set, _) = build_tokenizer_and_data(config)
         self.engine = build_engine(config)
         self.layout = layout_of(config)
         self.state = ckpt.TrainingState()
-        point = resume_point(config)
         if point is not None:
             self.state, rank_state = ckpt.load(self.engine, *point, layout=self.layout)
             if rank_state is not None:

@@ -259,3 +259,50 @@ def test_batch_of_eight_generates_as_each_row_alone(exported):
             assert torch.equal(alone[0], together[row]), f"row {row}"
             assert torch.equal(model.generation_cycles_used[0], together_cycles[row])
     assert (together_cycles == 1).any() and (together_cycles > 1).any()
+
+
+# --------------------------------------------------------------------------- no zero token
+def whole_row_threshold(signals: torch.Tensor, exits_below: bool) -> float:
+    """A threshold at which one row's tokens all leave after cycle 1 and some others stay:
+    just past the row whose signals are nearest to leaving (signals [b, s])."""
+    per_row = signals.amax(dim=1) if exits_below else signals.amin(dim=1)
+    edge = float(per_row.min() if exits_below else per_row.max())
+    values = torch.unique(signals.float().flatten()).sort().values
+    beyond = values[values > edge] if exits_below else values[values < edge]
+    other = float(beyond[0] if exits_below else beyond[-1])
+    return (edge + other) / 2
+
+
+@pytest.mark.parametrize("signal", ["hidden_change", "random"])
+def test_no_zero_token_exits_match_the_reference_with_whole_rows_leaving(
+        single_process, tmp_path, signal):
+    """zero_token=false at batch 4, some rows leaving entirely after cycle 1: the training
+    model, the export (with and without cache) and the compute-everything reference agree."""
+    from megatron_ztt.parallel import runtime
+
+    runtime.seed_everything(7)
+    model, config, path = build_and_export("ztt-gqa", tmp_path / "hf", tie_embeddings=False,
+                                           zero_token=False, seq_length=8)
+    exported = load_export(path)
+    ids, _ = batch(config, size=4, seed=3)
+    if signal == "random":  # one draw per token: a high exit probability empties some rows
+        threshold = 0.8
+    else:
+        from megatron_ztt.model.cycle_engine import EXIT_SIGNALS
+
+        signals = first_cycle_signals(model.engine, lambda t: model(
+            ids, exit_threshold=0.0, exit_signal=signal))
+        threshold = whole_row_threshold(signals.transpose(0, 1), EXIT_SIGNALS[signal].exits_below)
+    options = dict(exit_threshold=threshold, exit_signal=signal)
+    with torch.no_grad():
+        with reference(model.engine):
+            expected = model(ids, **options)
+        got = model(ids, **options)
+        full = exported(ids, use_cache=False, **options)
+        cached = exported(ids, use_cache=True, **options)
+    used = expected.cycles_used
+    rows_left = (used == 1).all(dim=1)
+    assert rows_left.any() and not rows_left.all() and (used > 1).any(), used
+    for name, out in (("training model", got), ("export", full), ("export cached", cached)):
+        assert torch.equal(out.cycles_used, used), name
+        assert_close(out.logits, expected.logits, atol=1e-5, what=name)

@@ -306,3 +306,52 @@ def test_no_zero_token_exits_match_the_reference_with_whole_rows_leaving(
     for name, out in (("training model", got), ("export", full), ("export cached", cached)):
         assert torch.equal(out.cycles_used, used), name
         assert_close(out.logits, expected.logits, atol=1e-5, what=name)
+
+
+# --------------------------------------------------------------------------- host syncs
+class HostSyncs:
+    """Counts reads of a device value on the host (``aten._local_scalar_dense``: ``.item()``,
+    ``bool(t)``, ``int(t)``), each a stall of the device's queue on a GPU."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func is torch.ops.aten._local_scalar_dense.default:
+                    counter.count += 1
+                return func(*args, **(kwargs or {}))
+
+        self.count, self._mode = 0, Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+
+
+def test_at_most_one_host_sync_per_cycle(exported, seeded):
+    """Exits decide on the device: a forward (and a decoding step) reads at most one number
+    per cycle after the first on the host (the size of the block to gather), none per layer;
+    none at all without exits."""
+    model, config = exported
+    ids, _ = batch(config, size=4, seed=4)
+    threshold = export_threshold(model, ids)
+    cycles = model.config.num_cycles
+    with torch.no_grad():
+        with HostSyncs() as plain:
+            model(ids, use_cache=False)
+        with HostSyncs() as prefill:
+            out = model(ids[:, :-1], use_cache=True, exit_threshold=threshold)
+        with HostSyncs() as step:
+            model(ids[:, -1:], cache=out.past_key_values, exit_threshold=threshold)
+    assert plain.count == 0
+    assert 1 <= prefill.count <= cycles - 1, prefill.count
+    assert 1 <= step.count <= cycles - 1, step.count
+    training = ZTTModel(tiny_config(num_cycles=3, seq_length=16)).eval()
+    ids, _ = batch(training.config, size=3, seed=5)
+    with torch.no_grad(), HostSyncs() as forward:
+        training(ids, exit_threshold=0.3)
+    assert 1 <= forward.count <= 2, forward.count

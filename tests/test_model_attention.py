@@ -62,3 +62,22 @@ def test_zero_token_adds_nothing_but_rescales():
     plain = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
     assert_close(out, (1 - a)[..., None] * plain, atol=1e-5)
     assert ((a > 0) & (a < 1)).all()
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_fused_and_plain_log_sum_exp_paths_agree(masked):
+    """The zero attention is read from the attention's log-sum-exp: the fused CPU kernel and
+    the plain path (other devices) give the same output and lse, with a mask or causal."""
+    from megatron_ztt.model.cycle_engine import attention_with_lse
+
+    torch.manual_seed(2)
+    q, k, v = torch.randn(2, 4, 7, 8), torch.randn(2, 2, 9, 8), torch.randn(2, 2, 9, 8)
+    mask = torch.rand(2, 1, 7, 9) > 0.4 if masked else None
+    if masked:
+        mask[..., 0] = True  # every query sees the zero key
+    else:
+        q = torch.randn(2, 4, 9, 8)
+    results = [attention_with_lse(q, k, v, 0.3, mask, not masked, 0.0, fused=f)
+               for f in (True, False)]
+    assert_close(results[0][0], results[1][0], atol=1e-5, what="output")
+    assert_close(results[0][1], results[1][1], atol=1e-5, what="lse")

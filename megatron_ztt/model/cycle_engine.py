@@ -165,11 +165,14 @@ def zero_key_attention(query, keys, values, scale, *, zero_token: bool, mask=Non
     return out, probs
 
 
-def attention_with_lse(query, keys, values, scale, mask, causal, dropout_p):
+def attention_with_lse(query, keys, values, scale, mask, causal, dropout_p, fused=None):
     """(output, log-sum-exp of each query's scores [b, heads, q] float32): the fused CPU
-    kernel returns both; elsewhere one plain pass over the scores (a CUDA build could read
-    the lse of its efficient-attention kernel the same way)."""
-    if query.device.type == "cpu":
+    kernel returns both (``fused``, by default on CPU without dropout, which it lacks);
+    elsewhere one plain pass over the scores (a CUDA build could read the lse of its
+    efficient-attention kernel the same way)."""
+    if fused is None:
+        fused = query.device.type == "cpu" and not dropout_p
+    if fused:
         bias = None
         if mask is not None:  # the CPU kernel takes an additive mask of the query's dtype
             bias = torch.zeros(mask.shape, dtype=query.dtype, device=mask.device).masked_fill(
@@ -260,8 +263,12 @@ class CycleEngine:
         self.layers_per_cycle = sum(1 for a in self.plan if a.cycle == 0)
 
     def policy(self, rule: Optional[ExitRule]) -> ExitPolicy:
-        return ExitPolicy(rule, layers_per_cycle=self.layers_per_cycle, num_heads=self.num_heads,
-                          reduce_heads=self.reduce_heads, compute_exited=self.compute_exited)
+        return ExitPolicy(rule, zero_attention_mean=self.zero_attention_mean,
+                          compute_exited=self.compute_exited)
+
+    def zero_attention_mean(self, zero_sum: torch.Tensor) -> torch.Tensor:
+        """Per token: the cycle's zero attention averaged over its layers and all heads."""
+        return self.reduce_heads(zero_sum) / (self.layers_per_cycle * self.num_heads)
 
     def exit_signal(self, cycle: int, state: CycleState, rule: ExitRule) -> torch.Tensor:
         """What the exit decision after ``cycle`` reads (``ExitPolicy.signal``)."""
@@ -299,7 +306,7 @@ class CycleEngine:
     def step(self, app, state, run, policy, keep_exit_states, tally, skip) -> None:
         """One application of cycle ``app.cycle``."""
         if app.starts_cycle:
-            self.open_cycle(state, policy)
+            self.open_cycle(app.cycle, state, policy)
         if state.skipping:
             if skip is not None:
                 skip(app, state)
@@ -313,10 +320,10 @@ class CycleEngine:
         if app.ends_cycle:
             self.close_cycle(app, state, policy, keep_exit_states, tally)
 
-    def open_cycle(self, state: CycleState, policy: ExitPolicy) -> None:
+    def open_cycle(self, cycle: int, state: CycleState, policy: ExitPolicy) -> None:
         """The cycle's input is kept (gate, leavers); its tokens are gathered once."""
         state.cycle_input, state.zero_sum = state.hidden, None
-        state.active = policy.begin_cycle(state.exited)
+        state.active = policy.begin_cycle(cycle, state.exited)
         self.gather(state)
 
     def gather(self, state: CycleState) -> None:

@@ -136,6 +136,17 @@ def uniform_draws(seed: int, cycle: int, rows: torch.Tensor, positions: torch.Te
 
 
 # --------------------------------------------------------------------------- the active set
+_WIDTH_BITS = 24  # up to 16M tokens per row
+
+
+def read_block_size(rows: torch.Tensor, width: torch.Tensor, everyone: torch.Tensor):
+    """(rows, width, everyone) of a block, read on the host with one device-to-host copy of
+    one integer (the cycle's only host sync; a tuple of three would be three)."""
+    packed = (rows.long() << (_WIDTH_BITS + 1)) | (width.long() << 1) | everyone.long()
+    value = int(packed.item())
+    return value >> (_WIDTH_BITS + 1), (value >> 1) & ((1 << _WIDTH_BITS) - 1), bool(value & 1)
+
+
 class ActiveTokens:
     """The tokens still cycling, gathered row by row into a padded block [r, n] (row-major
     terms), so that a cycle computes them only.
@@ -157,11 +168,11 @@ class ActiveTokens:
         active = ~exited.movedim(token_axis, 1)  # [rows, tokens]
         counts = active.sum(dim=1)
         running = counts > 0
-        # the host sync: the block's size, and whether any token left at all
-        num_rows, width, total = torch.stack([running.sum(), counts.max(), counts.sum()]).tolist()
+        num_rows, width, everyone = read_block_size(running.sum(), counts.max(),
+                                                    counts.sum() == active.numel())
         self.shape = tuple(active.shape)
         self.empty = num_rows == 0
-        self.everyone = total == active.numel()
+        self.everyone = everyone
         self.every_row = num_rows == self.shape[0]
         self.rows = torch.argsort((~running).to(torch.uint8), stable=True)[:num_rows]
         active = active[self.rows]
@@ -285,22 +296,21 @@ class ExitPolicy:
     same results; the tests' reference).
     """
 
-    def __init__(self, rule: Optional[ExitRule], *, layers_per_cycle: int, num_heads: int,
-                 reduce_heads: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+    def __init__(self, rule: Optional[ExitRule], *,
+                 zero_attention_mean: Callable[[torch.Tensor], torch.Tensor],
                  compute_exited: bool = False):
         self.rule = rule
-        self.layers_per_cycle = layers_per_cycle
-        self.num_heads = num_heads
-        self.reduce_heads = reduce_heads
+        self.zero_attention_mean = zero_attention_mean  # the loop's: layers and heads it spans
         self.compute_exited = compute_exited
 
     def begin(self, tokens, device) -> Optional[torch.Tensor]:
         """``exited`` before the first cycle (None without a rule)."""
         return None if self.rule is None else torch.zeros(tokens, dtype=torch.bool, device=device)
 
-    def begin_cycle(self, exited: Optional[torch.Tensor]) -> Optional[ActiveTokens]:
-        """The cycle's active set, or None: every token runs it (no rule, or the reference)."""
-        if exited is None or self.compute_exited:
+    def begin_cycle(self, cycle: int, exited: Optional[torch.Tensor]) -> Optional[ActiveTokens]:
+        """Cycle ``cycle``'s active set, or None: every token runs it (no rule, the first
+        cycle, nobody left yet, or the reference)."""
+        if exited is None or cycle == 0 or self.compute_exited:
             return None
         active = ActiveTokens(exited, self.rule.token_axis)
         return None if active.everyone else active
@@ -330,10 +340,6 @@ class ExitPolicy:
         leaving = reached & ~state.exited
         state.cycles_used = torch.where(leaving, cycle + 1, state.cycles_used)
         state.exited = state.exited | leaving
-
-    def zero_attention_mean(self, zero_sum: torch.Tensor) -> torch.Tensor:
-        """Per token: the cycle's zero attention averaged over its layers and all heads."""
-        return self.reduce_heads(zero_sum) / (self.layers_per_cycle * self.num_heads)
 
     def signal(self, cycle: int, state, rule: ExitRule) -> torch.Tensor:
         """Per token, after cycle ``cycle`` (0-based) closed: what ``rule.signal`` reads.

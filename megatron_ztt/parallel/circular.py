@@ -224,7 +224,7 @@ class CircularStage(torch.nn.Module):
         if app.cycle is not None and not app.starts_cycle:  # mid-cycle: gather the block again
             if state.cycle_input is None:
                 state.cycle_input = state.hidden
-            state.active = policy.begin_cycle(state.exited)
+            state.active = policy.begin_cycle(app.cycle, state.exited)
             state.block_input = state.cycle_input
             active = state.active
             if active is not None and not active.empty:

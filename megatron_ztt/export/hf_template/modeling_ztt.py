@@ -122,18 +122,19 @@ class AttentionLayout:
     - ``masked``: anything else (padding, several new tokens after a cache): a boolean mask.
     """
 
-    def __init__(self, kind, zero_token, mask=None):
-        self.kind, self.zero_token, self.mask = kind, zero_token, mask
+    def __init__(self, kind, zero_token, mask=None, padded=False):
+        self.kind, self.zero_token, self.mask, self.padded = kind, zero_token, mask, padded
 
     @classmethod
     def build(cls, attention_mask, past, length, zero_token, device):
+        # the forward's one host sync outside the cycles (none without an attention mask)
         padded = attention_mask is not None and not bool(attention_mask.all())
         if not padded and past == 0:
             return cls("prefill", zero_token)
         if not padded and length == 1:
             return cls("decode", zero_token)
         return cls("masked", zero_token, cls.allowed(attention_mask, past, length, zero_token,
-                                                      device))
+                                                      device, padded), padded)
 
     def for_active(self, active, attention_mask, past, length, batch, device):
         """The layout of the block of tokens still cycling (``ActiveTokens``), whose queries
@@ -141,15 +142,14 @@ class AttentionLayout:
         if self.kind == "decode":
             return self
         mask = self.mask if self.kind == "masked" else self.allowed(
-            attention_mask, past, length, self.zero_token, device)
+            attention_mask, past, length, self.zero_token, device, self.padded)
         mask = mask.expand(batch, -1, -1, -1)
         return AttentionLayout("masked", self.zero_token,
                                active.gather(mask, batch_axis=0, seq_axis=2))
 
     @staticmethod
-    def allowed(attention_mask, past, length, zero_token, device):
+    def allowed(attention_mask, past, length, zero_token, device, padded):
         """[batch or 1, 1, length, (1 +) past + length] bool: the keys each query sees."""
-        padded = attention_mask is not None and not bool(attention_mask.all())
         total = past + length
         key_pos = torch.arange(total, device=device)
         query_pos = torch.arange(past, total, device=device)

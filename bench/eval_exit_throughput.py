@@ -60,12 +60,28 @@ def cycle_one_signals(model, ids, labels):
     """Every token's cycle-1 exit signal (a threshold that never fires)."""
     seen = []
     original = model.engine.exit_signal
-    model.engine.exit_signal = lambda zero_sum: seen.append(original(zero_sum)) or seen[-1]
+    model.engine.exit_signal = lambda *args: seen.append(original(*args)) or seen[-1]
     try:
         model(ids, labels, exit_threshold=math.inf, collect_stats=False)
     finally:
-        model.engine.exit_signal = original
+        del model.engine.exit_signal
     return seen[0].flatten()
+
+
+def host_syncs(call) -> int:
+    """Reads of a device value on the host during ``call()`` (aten._local_scalar_dense)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    count = [0]
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            count[0] += func is torch.ops.aten._local_scalar_dense.default
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        call()
+    return count[0]
 
 
 def main(argv=None):
@@ -110,10 +126,11 @@ def main(argv=None):
             model.engine.compute_exited = False
 
     times = {name: [] for name in runs}
-    outputs = {}
+    outputs, syncs = {}, {}
     with torch.no_grad():
         for name, options in runs.items():  # warm-up, and the outputs compared
             outputs[name] = forward(options)
+            syncs[name] = host_syncs(lambda: forward(options))
         for _ in range(args.repeats):
             for name, options in runs.items():
                 wall, cpu = time.perf_counter(), time.process_time()
@@ -130,9 +147,10 @@ def main(argv=None):
     print(f"d={args.hidden} heads={args.heads} L={args.layers} C={args.cycles} vocab={args.vocab} "
           f"batch {args.batch} x seq {args.seq}, weights std {args.init_std}, zero keys std "
           f"{args.zero_key_std}, "
-          f"threads {torch.get_num_threads()}, median of {args.repeats}, torch {torch.__version__}")
+          f"threads {torch.get_num_threads()}, median of {args.repeats}, torch {torch.__version__}, "
+          f"load {os.getloadavg()[0]:.2f}")
     print(f"{'run':62s} {'tok/s':>8s} {'vs full':>7s} {'tok/s CPU':>9s} {'vs full':>7s} "
-          f"{'cycles':>6s} {'left c1':>7s}")
+          f"{'cycles':>6s} {'left c1':>7s} {'syncs':>5s}")
     results = []
     for name in names:
         wall = statistics.median(w for w, _ in times[name])
@@ -143,13 +161,15 @@ def main(argv=None):
                    tokens_per_cpu_s=round(count / cpu, 1),
                    cpu_speed_vs_full=round(base_cpu / cpu, 3),
                    mean_cycles=round(float(used.mean()), 3),
-                   left_after_cycle_1=round(float((used == 1).float().mean()), 3))
+                   left_after_cycle_1=round(float((used == 1).float().mean()), 3),
+                   host_syncs_per_forward=syncs[name])
         results.append(row)
         print(f"{name:62s} {row['tokens_per_s']:8.0f} {row['speed_vs_full']:6.2f}x "
               f"{row['tokens_per_cpu_s']:9.0f} {row['cpu_speed_vs_full']:6.2f}x "
-              f"{row['mean_cycles']:6.2f} {row['left_after_cycle_1']:7.2f}")
+              f"{row['mean_cycles']:6.2f} {row['left_after_cycle_1']:7.2f} {syncs[name]:5d}")
     print(f"skipped vs reference: same exits {same_exits}, max |logit diff| {logit_diff:.2e}")
     report = dict(args={k: str(v) for k, v in vars(args).items()}, threshold=threshold,
+                  load_average=os.getloadavg()[0],
                   omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
                   same_exits_as_reference=same_exits, max_logit_diff_vs_reference=logit_diff,
                   results=results)

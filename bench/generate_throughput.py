@@ -128,8 +128,8 @@ def median_cycle_one_signal(ztt, prompt, new_tokens):
     engine = ztt.model.engine
     seen, original = [], engine.exit_signal
 
-    def spy(zero_sum):
-        signal = original(zero_sum)
+    def spy(*args):
+        signal = original(*args)
         seen.append(signal)
         return signal
 
@@ -137,10 +137,31 @@ def median_cycle_one_signal(ztt, prompt, new_tokens):
     try:
         timed_generate(ztt, prompt, new_tokens, exit_threshold=1.01)
     finally:
-        engine.exit_signal = original
+        del engine.exit_signal
     decisions = engine.num_cycles - 1  # per forward call: after cycles 1 .. C-1, in order
     decoding = [signal for signal in seen[decisions::decisions]]  # the prompt's call left out
     return float(torch.cat([signal.flatten() for signal in decoding]).median())
+
+
+def host_syncs_per_step(ztt, prompt, **options):
+    """Reads of a device value on the host (aten._local_scalar_dense) in one decoding step
+    of the model (after a prefill), as ``generate`` calls it (with an attention mask)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    count = [0]
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            count[0] += func is torch.ops.aten._local_scalar_dense.default
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad():
+        out = ztt(prompt, attention_mask=torch.ones_like(prompt), use_cache=True, **options)
+        step = out.logits[:, -1:].argmax(-1)
+        mask = torch.ones(prompt.shape[0], prompt.shape[1] + 1, dtype=torch.long)
+        with Count():
+            ztt(step, attention_mask=mask, cache=out.past_key_values, **options)
+    return count[0]
 
 
 class ComputeEverything:
@@ -202,6 +223,9 @@ def main(argv=None):
                 # decoding steps whose rows split: some left after cycle 1, some ran on
                 split = (used == 1).any(dim=0) & (used > 1).any(dim=0)
                 mixed_steps[name] = round(float(split[1:].float().mean()), 3)
+    syncs = {name: host_syncs_per_step(ztt, prompt, **options)
+             for name, (model, options, context) in runs.items()
+             if model is ztt and context is None}
 
     new_tokens = args.batch * args.new_tokens
 
@@ -220,9 +244,10 @@ def main(argv=None):
           f"(Llama: {config.num_applications} layers); batch {args.batch}, prompt "
           f"{args.prompt_tokens}, {args.new_tokens} new tokens, {args.threads} threads, "
           f"median of {args.repeats}, zero keys std {args.zero_key_std or 'init'}, "
-          f"torch {torch.__version__}")
+          f"torch {torch.__version__}, load {os.getloadavg()[0]:.2f}")
     print(f"{'model':52s} {'tok/s best':>10s} {'median':>7s} {'vs ' + reference:>8s} "
-          f"{'CPU ms/tok':>10s} {'vs full':>7s} {'cycles':>6s} {'left c1':>7s} {'split':>5s}")
+          f"{'CPU ms/tok':>10s} {'vs full':>7s} {'cycles':>6s} {'left c1':>7s} {'split':>5s} "
+          f"{'syncs/step':>10s}")
     for name in runs:
         best, median, cpu_ms = speeds(name)
         row = dict(model=name, tokens_per_s_best=round(best, 1),
@@ -233,17 +258,20 @@ def main(argv=None):
                    cpu_speed_vs_llama=None if llama is None else round(llama_cpu / cpu_ms, 3),
                    cpu_speed_vs_full_depth=round(full_cpu / cpu_ms, 3),
                    mean_cycles=cycles.get(name), left_after_cycle_1=left_after_one.get(name),
-                   decoding_steps_with_split_rows=mixed_steps.get(name))
+                   decoding_steps_with_split_rows=mixed_steps.get(name),
+                   host_syncs_per_step=syncs.get(name))
         results.append(row)
         shown = "" if row["mean_cycles"] is None else f"{row['mean_cycles']:.2f}"
         left = "" if name not in left_after_one else f"{left_after_one[name]:.2f}"
         split = "" if name not in mixed_steps else f"{mixed_steps[name]:.2f}"
         print(f"{name:52s} {best:10.1f} {median:7.1f} {best / llama_best:7.2f}x "
-              f"{cpu_ms:10.2f} {full_cpu / cpu_ms:6.2f}x {shown:>6s} {left:>7s} {split:>5s}")
+              f"{cpu_ms:10.2f} {full_cpu / cpu_ms:6.2f}x {shown:>6s} {left:>7s} {split:>5s} "
+              f"{syncs.get(name, ''):>10}")
     if args.json:
         args.json.write_text(json.dumps(dict(
             args={k: str(v) for k, v in vars(args).items()},
             omp_num_threads=os.environ.get("OMP_NUM_THREADS"), median_cycle_1_signal=median,
+            load_average=os.getloadavg()[0],
             results=results), indent=2) + "\n")
     return results
 

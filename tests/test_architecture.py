@@ -7,7 +7,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "megatron_ztt"
 # lowest first; a module may import its own layer and the layers below it
 LAYERS = [
-    ("files", "model.cycle_engine"),
+    ("files", "model.cycle_engine", "model.exit_policy"),
     ("model",),
     ("parallel",),
     ("data",),

@@ -259,3 +259,99 @@ def test_batch_of_eight_generates_as_each_row_alone(exported):
             assert torch.equal(alone[0], together[row]), f"row {row}"
             assert torch.equal(model.generation_cycles_used[0], together_cycles[row])
     assert (together_cycles == 1).any() and (together_cycles > 1).any()
+
+
+# --------------------------------------------------------------------------- no zero token
+def whole_row_threshold(signals: torch.Tensor, exits_below: bool) -> float:
+    """A threshold at which one row's tokens all leave after cycle 1 and some others stay:
+    just past the row whose signals are nearest to leaving (signals [b, s])."""
+    per_row = signals.amax(dim=1) if exits_below else signals.amin(dim=1)
+    edge = float(per_row.min() if exits_below else per_row.max())
+    values = torch.unique(signals.float().flatten()).sort().values
+    beyond = values[values > edge] if exits_below else values[values < edge]
+    other = float(beyond[0] if exits_below else beyond[-1])
+    return (edge + other) / 2
+
+
+@pytest.mark.parametrize("signal", ["hidden_change", "random"])
+def test_no_zero_token_exits_match_the_reference_with_whole_rows_leaving(
+        single_process, tmp_path, signal):
+    """zero_token=false at batch 4, some rows leaving entirely after cycle 1: the training
+    model, the export (with and without cache) and the compute-everything reference agree."""
+    from megatron_ztt.parallel import runtime
+
+    runtime.seed_everything(7)
+    model, config, path = build_and_export("ztt-gqa", tmp_path / "hf", tie_embeddings=False,
+                                           zero_token=False, seq_length=8)
+    exported = load_export(path)
+    ids, _ = batch(config, size=4, seed=3)
+    if signal == "random":  # one draw per token: a high exit probability empties some rows
+        threshold = 0.8
+    else:
+        from megatron_ztt.model.cycle_engine import EXIT_SIGNALS
+
+        signals = first_cycle_signals(model.engine, lambda t: model(
+            ids, exit_threshold=0.0, exit_signal=signal))
+        threshold = whole_row_threshold(signals.transpose(0, 1), EXIT_SIGNALS[signal].exits_below)
+    options = dict(exit_threshold=threshold, exit_signal=signal)
+    with torch.no_grad():
+        with reference(model.engine):
+            expected = model(ids, **options)
+        got = model(ids, **options)
+        full = exported(ids, use_cache=False, **options)
+        cached = exported(ids, use_cache=True, **options)
+    used = expected.cycles_used
+    rows_left = (used == 1).all(dim=1)
+    assert rows_left.any() and not rows_left.all() and (used > 1).any(), used
+    for name, out in (("training model", got), ("export", full), ("export cached", cached)):
+        assert torch.equal(out.cycles_used, used), name
+        assert_close(out.logits, expected.logits, atol=1e-5, what=name)
+
+
+# --------------------------------------------------------------------------- host syncs
+class HostSyncs:
+    """Counts reads of a device value on the host (``aten._local_scalar_dense``: ``.item()``,
+    ``bool(t)``, ``int(t)``), each a stall of the device's queue on a GPU."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func is torch.ops.aten._local_scalar_dense.default:
+                    counter.count += 1
+                return func(*args, **(kwargs or {}))
+
+        self.count, self._mode = 0, Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+
+
+def test_at_most_one_host_sync_per_cycle(exported, seeded):
+    """Exits decide on the device: a forward (and a decoding step) reads at most one number
+    per cycle after the first on the host (the size of the block to gather), none per layer;
+    none at all without exits."""
+    model, config = exported
+    ids, _ = batch(config, size=4, seed=4)
+    threshold = export_threshold(model, ids)
+    cycles = model.config.num_cycles
+    with torch.no_grad():
+        with HostSyncs() as plain:
+            model(ids, use_cache=False)
+        with HostSyncs() as prefill:
+            out = model(ids[:, :-1], use_cache=True, exit_threshold=threshold)
+        with HostSyncs() as step:
+            model(ids[:, -1:], cache=out.past_key_values, exit_threshold=threshold)
+    assert plain.count == 0
+    assert 1 <= prefill.count <= cycles - 1, prefill.count
+    assert 1 <= step.count <= cycles - 1, step.count
+    training = ZTTModel(tiny_config(num_cycles=3, seq_length=16)).eval()
+    ids, _ = batch(training.config, size=3, seed=5)
+    with torch.no_grad(), HostSyncs() as forward:
+        training(ids, exit_threshold=0.3)
+    assert 1 <= forward.count <= 2, forward.count

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from megatron_ztt.model.attention import zero_attention_probability, zero_token_attention
+from megatron_ztt.model.cycle_engine import with_zero_key, zero_key_attention
 from model_helpers import assert_close
 
 
@@ -34,8 +34,10 @@ def test_matches_reference_forward_and_backward(heads, groups):
     ours = [t.clone().requires_grad_() for t in tensors]
     ref = [t.clone().requires_grad_() for t in tensors]
 
-    out, (q1, k1, mask) = zero_token_attention(*ours, scale=1 / math.sqrt(d))
-    probs = zero_attention_probability(q1, k1, mask, scale=1 / math.sqrt(d))
+    query, key, value, zero_key = ours
+    out, probs = zero_key_attention(query, *with_zero_key(key, value, zero_key),
+                                    1 / math.sqrt(d), zero_token=True, causal=True,
+                                    zero_attention=True)
     ref_out, ref_probs = reference(*ref)
     assert_close(out, ref_out, atol=1e-5, what="output")
     assert_close(probs, ref_probs, atol=1e-6, what="zero attention")
@@ -55,8 +57,27 @@ def test_zero_token_adds_nothing_but_rescales():
     b, heads, s, d = 1, 2, 10, 4
     q, k, v = torch.randn(b, heads, s, d), torch.randn(b, heads, s, d), torch.randn(b, heads, s, d)
     zk = torch.randn(heads, d)
-    out, (q1, k1, mask) = zero_token_attention(q, k, v, zk, scale=1 / math.sqrt(d))
-    a = zero_attention_probability(q1, k1, mask, scale=1 / math.sqrt(d))
+    out, a = zero_key_attention(q, *with_zero_key(k, v, zk), 1 / math.sqrt(d), zero_token=True,
+                                causal=True, zero_attention=True)
     plain = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
     assert_close(out, (1 - a)[..., None] * plain, atol=1e-5)
     assert ((a > 0) & (a < 1)).all()
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_fused_and_plain_log_sum_exp_paths_agree(masked):
+    """The zero attention is read from the attention's log-sum-exp: the fused CPU kernel and
+    the plain path (other devices) give the same output and lse, with a mask or causal."""
+    from megatron_ztt.model.cycle_engine import attention_with_lse
+
+    torch.manual_seed(2)
+    q, k, v = torch.randn(2, 4, 7, 8), torch.randn(2, 2, 9, 8), torch.randn(2, 2, 9, 8)
+    mask = torch.rand(2, 1, 7, 9) > 0.4 if masked else None
+    if masked:
+        mask[..., 0] = True  # every query sees the zero key
+    else:
+        q = torch.randn(2, 4, 9, 8)
+    results = [attention_with_lse(q, k, v, 0.3, mask, not masked, 0.0, fused=f)
+               for f in (True, False)]
+    assert_close(results[0][0], results[1][0], atol=1e-5, what="output")
+    assert_close(results[0][1], results[1][1], atol=1e-5, what="lse")

@@ -8,7 +8,7 @@ from a checkpoint of any layout. The result loads with
 ``AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True)``:
 
     OUT_DIR/config.json                     model_type "ztt", auto_map -> the .py files
-    OUT_DIR/configuration_ztt.py, modeling_ztt.py, cycle_engine.py
+    OUT_DIR/configuration_ztt.py, modeling_ztt.py, cycle_engine.py, exit_policy.py
     OUT_DIR/model.safetensors               (model-0000k-of-0000n.safetensors + index if large)
     OUT_DIR/generation_config.json
     OUT_DIR/tokenizer.json, tokenizer_config.json, ...   (AutoTokenizer)
@@ -49,6 +49,7 @@ EXPORTED_CODE = {
     "configuration_ztt.py": TEMPLATE_DIR / "configuration_ztt.py",
     "modeling_ztt.py": TEMPLATE_DIR / "modeling_ztt.py",
     "cycle_engine.py": Path(__file__).resolve().parent.parent / "model" / "cycle_engine.py",
+    "exit_policy.py": Path(__file__).resolve().parent.parent / "model" / "exit_policy.py",
 }
 AUTO_MAP = {
     "AutoConfig": "configuration_ztt.ZTTConfig",

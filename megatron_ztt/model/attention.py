@@ -20,110 +20,47 @@ from dataclasses import dataclass
 from typing import Dict, Iterable, Optional
 
 import torch
-import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 
-from megatron_ztt.model.cycle_engine import ActiveTokens, Application
+from megatron_ztt.model.cycle_engine import (ActiveTokens, Application, keep_exited_kv,
+                                             with_zero_key, zero_key_attention)
 from megatron_ztt.model.seeding import init_scope
 
 
 @dataclass
 class ZeroTokenContext:
-    """Per-call input (this application's zero key) and output (its zero attention)."""
+    """Per-call input (this application's zero key, the exit state) and output (its zero
+    attention)."""
 
     key: Optional[torch.Tensor]  # [local key/value groups, head_dim], or None: no zero token
     record: bool = False
     # Filled in by the core attention when ``record``: sum over this rank's heads of the
-    # zero attention, [batch, seq], and how many heads that sum covers.
+    # zero attention, [batch, seq] (the block's while ``active``).
     zero_attention_sum: Optional[torch.Tensor] = None
-    heads: int = 0
-    # Early exit: tokens that left the cycles ([batch, seq] bool) attend no more, but later
-    # tokens still see them through the key/value of their last computed cycle of this layer,
-    # kept in ``kv_store[kv_layer]`` (the same rule as the export's cache).
-    exited: Optional[torch.Tensor] = None
+    # Early exit: tokens that left the cycles attend no more, but later tokens still see them
+    # through the key/value of their last computed cycle of this layer, kept in
+    # ``kv_store[kv_layer]`` (``keep_exited_kv``, the export's rule too). ``active``: the
+    # queries, keys and values are the block of the tokens still cycling; ``exited`` [b, s]:
+    # every token computed (the reference).
     kv_store: Optional[Dict[int, tuple]] = None
     kv_layer: int = -1
-    # Set while some tokens have left: the queries, keys and values are only those of the
-    # tokens still cycling (``ActiveTokens``' block), the attention reads every token.
     active: Optional[ActiveTokens] = None
-
-    def fill_in_exited(self, key: torch.Tensor, value: torch.Tensor):
-        """key/value [b, groups, s, d] -> the same with exited tokens' entries replaced.
-
-        With ``active``: key/value are the block's, [r, groups, n, d]; they are written into
-        the stored ones (the tokens that left keep theirs) -> every token's, [b, groups, s, d].
-        """
-        if self.kv_store is None:
-            return key, value
-        if self.active is not None:
-            last_key, last_value = self.kv_store[self.kv_layer]
-            key = self.active.scatter(last_key, key, batch_axis=0, seq_axis=2)
-            value = self.active.scatter(last_value, value, batch_axis=0, seq_axis=2)
-        elif self.exited is not None and self.kv_layer in self.kv_store and bool(self.exited.any()):
-            last_key, last_value = self.kv_store[self.kv_layer]
-            left = self.exited[:, None, :, None]
-            key, value = torch.where(left, last_key, key), torch.where(left, last_value, value)
-        self.kv_store[self.kv_layer] = (key, value)
-        return key, value
+    exited: Optional[torch.Tensor] = None
 
 
-def zero_token_attention(query, key, value, zero_key, scale, dropout_p=0.0, active=None):
-    """Causal attention over ``[k_z; K]`` with a zero value for ``k_z``.
-
-    query [b, heads, s, d]; key/value [b, groups, s, d]; zero_key [groups, d].
-    A dummy query is prepended next to the zero key, which turns "every query sees k_z and
-    the keys up to itself" into a plain square causal mask, so the fused causal kernels of
-    ``scaled_dot_product_attention`` apply.
-
-    ``active`` (ActiveTokens): the queries are its block [r, heads, n, d], the keys/values
-    every token's; each query sees k_z and the keys up to its own position (a boolean mask).
-    Returns (output, (query, key, mask) for :func:`zero_attention_probability`).
-    """
-    b, heads, _, d = query.shape
-    groups = key.shape[1]
-    mask = None
-    if active is not None:
-        key, value = key[active.rows], value[active.rows]
-        mask = active.memo("causal_mask", lambda: _block_causal_mask(active, key.shape[2]))
-    else:
-        query = torch.cat([query.new_zeros(b, heads, 1, d), query], dim=2)
-    zk = zero_key.to(key.dtype)[None, :, None, :].expand(b, groups, 1, d)
-    k1 = torch.cat([zk, key], dim=2)
-    v1 = torch.cat([value.new_zeros(b, groups, 1, value.shape[-1]), value], dim=2)
-    out = F.scaled_dot_product_attention(query, k1, v1, attn_mask=mask, dropout_p=dropout_p,
-                                         is_causal=mask is None, scale=scale,
-                                         enable_gqa=heads != groups)
-    return (out if mask is not None else out[:, :, 1:]), (query, k1, mask)
-
-
-def _block_causal_mask(active, length: int) -> torch.Tensor:
-    """[r, 1, n, 1 + length]: each slot of the block sees the zero key and its causal keys."""
+def block_causal_mask(active: ActiveTokens, length: int, zero_token: bool) -> torch.Tensor:
+    """[r, 1, n, (1 +) length]: each slot of the block sees (the zero key and) its causal keys."""
     keys = torch.arange(length, device=active.positions.device)
     causal = keys[None, None, :] <= active.positions[..., None]
-    return torch.cat([causal.new_ones(*causal.shape[:2], 1), causal], dim=-1)[:, None]
-
-
-@torch.no_grad()
-def zero_attention_probability(query, key, mask, scale):
-    """Softmax probability of the zero key (key row 0) for every query: [b, heads, s].
-
-    Run with a one-hot value (1 on the zero key) through the same kernel, so that no
-    [s, s] score matrix is materialised. ``mask`` None: the causal layout with the dummy
-    query in front (see :func:`zero_token_attention`).
-    """
-    b, heads = query.shape[:2]
-    groups = key.shape[1]
-    indicator = key.new_zeros(b, groups, key.shape[2], 1)
-    indicator[:, :, 0, 0] = 1
-    probs = F.scaled_dot_product_attention(query, key, indicator, attn_mask=mask,
-                                           is_causal=mask is None, scale=scale,
-                                           enable_gqa=heads != groups)[..., 0]
-    return probs if mask is not None else probs[:, :, 1:]
+    if zero_token:
+        causal = torch.cat([causal.new_ones(*causal.shape[:2], 1), causal], dim=-1)
+    return causal[:, None]
 
 
 class ZeroTokenCoreAttention(MegatronModule):
-    """Drop-in core attention for megatron-core's ``SelfAttention`` (any device)."""
+    """Drop-in core attention for megatron-core's ``SelfAttention`` (any device): the shipped
+    ``zero_key_attention`` on megatron-core's layout."""
 
     def __init__(self, config, layer_number, attn_mask_type, attention_type="self",
                  attention_dropout=None, softmax_scale=None, cp_comm_type=None,
@@ -137,21 +74,24 @@ class ZeroTokenCoreAttention(MegatronModule):
         # megatron-core layout [s, b, heads, d] -> [b, heads, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         dropout_p = self.dropout_p if self.training else 0.0
-        context = attention_bias
-        if context is not None:
-            k, v = context.fill_in_exited(k, v)
+        context = attention_bias or ZeroTokenContext(key=None)
+        active = context.active
+        if context.kv_store is not None:
+            k, v = keep_exited_kv(context.kv_store, context.kv_layer, k, v, active, context.exited)
+        mask = None
+        if active is not None:  # the block's queries read every token's keys of their rows
+            if not active.every_row:
+                k, v = k[active.rows], v[active.rows]
+            mask = active.memo("causal_mask", lambda: block_causal_mask(
+                active, k.shape[2], context.key is not None))
+        if context.key is not None:
+            k, v = with_zero_key(k, v, context.key)
         with tensor_parallel.get_cuda_rng_tracker().fork() if dropout_p else contextlib.nullcontext():
-            if context is None or context.key is None:
-                out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True,
-                                                     scale=self.scale,
-                                                     enable_gqa=q.shape[1] != k.shape[1])
-            else:
-                out, (q1, k1, mask) = zero_token_attention(q, k, v, context.key, self.scale,
-                                                           dropout_p, active=context.active)
-                if context.record:
-                    probs = zero_attention_probability(q1.detach(), k1.detach(), mask, self.scale)
-                    context.zero_attention_sum = probs.sum(dim=1).float()
-                    context.heads = probs.shape[1]
+            out, probs = zero_key_attention(q, k, v, self.scale, zero_token=context.key is not None,
+                                            mask=mask, causal=True, zero_attention=context.record,
+                                            dropout_p=dropout_p)
+        if probs is not None:
+            context.zero_attention_sum = probs.sum(dim=1)
         s, b = query.shape[0], query.shape[1]
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)
 

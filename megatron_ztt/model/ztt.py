@@ -25,8 +25,7 @@ from megatron_ztt.model.config import ZTTConfig
 from megatron_ztt.model.cycle_engine import (Application, CycleEngine, CycleGate, CycleState,
                                              ExitRule, ZeroAttentionTally, application_plan,
                                              check_exit_signal, check_num_cycles,
-                                             token_positions,
-                                             zero_attention_by_cycle)
+                                             token_positions, zero_attention_by_cycle)
 from megatron_ztt.model.seeding import init_scope
 from megatron_ztt.model.layers import (OutputHead, TokenEmbedding, all_reduce_tensor_parallel,
                                        build_transformer_layer, gather_logits,
@@ -77,8 +76,8 @@ def run_layer(config: ZTTConfig, layer, app: Application, hidden: torch.Tensor,
     if state.exited is not None and app.cycle is not None:
         # tokens that left keep serving as keys/values: their last computed cycle's
         context.kv_store, context.kv_layer = kv_store, app.layer
-        context.exited = state.exited.transpose(0, 1)
         context.active = state.active
+        context.exited = state.exited.transpose(0, 1) if state.active is None else None
     if state.active is not None:  # ``hidden`` is the block of tokens still cycling
         every_token = rope.expand(-1, state.exited.shape[1], -1, -1)  # [s, b, 1, d]
         rope = state.active.memo("rope", lambda: state.active.gather(every_token))
@@ -93,6 +92,15 @@ def run_layer(config: ZTTConfig, layer, app: Application, hidden: torch.Tensor,
         hidden = run(hidden)
     zero = context.zero_attention_sum
     return hidden, None if zero is None else zero.transpose(0, 1)
+
+
+def exit_rule_for(config: ZTTConfig, threshold: Optional[float], mode: str, signal: str,
+                  length: int, batch: int, device) -> Optional[ExitRule]:
+    """The exit rule of a [s, b] forward (the training model and the pipeline stages)."""
+    if threshold is None:
+        return None
+    return ExitRule(threshold, mode, token_axis=0, signal=signal, seed=config.exit_seed,
+                    positions=token_positions(length, batch, device, token_axis=0))
 
 
 class ZTTModel(torch.nn.Module):
@@ -162,21 +170,18 @@ class ZTTModel(torch.nn.Module):
             return_logits = labels is None
         rope = rotary_embedding(config, input_ids.shape[1], input_ids.device)
         tally = ZeroAttentionTally(config.num_attention_heads) if collect_stats else None
-        exit_rule = None
-        if exit_threshold is not None:
-            exit_rule = ExitRule(exit_threshold, exit_mode, token_axis=0, signal=signal,
-                                 seed=config.exit_seed, positions=token_positions(
-                                     input_ids.shape[1], input_ids.shape[0], input_ids.device,
-                                     token_axis=0))
+        policy = self.engine.policy(exit_rule_for(config, exit_threshold, exit_mode, signal,
+                                                  input_ids.shape[1], input_ids.shape[0],
+                                                  input_ids.device))
         kv_store: Dict[int, tuple] = {}
 
         def run(app, hidden, state, record):
             return self.run_application(app, hidden, state, record, rope, kv_store)
 
-        state = self.engine.begin(self.embedding(input_ids), exit_rule, num_cycles)
+        state = self.engine.begin(self.embedding(input_ids), policy, num_cycles)
         state = self.engine.run(
-            plan, state, run, exit_rule=exit_rule, tally=tally,
-            keep_exit_states=labels is not None and self.training and exit_rule is None)
+            plan, state, run, policy, tally=tally,
+            keep_exit_states=labels is not None and self.training and policy.rule is None)
         out = ZTTOutput(cycles_used=state.cycles_used.transpose(0, 1))
         if return_logits:
             out.logits = gather_logits(self.logits_shard(state.hidden), config.vocab_size)

@@ -24,7 +24,7 @@ and their gradient sums over the cycles in place: no copies, no tied-weight all-
   gradient contributions are summed over megatron-core's embedding group (first and last
   rank), so both copies take the same optimizer step and stay identical. The copy is marked
   ``ds_pipe_replicated`` so that DeepSpeed counts it once in the gradient norm.
-* What travels between virtual stages is ``CycleEngine.pack``: (hidden, [open cycle's input
+* What travels between virtual stages is ``CircularStage.pack``: (hidden, [open cycle's input
   when a gate or an exit rule reads it], [exit record when evaluating with exits], *states
   kept for exit losses).
 * Evaluation with early exit (``start_evaluation``) applies the exit rule per token exactly as
@@ -38,7 +38,7 @@ and their gradient sums over the cycles in place: no copies, no tied-weight all-
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -46,14 +46,13 @@ from megatron.core import parallel_state
 
 from megatron_ztt.model.attention import ZeroTokenPool
 from megatron_ztt.model.config import ZTTConfig
-from megatron_ztt.model.cycle_engine import (Application, CycleEngine, ExitRule,
-                                             ZeroAttentionTally, application_plan,
-                                             check_exit_signal, token_positions,
-                                             zero_attention_by_cycle)
+from megatron_ztt.model.cycle_engine import (Application, CycleEngine, CycleState, ExitPolicy,
+                                             ExitRule, ZeroAttentionTally, application_plan,
+                                             check_exit_signal, zero_attention_by_cycle)
 from megatron_ztt.model.layers import (OutputHead, TokenEmbedding, all_reduce_tensor_parallel,
                                        build_transformer_layer, rotary_embedding)
 from megatron_ztt.model.seeding import init_scope
-from megatron_ztt.model.ztt import GateLookup, build_gates, run_layer
+from megatron_ztt.model.ztt import GateLookup, build_gates, exit_rule_for, run_layer
 
 # DeepSpeed skips parameters with this attribute set in its gradient norm (a replica counted
 # on another stage); the name is DeepSpeed's ``PIPE_REPLICATED``.
@@ -164,14 +163,76 @@ class CircularStage(torch.nn.Module):
         self.cycles_used: List[torch.Tensor] = []
         self._micro_batch_of = {c: 0 for c in range(self.config.num_cycles)}
         self._kv_stores: Dict[int, Dict[int, tuple]] = {}
+        self._exit_rules: Dict[tuple, ExitRule] = {}
 
-    def _exit_rule(self, hidden: torch.Tensor) -> Optional[ExitRule]:
+    def _exit_policy(self, hidden: torch.Tensor) -> ExitPolicy:
+        """The evaluation's exit policy for a micro batch of ``hidden``'s shape (the rule is
+        built once per evaluation and shape)."""
         if self.exit_settings is None or self.training:
-            return None
+            return self.engine.policy(None)
         length, batch = hidden.shape[:2]
-        return ExitRule(self.exit_settings["threshold"], self.exit_settings["mode"], token_axis=0,
-                        signal=self.exit_settings["signal"], seed=self.config.exit_seed,
-                        positions=token_positions(length, batch, hidden.device, token_axis=0))
+        key = (length, batch, hidden.device)
+        if key not in self._exit_rules:
+            settings = self.exit_settings
+            self._exit_rules[key] = exit_rule_for(self.config, settings["threshold"],
+                                                  settings["mode"], settings["signal"], *key)
+        return self.engine.policy(self._exit_rules[key])
+
+    # ------------------------------------------------------------------ what travels
+    def carries_cycle_input(self, app: Application, exits: bool) -> bool:
+        """Whether the state arriving at ``app`` holds the open cycle's input (the gate's, and
+        with an exit rule the one the tokens that left keep)."""
+        return (self.config.gate or exits) and app.cycle is not None and not app.starts_cycle
+
+    def pack(self, state: CycleState, next_app: Application) -> Tuple[torch.Tensor, ...]:
+        """The tensors a virtual stage sends on: (hidden, [cycle input], [exit record],
+        *exit states). The exit record ([..., 3] float32: exited, cycles used, the open
+        cycle's zero-attention sum) travels when an exit rule is on; from it the next rank
+        rebuilds the cycle's active set, so that every rank computes only the tokens still
+        cycling. The pipeline's buffers have one shape, so the block travels scattered."""
+        exits = state.exited is not None
+        if state.active is not None:  # mid-cycle: the block back into every token's tensor
+            self.engine.scatter(state)
+        carried = [state.hidden]
+        if self.carries_cycle_input(next_app, exits):
+            carried.append(state.cycle_input)
+        if exits:
+            zero_sum = (state.zero_sum if state.zero_sum is not None
+                        else torch.zeros_like(state.exited, dtype=torch.float32))
+            carried.append(torch.stack([state.exited.float(), state.cycles_used.float(),
+                                        zero_sum.float()], dim=-1))
+        return (*carried, *state.exit_states)
+
+    def unpack(self, app: Application, tensors: Sequence[torch.Tensor],
+               policy: ExitPolicy) -> CycleState:
+        tensors = list(tensors)
+        exits = policy.rule is not None
+        engine = self.engine
+        state = CycleState(hidden=tensors.pop(0), num_cycles=engine.num_cycles)
+        if self.carries_cycle_input(app, exits):
+            state.cycle_input = tensors.pop(0)
+        if exits:
+            record = tensors.pop(0)
+            state.exited = record[..., 0] > 0.5
+            state.cycles_used = record[..., 1].round().long()
+            # a cycle's first application starts a new sum
+            state.zero_sum = None if app.starts_cycle else record[..., 2]
+        else:
+            state.cycles_used = torch.full(state.hidden.shape[:-1], engine.num_cycles,
+                                           dtype=torch.long, device=state.hidden.device)
+        state.exit_states = tensors
+        if app.cycle is not None and not app.starts_cycle:  # mid-cycle: gather the block again
+            if state.cycle_input is None:
+                state.cycle_input = state.hidden
+            state.active = policy.begin_cycle(app.cycle, state.exited)
+            state.block_input = state.cycle_input
+            active = state.active
+            if active is not None and not active.empty:
+                state.block_input = active.gather(state.cycle_input)
+                state.hidden = active.gather(state.hidden)
+                if state.zero_sum is not None:
+                    state.zero_sum = active.gather(state.zero_sum)
+        return state
 
     # ------------------------------------------------------------------ one virtual stage
     def run_virtual_stage(self, cycle: int, inputs: Tuple[torch.Tensor, ...]):
@@ -184,15 +245,15 @@ class CircularStage(torch.nn.Module):
         first_virtual = self.is_first and cycle == 0
         last_virtual = self.is_last and cycle == config.num_cycles - 1
         hidden = self.embedding(inputs[0]) if first_virtual else inputs[0]
-        exit_rule = self._exit_rule(hidden)
+        policy = self._exit_policy(hidden)
         if first_virtual:
-            state = engine.begin(hidden, exit_rule)
+            state = engine.begin(hidden, policy)
         else:
-            state = engine.unpack(apps[0], inputs, exit_rule)
-        rope = rotary_embedding(config, state.hidden.shape[0], state.hidden.device)
+            state = self.unpack(apps[0], inputs, policy)
+        rope = rotary_embedding(config, hidden.shape[0], hidden.device)
         tally = self.tally if self.collect_stats else None
         kv_store: Dict[int, tuple] = {}
-        if exit_rule is not None:  # each virtual stage sees the micro batches in order
+        if policy.rule is not None:  # each virtual stage sees the micro batches in order
             micro_batch = self._micro_batch_of[cycle]
             self._micro_batch_of[cycle] += 1
             kv_store = self._kv_stores.setdefault(micro_batch, {})
@@ -202,17 +263,15 @@ class CircularStage(torch.nn.Module):
             return run_layer(config, self.layers[str(app.layer)], app, hidden, run_state,
                              record, rope, key, kv_store, self.training)
 
-        for app in apps:
-            if last_virtual and app.after_cycles and not self.training:
-                state.exit_states = []  # validation reads the final exit only
-            # the kept exit states travel in evaluation too: every pass sends the same tensors
-            state = engine.step(app, state, run, exit_rule=exit_rule, keep_exit_states=True,
-                                tally=tally)
-        if exit_rule is not None and cycle == config.num_cycles - 1:
+        if last_virtual and not self.training:
+            state.exit_states = []  # validation reads the final exit only
+        # the kept exit states travel in evaluation too: every pass sends the same tensors
+        state = engine.run(apps, state, run, policy, keep_exit_states=True, tally=tally)
+        if policy.rule is not None and cycle == config.num_cycles - 1:
             self._kv_stores.pop(micro_batch, None)  # the micro batch's last pass through here
         if not last_virtual:  # virtual stages run contiguous pieces of the plan
-            return engine.pack(state, self.plan[apps[-1].index + 1])
-        if exit_rule is not None:
+            return self.pack(state, self.plan[apps[-1].index + 1])
+        if policy.rule is not None:
             self.cycles_used.append(state.cycles_used.transpose(0, 1))
         return (state.hidden, *state.exit_states)
 
@@ -280,7 +339,7 @@ def carried_shapes(module: CircularStage, micro_batch: int, training: bool, exit
 
     def arriving(app: Application):  # what pack() sends to the stage starting with ``app``
         cycle = config.num_cycles if app.cycle is None else app.cycle
-        carried = [hidden(training) for _ in range(1 + int(engine.carries_cycle_input(app, exits)))]
+        carried = [hidden(training) for _ in range(1 + int(module.carries_cycle_input(app, exits)))]
         if exits:
             carried.append(torch.empty(config.seq_length, micro_batch, 3, dtype=torch.float32,
                                        device="meta"))

@@ -60,7 +60,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_ztt import ZTTConfig
 from .cycle_engine import (CycleEngine, CycleGate, ExitRule, application_plan, check_exit_signal,
-                           check_num_cycles)
+                           check_num_cycles, keep_exited_kv, with_zero_key, zero_key_attention)
 
 try:  # transformers' init helpers skip weights that were loaded from a checkpoint
     from transformers import initialization as init
@@ -122,18 +122,19 @@ class AttentionLayout:
     - ``masked``: anything else (padding, several new tokens after a cache): a boolean mask.
     """
 
-    def __init__(self, kind, zero_token, mask=None):
-        self.kind, self.zero_token, self.mask = kind, zero_token, mask
+    def __init__(self, kind, zero_token, mask=None, padded=False):
+        self.kind, self.zero_token, self.mask, self.padded = kind, zero_token, mask, padded
 
     @classmethod
     def build(cls, attention_mask, past, length, zero_token, device):
+        # the forward's one host sync outside the cycles (none without an attention mask)
         padded = attention_mask is not None and not bool(attention_mask.all())
         if not padded and past == 0:
             return cls("prefill", zero_token)
         if not padded and length == 1:
             return cls("decode", zero_token)
         return cls("masked", zero_token, cls.allowed(attention_mask, past, length, zero_token,
-                                                      device))
+                                                      device, padded), padded)
 
     def for_active(self, active, attention_mask, past, length, batch, device):
         """The layout of the block of tokens still cycling (``ActiveTokens``), whose queries
@@ -141,15 +142,14 @@ class AttentionLayout:
         if self.kind == "decode":
             return self
         mask = self.mask if self.kind == "masked" else self.allowed(
-            attention_mask, past, length, self.zero_token, device)
+            attention_mask, past, length, self.zero_token, device, self.padded)
         mask = mask.expand(batch, -1, -1, -1)
         return AttentionLayout("masked", self.zero_token,
                                active.gather(mask, batch_axis=0, seq_axis=2))
 
     @staticmethod
-    def allowed(attention_mask, past, length, zero_token, device):
+    def allowed(attention_mask, past, length, zero_token, device, padded):
         """[batch or 1, 1, length, (1 +) past + length] bool: the keys each query sees."""
-        padded = attention_mask is not None and not bool(attention_mask.all())
         total = past + length
         key_pos = torch.arange(total, device=device)
         query_pos = torch.arange(past, total, device=device)
@@ -164,25 +164,9 @@ class AttentionLayout:
 
     def attend(self, query, keys, values, scale, zero_attention=False):
         """-> (output [b, heads, q, d], zero attention [b, heads, q] or None)."""
-        gqa = query.shape[1] != keys.shape[1]
-        causal = self.kind == "prefill"
-        if causal and self.zero_token:
-            query = torch.cat([query.new_zeros(*query.shape[:2], 1, query.shape[-1]), query], dim=2)
-        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=self.mask,
-                                             is_causal=causal, scale=scale, enable_gqa=gqa)
-        probs = None
-        if zero_attention:
-            # The zero key's softmax weight, through the same kernel with a one-hot value, so
-            # that no [q, keys] score matrix is kept.
-            indicator = keys.new_zeros(*keys.shape[:-1], 1)
-            indicator[:, :, 0] = 1
-            probs = F.scaled_dot_product_attention(query, keys, indicator, attn_mask=self.mask,
-                                                   is_causal=causal, scale=scale,
-                                                   enable_gqa=gqa)[..., 0]
-        if causal and self.zero_token:
-            out = out[:, :, 1:]
-            probs = None if probs is None else probs[:, :, 1:]
-        return out, probs
+        return zero_key_attention(query, keys, values, scale, zero_token=self.zero_token,
+                                  mask=self.mask, causal=self.kind == "prefill",
+                                  zero_attention=zero_attention)
 
 
 class ZTTAttention(nn.Module):
@@ -200,14 +184,13 @@ class ZTTAttention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, width, bias=False)
 
     def forward(self, hidden, cos, sin, layout, zero_key=None, cache=None, cache_index=None,
-                kv_fill=None, active=None, zero_attention=False):
-        """-> (output, (key, value) of this call's tokens, zero attention [b, heads, q] or None).
+                kv_store=None, kv_layer=None, active=None, exited=None, zero_attention=False):
+        """-> (output, zero attention [b, heads, q] or None).
 
-        ``kv_fill`` = (exited [b, 1, q, 1], key, value): tokens that left the cycles take these
-        key/values (their last computed cycle's) instead of freshly computed ones.
-        ``active`` = (ActiveTokens, key, value): ``hidden`` is the block of the tokens still
-        cycling; their new key/values go into the call's last computed ones, which the
-        tokens that left keep, and the block's rows attend over every token.
+        ``kv_store`` (early exit): the layer's key/values of this call's tokens, where tokens
+        that left keep their last computed cycle's (``keep_exited_kv``); ``active``
+        (``ActiveTokens``): ``hidden`` is the block of the tokens still cycling, whose rows
+        attend over every token; ``exited`` [b, q]: every token computed (the reference).
         """
         batch, length, _ = hidden.shape
         query = self.q_proj(hidden).view(batch, length, self.num_heads, self.head_dim)
@@ -216,28 +199,19 @@ class ZTTAttention(nn.Module):
         query = apply_rotary(query.transpose(1, 2), cos, sin)
         key = apply_rotary(key.transpose(1, 2), cos, sin)
         value = value.transpose(1, 2)
-        if kv_fill is not None:
-            exited, last_key, last_value = kv_fill
-            key = torch.where(exited, last_key, key)
-            value = torch.where(exited, last_value, value)
-        if active is not None:
-            tokens, last_key, last_value = active
-            key = tokens.scatter(last_key, key, batch_axis=0, seq_axis=2)
-            value = tokens.scatter(last_value, value, batch_axis=0, seq_axis=2)
-        if cache is not None:
+        if kv_store is not None:
+            key, value = keep_exited_kv(kv_store, kv_layer, key, value, active, exited)
+        if cache is not None:  # a zero-token cache layer holds the zero key in row 0
             keys, values = cache.update(key, value, cache_index)
         elif zero_key is not None:
-            rows = key.shape[0]
-            zero_row = zero_key.to(key.dtype)[None, :, None, :].expand(rows, -1, 1, -1)
-            keys = torch.cat([zero_row, key], dim=2)
-            values = torch.cat([value.new_zeros(rows, value.shape[1], 1, value.shape[-1]), value], dim=2)
+            keys, values = with_zero_key(key, value, zero_key)
         else:
             keys, values = key, value
-        if active is not None:
-            keys, values = keys[active[0].rows], values[active[0].rows]
+        if active is not None and not active.every_row:
+            keys, values = keys[active.rows], values[active.rows]
         out, probs = layout.attend(query, keys, values, self.scale, zero_attention)
         out = out.transpose(1, 2).reshape(batch, length, -1)
-        return self.o_proj(out), (key, value), probs
+        return self.o_proj(out), probs
 
 
 # --------------------------------------------------------------------------- blocks
@@ -275,11 +249,10 @@ class ZTTDecoderLayer(GradientCheckpointingLayer):
         self.mlp = ZTTMLP(config)
 
     def forward(self, hidden, **attention_args):
-        attended, key_value, zero_attention = self.self_attn(self.input_layernorm(hidden),
-                                                             **attention_args)
+        attended, zero_attention = self.self_attn(self.input_layernorm(hidden), **attention_args)
         hidden = hidden + attended
         hidden = hidden + self.mlp(self.post_attention_layernorm(hidden))
-        return hidden, key_value, zero_attention
+        return hidden, zero_attention
 
 
 # --------------------------------------------------------------------------- models
@@ -425,39 +398,37 @@ class ZTTModel(ZTTPreTrainedModel):
         if output_hidden_states is None:
             output_hidden_states = config.output_hidden_states
         all_hidden = [hidden] if output_hidden_states else None
-        last_key_value = {}  # middle layer -> (key, value) of each token's last computed cycle
+        kv_store = {}  # middle layer -> (key, value) of each token's last computed cycle
 
         def run(app, states, state, record):
-            kv_fill = active = None
             app_cos, app_sin, app_layout = cos, sin, layout
-            if state.active is not None:  # ``states`` is the block of tokens still cycling
-                tokens = state.active
-                active = (tokens, *last_key_value[app.layer])
+            tokens = state.active
+            if tokens is not None:  # ``states`` is the block of tokens still cycling
                 app_cos, app_sin = tokens.memo("rotary", lambda: tuple(
                     tokens.gather(t.expand(batch, -1, -1, -1), batch_axis=0, seq_axis=2)
                     for t in (cos, sin)))
                 app_layout = tokens.memo("layout", lambda: layout.for_active(
                     tokens, attention_mask, past, length, batch, device))
-            elif state.exited is not None and app.cycle is not None and bool(state.exited.any()):
-                kv_fill = (state.exited[:, None, :, None], *last_key_value[app.layer])
-            states, key_value, zero_attention = self.layers[app.layer](
+            exits = exit_rule is not None and app.cycle is not None
+            states, zero_attention = self.layers[app.layer](
                 states, cos=app_cos, sin=app_sin, layout=app_layout,
                 zero_key=self.zero_keys[app.name] if self.zero_keys is not None else None,
-                cache=cache, cache_index=app.index, kv_fill=kv_fill, active=active,
-                zero_attention=record)
-            if exit_rule is not None and app.cycle is not None:
-                last_key_value[app.layer] = key_value
+                cache=cache, cache_index=app.index, kv_store=kv_store if exits else None,
+                kv_layer=app.layer, active=tokens,
+                exited=state.exited if exits and tokens is None else None, zero_attention=record)
             return states, None if zero_attention is None else zero_attention.float().sum(dim=1)
 
         def skip(app, state):  # every token has left: the cache still needs this layer's rows
             if cache is not None:
-                cache.update(*last_key_value[app.layer], app.index)
+                cache.update(*kv_store[app.layer], app.index)
 
-        state = self.engine.begin(hidden, exit_rule, num_cycles)
-        for app in plan:
-            state = self.engine.step(app, state, run, exit_rule=exit_rule, skip=skip)
-            if all_hidden is not None:  # the state after each application (gated, exits kept)
-                all_hidden.append(state.hidden)
+        def keep(state):  # the state after each application (gated, exits kept)
+            all_hidden.append(state.hidden)
+
+        policy = self.engine.policy(exit_rule)
+        state = self.engine.begin(hidden, policy, num_cycles)
+        state = self.engine.run(plan, state, run, policy, skip=skip,
+                                after=keep if all_hidden is not None else None)
         output = ZTTModelOutput(last_hidden_state=self.norm(state.hidden), cache=cache,
                                 hidden_states=tuple(all_hidden) if all_hidden else None,
                                 cycles_used=state.cycles_used)

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -21,10 +22,26 @@ LAYOUTS = {"DP=2 ZeRO-1": ["parallel.zero_stage=1"], "DP=2 ZeRO-2": ["parallel.z
            "TP=2": ["parallel.tensor=2"], "PP=2": ["parallel.pipeline=2"]}
 
 
-def _plan(*overrides, nodes=1, gpus=2):
-    from megatron_ztt.training.plan import load_plan_config, plan_layout
+PLANS = """
+import json, sys
+from megatron_ztt.training.plan import load_plan_config, plan_layout
+print(json.dumps([plan_layout(load_plan_config(sys.argv[1], o), n, g).to_dict()
+                  for o, n, g in json.loads(sys.argv[2])]))
+"""
 
-    return plan_layout(load_plan_config(CONFIG, list(overrides)), nodes, gpus)
+
+def _plans(*requests):
+    """Plans of (overrides, nodes, gpus per node), in one fresh process: the planner's fake
+    process group cannot share a process with the tests' real one."""
+    done = subprocess.run([sys.executable, "-c", PLANS, CONFIG, json.dumps(requests)],
+                          env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [SimpleNamespace(**{**p, "per_rank": [SimpleNamespace(**r) for r in p["per_rank"]]})
+            for p in json.loads(done.stdout.splitlines()[-1])]
+
+
+def _plan(*overrides, nodes=1, gpus=2):
+    return _plans((list(overrides), nodes, gpus))[0]
 
 
 def _ztt_plan(*args):
@@ -33,30 +50,36 @@ def _ztt_plan(*args):
 
 
 def test_plan_covers_every_rank_and_partitions_by_layout():
-    pp = _plan("parallel.pipeline=2", "parallel.tensor=2", nodes=2, gpus=4)
+    pp, dense, zero1, zero0, tp = _plans(
+        (["parallel.pipeline=2", "parallel.tensor=2"], 2, 4), ([], 1, 1),
+        (["parallel.zero_stage=1"], 1, 2),
+        (["parallel.zero_stage=0", "train.nonfinite_loss=stop"], 1, 2),
+        (["parallel.tensor=2"], 1, 2))
     assert [r.rank for r in pp.per_rank] == list(range(8))
     # megatron-core's order: tensor fastest, then data, then pipeline
     assert [(r.pipeline_rank, r.data_rank, r.tensor_rank) for r in pp.per_rank] == [
         (p, d, t) for p in range(2) for d in range(2) for t in range(2)]
     assert [r.node for r in pp.per_rank] == [0] * 4 + [1] * 4
-    dense = _plan(nodes=1, gpus=1).per_rank[0]
+    dense = dense.per_rank[0]
     split = {r.pipeline_rank: r for r in pp.per_rank}
     # the stages hold the layers once between them (the last also a copy of the tied
     # embedding); each tensor-parallel rank half of its stage
     both = split[0].parameters + split[1].parameters
     assert dense.parameters < 2 * both < 1.3 * dense.parameters
     assert pp.bubble == pytest.approx(1 / (3 * pp.micro_batches_per_step + 1))
+    # the first stage holds more micro batches at once (interleaved 1F1B's warm-up)
+    assert split[0].micro_batches_in_flight > split[1].micro_batches_in_flight
     # ZeRO-1 halves the state over two data-parallel ranks; ZeRO-0 keeps the moments only
-    zero1 = _plan("parallel.zero_stage=1").per_rank[0]
-    zero0 = _plan("parallel.zero_stage=0", "train.nonfinite_loss=stop").per_rank[0]
-    assert zero1.optimizer_state_bytes == pytest.approx(12 * dense.parameters / 2, rel=1e-3)
-    assert zero0.optimizer_state_bytes == pytest.approx(8 * dense.parameters, rel=1e-2)
-    # checkpointing keeps less; sequence parallelism-free TP halves the attention and MLP part
+    assert zero1.per_rank[0].optimizer_state_bytes == pytest.approx(12 * dense.parameters / 2,
+                                                                    rel=1e-3)
+    assert zero0.per_rank[0].optimizer_state_bytes == pytest.approx(8 * dense.parameters,
+                                                                    rel=1e-2)
+    # checkpointing keeps less; tensor parallelism splits the attention and MLP part
     assert dense.activation_bytes_with_checkpointing < dense.activation_bytes_without_checkpointing
-    tp = _plan("parallel.tensor=2").per_rank[0]
-    assert tp.activation_bytes_per_micro_batch < dense.activation_bytes_per_micro_batch
+    assert tp.per_rank[0].activation_bytes_per_micro_batch < dense.activation_bytes_per_micro_batch
 
 
+@pytest.mark.slow
 def test_cli_prints_json_per_rank_and_refuses_impossible_layouts_in_one_line():
     done = _ztt_plan("--nodes", "1", "--gpus-per-node", "4", "--json", "--peak", "1e12",
                      "parallel.tensor=2")
@@ -87,3 +110,16 @@ def test_plan_matches_a_real_run(sample_data, tmp_path, size, layout):
     assert [r.parameters for r in plan.per_rank] == status["parameters_per_rank"]
     for planned, measured in zip(plan.per_rank, status["optimizer_state_bytes_per_rank"]):
         assert planned.optimizer_state_bytes == pytest.approx(measured, rel=0.05)
+
+
+@pytest.mark.slow
+def test_activation_model_is_within_15_percent_of_the_measured_peak(tmp_path):
+    """bench/plan_activation_check.py on its tiny size (the docs give all its sizes)."""
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "plan_activation_check.py"),
+                           "--sizes", "tiny", "--out", str(tmp_path)], env=_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((tmp_path / "report.json").read_text())["results"]
+    assert sorted(r["activation_checkpointing"] for r in rows) == [False, True]
+    for row in rows:
+        assert abs(row["error"]) < 0.15, row

@@ -147,11 +147,12 @@ def application_elements(shape: ActivationShape) -> Dict[str, float]:
     """Bytes one megatron-core TransformerLayer application (local spec, RMSNorm, SwiGLU,
     our zero-token core attention) keeps for backward, as measured op by op on the CPU:
 
-    * input norm: its input and output (the QKV projection's input) [T, d], rstd [T] fp32;
+    * input norm (torch's RMSNorm): its input, the normalised input (for the weight's
+      gradient) and its output (the QKV projection's input), [T, d] each, rstd [T] fp32;
     * RoPE: cos and sin of q and k, [s, h] fp32 each;
     * zero-token attention: q with the dummy query, k and v with the zero key, [b, *, s+1, h],
       SDPA's output (heads) and log-sum-exp [b, heads, s+1] fp32;
-    * output projection input [T, d/t]; pre-MLP norm input and output [T, d], rstd;
+    * output projection input [T, d/t]; the pre-MLP norm as the input norm;
     * SwiGLU: fc1's output [T, 2f/t], silu's output and x_linear + offset [T, f/t] each, the
       product (fc2's input) [T, f/t].
 
@@ -165,7 +166,7 @@ def application_elements(shape: ActivationShape) -> Dict[str, float]:
     h = shape.head_dim
     local_heads, local_groups = shape.heads / t, shape.groups / t
     return {
-        "norms": 2 * (2 * norm_tokens * shape.hidden * e + norm_tokens * 4),
+        "norms": 2 * (3 * norm_tokens * shape.hidden * e + norm_tokens * 4),
         "rope": 4 * shape.seq * h * 4,
         "attention": (with_zero * h * (2 * local_heads + 2 * local_groups) * e
                       + with_zero * local_heads * 4),
@@ -188,9 +189,10 @@ def activation_bytes(config: RunConfig, apps: List[Application], first: bool, la
                      carried_states: int, checkpointing: bool) -> int:
     """Bytes one micro batch leaves for backward on a rank running ``apps`` (one virtual
     stage, or the whole plan): the layer applications (each kept exit state passes the tail
-    too), the gates of the cycles ending here, the loss heads on the last stage (final norm,
-    and the hidden- and weight-gradients the fused cross entropy computes in forward), and
-    ``carried_states`` extra hidden states received (cycle input, exit states).
+    too), the gates of the cycles ending here (the cycle's output and the update y - x, [T, d]
+    each), the loss heads on the last stage (final norm's three [T, d], the flattened input,
+    and the hidden- and weight-gradients [T, d], [V/t, d] the fused cross entropy computes in
+    forward), and ``carried_states`` extra hidden states received (cycle input, exit states).
 
     With checkpointing, an application keeps only its input [T, d]; backward recomputes one
     application at a time, so one application's activations come on top."""
@@ -203,12 +205,12 @@ def activation_bytes(config: RunConfig, apps: List[Application], first: bool, la
     exits = sum(1 for c, w in enumerate(model.exit_weights) if w > 0 and c < model.num_cycles - 1)
     runs = sum(1 + (exits if app.after_cycles else 0) for app in apps)
     gates = sum(1 for app in apps if app.ends_cycle) if model.gate else 0
-    total = carried_states * state + gates * (3 * state + tokens * 8)
+    total = carried_states * state + gates * (2 * state + tokens * 8)
     if first:
         total += tokens * 8  # the token ids the embedding's backward reads
     if last:
         losses = 1 + exits
-        total += losses * (3 * state + tokens * 4 + shape.vocab / t * shape.hidden * e)
+        total += losses * (4 * state + tokens * 4 + shape.vocab / t * shape.hidden * e)
     if checkpointing:
         total += runs * state + (layer if runs else 0)
     else:
@@ -322,6 +324,9 @@ def plan_layout(config: RunConfig, nodes: int, gpus_per_node: int, config_name: 
     from megatron_ztt.training.engines import build_model, freeze_all_but_new
     from megatron_ztt.training.optimizer import parameter_groups
 
+    if dist.is_initialized():
+        raise RuntimeError("ztt plan stands in for every rank with a fake process group: run it "
+                           "in a process without torch.distributed initialised")
     world = nodes * gpus_per_node
     if nodes < 1 or gpus_per_node < 1:
         raise ConfigError(f"--nodes and --gpus-per-node must be >= 1, got {nodes} x {gpus_per_node}")

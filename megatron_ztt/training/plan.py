@@ -13,9 +13,11 @@ What is computed, and from what model (every byte figure is per rank):
 
 * parameters: counted on the built module (frozen ones too; ``train.trainable=new`` freezes
   as training does), as ``status.json``'s ``parameters_per_rank``.
-* weights, gradients, optimizer state: ``optimizer_state_bytes`` is what
-  ``metrics.optimizer_state_bytes`` reads in training: the Adam moments and the fp32 master
-  copy DeepSpeed keeps. ZeRO-1/2 flatten each parameter group, pad it to a multiple of
+* weights, gradients, optimizer state: ``optimizer_state_bytes`` is the Adam moments and the
+  fp32 master copy DeepSpeed keeps, what ``metrics.optimizer_state_bytes`` reads in training
+  under ZeRO 0-2 (checked against real runs at ZeRO-1/2); under ZeRO-3 and bf16 ZeRO-0 it also
+  counts the fp32 partition that that function does not read (DeepSpeed's
+  ``fp32_partitioned_groups_flat``, ``fp32_groups_flat_partition``). ZeRO-1/2 flatten each parameter group, pad it to a multiple of
   2 x DP and give each rank 1/DP of it (fp32 master + 2 moments: 12 bytes per element);
   ZeRO-3 partitions each parameter (ceil(numel / DP)); ZeRO-0 keeps the moments of every
   parameter (8 bytes; bf16 adds DeepSpeed's BF16 optimizer's fp32 copy, partitioned).

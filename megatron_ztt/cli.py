@@ -17,6 +17,8 @@ COMMANDS = {
     "import-hf": ("megatron_ztt.pretrained.import_hf",
                   "import a pretrained Hugging Face Llama/Mistral/Qwen2 model as a checkpoint"),
     "generate": ("megatron_ztt.inference.generate", "generate text from an export or checkpoint"),
+    "plan": ("megatron_ztt.training.plan",
+             "size every rank of a layout (parameters, memory, bubble, FLOPs) on the meta device"),
     "plot": ("megatron_ztt.tools.plot_runs", "plot a TensorBoard scalar of several runs (PNG)"),
 }
 

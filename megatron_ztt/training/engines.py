@@ -643,6 +643,22 @@ def freeze_all_but_new(model: torch.nn.Module) -> None:
         param.requires_grad_(name.startswith(NEW_PARAMETERS))
 
 
+def build_model(config: RunConfig) -> torch.nn.Module:
+    """This rank's module, before DeepSpeed wraps it: the whole ``ZTTModel`` (tensor parallel
+    inside) or, with ``parallel.pipeline > 1``, this pipeline rank's ``CircularStage``. Also
+    what ``ztt plan`` builds on the meta device for every rank."""
+    if config.parallel.pipeline > 1:
+        from megatron.core import parallel_state
+
+        from megatron_ztt.parallel.circular import CircularStage
+
+        return CircularStage(config.model, parallel_state.get_pipeline_model_parallel_rank(),
+                             config.parallel.pipeline)
+    from megatron_ztt.model.ztt import ZTTModel
+
+    return ZTTModel(config.model)
+
+
 def build_engine(config: RunConfig) -> TrainingEngine:
     """The model on this rank, wrapped in the DeepSpeed engine its layout needs."""
     import deepspeed
@@ -651,22 +667,17 @@ def build_engine(config: RunConfig) -> TrainingEngine:
     from megatron_ztt.training.optimizer import deepspeed_config, lr_multiplier, parameter_groups
 
     world = dist.get_world_size()
+    model = build_model(config)
     if config.parallel.pipeline > 1:
-        from megatron.core import parallel_state
-
-        from megatron_ztt.parallel.circular import CircularStage, describe_ring
+        from megatron_ztt.parallel.circular import describe_ring
         from megatron_ztt.parallel.mpu import CircularPipelineMPU
 
-        model = CircularStage(config.model, parallel_state.get_pipeline_model_parallel_rank(),
-                              config.parallel.pipeline)
         mpu, kind = CircularPipelineMPU, CircularPipelineEngine
         if dist.get_rank() == 0:
             for line in describe_ring(config.model, config.parallel.pipeline):
                 print(line, flush=True)
     else:
-        from megatron_ztt.model.ztt import ZTTModel
-
-        model, mpu, kind = ZTTModel(config.model), MegatronMPU, DenseEngine
+        mpu, kind = MegatronMPU, DenseEngine
         if config.parallel.zero_stage == 3:
             # ZeRO-3 gathers a parameter only around its own module's forward: the output head
             # reads the embedding's weight and each layer its applications' zero keys.

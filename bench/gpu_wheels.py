@@ -116,8 +116,9 @@ def build_wheels(python: str, lock: dict, image: dict, build: Path, log: Path) -
                log, env)
     if "deepspeed" not in image:
         _, version = lock["deepspeed"]
-        run_logged([python, "-m", "pip", "wheel", "--no-deps", "--quiet", "--no-binary", "deepspeed",
-                    "-w", str(build), f"deepspeed=={version}"], log, dict(env, DS_BUILD_OPS="0"))
+        run_logged([python, "-m", "pip", "wheel", "--no-deps", "--quiet", "--no-binary",
+                    "deepspeed", "-w", str(build), f"deepspeed=={version}"], log,
+                   dict(env, DS_BUILD_OPS="0"))
         built = list(build.glob("deepspeed-*.whl"))
         if len(built) != 1 or not built[0].name.endswith("-py3-none-any.whl"):
             raise SystemExit(f"deepspeed: expected one pure-Python wheel without compiled ops, got "
@@ -143,6 +144,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not re.fullmatch(r"3\.\d+", args.python_version):
         parser.error(f"--python-version {args.python_version}: expected 3.N, e.g. 3.12")
+    image_file = args.image_freeze or args.image
+    if not Path(image_file).is_file():
+        parser.error(f"{'--image-freeze' if args.image_freeze else '--image'} {image_file}: "
+                     "no such file")
     python = sys.executable
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -191,8 +196,8 @@ def main(argv=None) -> int:
         if "torch" in names:
             raise SystemExit(f"the image's torch {image['torch'][1]} does not satisfy what the "
                              f"project needs (see {log}); the folder must not replace torch")
-        replaced = sorted(f"{image[key][0]} {image[key][1]} -> {v}" for key, (n, v) in
-                          ((normalize(n), (n, v)) for n, v, _ in installs) if key in image)
+        replaced = sorted(f"{image[normalize(name)][0]} {image[normalize(name)][1]} -> {version_}"
+                          for name, version_, _ in installs if normalize(name) in image)
         built = {p.name: p for p in build.glob("*.whl")}
         to_download = []
         for name, version_, url in installs:

@@ -64,7 +64,8 @@ def _image_environment(root):
             target = dist.locate_file(top)
             if not (links / top).exists() and os.path.exists(target):
                 (links / top).symlink_to(target)
-    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+    site = subprocess.run([str(python), "-c",
+                           "import sysconfig; print(sysconfig.get_path('purelib'))"],
                           capture_output=True, text=True, check=True).stdout.strip()
     with open(os.path.join(site, "image_torch.pth"), "w") as pth:
         pth.write(f"{links}\n")
@@ -75,7 +76,8 @@ def _image_environment(root):
 def test_wheel_folder_installs_and_runs_the_gpu_check_in_an_image_without_internet():
     REHEARSAL.mkdir(parents=True, exist_ok=True)
     venv = _image_environment(REHEARSAL)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PATH=f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}")
     for variable in ("PYTHON", "PYTHONPATH", "VIRTUAL_ENV", "RANK", "WORLD_SIZE", "LOCAL_RANK",
                      "MASTER_ADDR", "MASTER_PORT", "ZTT_CHECK_DEVICE", "TORCH_EXTENSIONS_DIR"):
         env.pop(variable, None)

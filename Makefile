@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 WORKDIR ?= work/demo
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install test test-fast demo bench clean wheelhouse
 
 install: $(STAMP)
 
@@ -29,6 +29,12 @@ test-fast: install
 
 demo: install
 	WORKDIR=$(WORKDIR) PATH=$(abspath $(BIN)):$$PATH bash launch/demo.sh
+
+# The wheel folder for a GPU node without internet (docs/GPU.md); needs only python3 with pip.
+# e.g. make wheelhouse WHEELHOUSE_ARGS="--python-version 3.12 --out work/gpu_wheels"
+WHEELHOUSE_ARGS ?=
+wheelhouse:
+	bash bench/gpu_wheels.sh $(WHEELHOUSE_ARGS)
 
 clean:
 	rm -rf $(VENV) work build *.egg-info

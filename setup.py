@@ -6,7 +6,7 @@ setup(
     version="0.1.0",
     description="Distributed pretraining of Zero Token Transformers (looped transformers with "
     "zero-token attention and early exit) on megatron-core and DeepSpeed",
-    python_requires=">=3.10,<3.12",
+    python_requires=">=3.10,<3.13",
     packages=find_packages(include=["megatron_ztt", "megatron_ztt.*"]),
     package_data={"megatron_ztt.export": ["hf_template/*.py"]},
     install_requires=[

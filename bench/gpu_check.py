@@ -1,9 +1,12 @@
 """The Python half of ``bench/gpu_check.sh``: a bf16 throughput benchmark of ZTT against
 megatron-core at the sizes of ``launch/configs/ztt_125m.yaml`` and ``ztt_1b.yaml``, and the
-report that gathers every part of the check into one table and one JSON file.
+report that gathers every part of the check into one table and one JSON file, and the
+versions the check runs with (from the image, or from the wheel folder that
+``gpu_check.sh --wheels`` installed).
 
     python bench/gpu_check.py throughput --size 125m [--cpu] [--out FILE]
     python bench/gpu_check.py report OUT_DIR          # after bench/gpu_check.sh's parts
+    python bench/gpu_check.py versions [--wheels-site DIR] [--out FILE]
 
 Throughput: one process on the device that ``megatron_ztt.parallel.runtime`` picks. The
 baseline is megatron-core's ``TransformerBlock`` with as many layers as ZTT has layer
@@ -22,7 +25,10 @@ CPU the process's max RSS (cumulative, not per model). ``--cpu`` keeps each conf
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
+import platform
+import shutil
 import statistics
 import sys
 import time
@@ -46,6 +52,10 @@ CPU_MODEL = dict(hidden_size=32, ffn_hidden_size=64, num_attention_heads=4, num_
                  seq_length=32, vocab_size=256, make_vocab_size_divisible_by=64)
 CPU_MICRO_BATCH = 2
 PARTS = ["device", "tests", "throughput_125m", "throughput_1b"]
+# the packages whose versions the check prints, and where each comes from
+VERSIONED = ["torch", "transformers", "tokenizers", "safetensors", "sentencepiece", "numpy",
+             "megatron-core", "deepspeed", "pydantic", "omegaconf", "pytest"]
+TOOLS = ["ninja", "nvcc"]  # DeepSpeed's op builds on first use (nvcc: CUDA only)
 
 
 def load_size(size: str, cpu: bool):
@@ -141,6 +151,45 @@ def throughput(args) -> dict:
     return report
 
 
+# --------------------------------------------------------------------------- versions
+def versions(wheels_site: str | None) -> dict:
+    """Python, the packages of VERSIONED (version; ``wheels`` if installed from the wheel folder
+    at ``wheels_site``, else ``image``; ``environment`` without a folder), torch's CUDA, the
+    code's checkout and the build tools."""
+    site = Path(wheels_site).resolve() if wheels_site else None
+    packages = {}
+    for name in VERSIONED:
+        try:
+            dist = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            packages[name] = None
+            continue
+        location = Path(dist.locate_file("")).resolve()
+        packages[name] = {"version": dist.version, "location": str(location),
+                          "source": ("wheels" if location == site else "image") if site
+                          else "environment"}
+    import megatron_ztt
+
+    return {"python": platform.python_version(), "python_executable": sys.executable,
+            "torch_cuda": torch.version.cuda, "packages": packages,
+            "megatron_ztt": str(Path(megatron_ztt.__file__).resolve().parent),
+            "wheels_site": str(site) if site else None,
+            "tools": {tool: shutil.which(tool) for tool in TOOLS}}
+
+
+def print_versions(found: dict):
+    print(f"[gpu_check] Python {found['python']} ({found['python_executable']}), torch CUDA "
+          f"{found['torch_cuda'] or '-'}, megatron_ztt from {found['megatron_ztt']}")
+    for name, package in found["packages"].items():
+        if package is None:
+            print(f"  {name:<14} missing")
+        else:
+            print(f"  {name:<14} {package['version']:<12} {package['source']:<7} "
+                  f"{package['location']}")
+    for tool, path in found["tools"].items():
+        print(f"  {tool:<14} {path or 'not on PATH'}")
+
+
 # --------------------------------------------------------------------------- report
 def read_parts(directory: Path) -> dict:
     """parts.tsv (written by gpu_check.sh): name, exit status, seconds, time limit."""
@@ -177,8 +226,9 @@ def _gib(value) -> str:
     return f"{value / 2**30:.2f}" if value else "-"
 
 
-def report(directory: Path, mode: str) -> int:
+def report(directory: Path, mode: str, wheels: bool = False) -> int:
     parts = read_parts(directory)
+    expected_parts = (["install"] if wheels else []) + PARTS
     tests = read_junit(directory / "tests.xml")
     throughputs = {}
     for size in SIZES:
@@ -186,7 +236,7 @@ def report(directory: Path, mode: str) -> int:
         if path.is_file():
             throughputs[size] = json.loads(path.read_text())
     problems = []
-    for name in PARTS:
+    for name in expected_parts:
         part = parts.get(name)
         if part is None:
             problems.append(f"{name}: did not run")
@@ -207,12 +257,15 @@ def report(directory: Path, mode: str) -> int:
         if size not in throughputs and passed(f"throughput_{size}"):
             problems.append(f"throughput_{size}: no results")
     device = directory / "device.txt"
+    found = directory / "versions.json"
     summary = {
         "mode": mode,
+        "wheels": wheels,
         "ok": not problems,
         "problems": problems,
         "device_name": device.read_text().strip() if device.is_file() else None,
         "parts": parts,
+        "versions": json.loads(found.read_text()) if found.is_file() else None,
         "tests": tests,
         "throughput": throughputs,
         "output_dir": str(directory),
@@ -220,7 +273,13 @@ def report(directory: Path, mode: str) -> int:
     (directory / "gpu_check.json").write_text(json.dumps(summary, indent=2) + "\n")
 
     print(f"\nGPU check ({mode}) on {summary['device_name'] or 'no device'}")
-    for name in PARTS:
+    if summary["versions"]:
+        v = summary["versions"]
+        print("  " + ", ".join(
+            [f"Python {v['python']}"] + [f"{name} {p['version']} ({p['source']})" for name, p in
+                                         v["packages"].items() if p and name in
+                                         ("torch", "transformers", "megatron-core", "deepspeed")]))
+    for name in expected_parts:
         part = parts.get(name)
         if part:
             print(f"  {name:<16} exit {part['rc']:<4} {part['seconds']:7.1f} s "
@@ -262,11 +321,21 @@ def main():
     summary = sub.add_parser("report", help="gather a gpu_check.sh output directory")
     summary.add_argument("directory")
     summary.add_argument("--mode", choices=["cuda", "cpu"], default="cuda")
+    summary.add_argument("--wheels", action="store_true", help="the check installed a wheel folder")
+    listing = sub.add_parser("versions", help="the versions the check runs with")
+    listing.add_argument("--wheels-site", help="where gpu_check.sh --wheels installed the folder")
+    listing.add_argument("--out", help="write them as JSON here too")
     args = parser.parse_args()
     if args.command == "throughput":
         throughput(args)
         return 0
-    return report(Path(args.directory), args.mode)
+    if args.command == "versions":
+        found = versions(args.wheels_site)
+        print_versions(found)
+        if args.out:
+            Path(args.out).write_text(json.dumps(found, indent=2) + "\n")
+        return 0
+    return report(Path(args.directory), args.mode, args.wheels)
 
 
 if __name__ == "__main__":

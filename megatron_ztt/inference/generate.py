@@ -2,7 +2,8 @@
 
     ztt generate --model DIR --prompt "Once upon a time" [--max-new-tokens 64]
                  [--exit-threshold 0.4] [--exit-mode sequence|token] [--exit-signal NAME]
-                 [--num-cycles N] [--temperature 0.8]
+                 [--num-cycles N] [--temperature 0.8 --top-p 0.9 --repetition-penalty 1.3
+                 --seed 0]
 
 DIR is either a Hugging Face export (``ztt export-hf``) or a training checkpoint, which is
 exported (fp32) into a temporary directory first, through the same code. The continuation goes
@@ -87,8 +88,10 @@ def fit_prompt(input_ids, max_new_tokens: int, context: int | None, notice=None)
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64,
                   exit_threshold: float | None = None, exit_mode: str | None = None,
                   temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                  notice=None, exit_signal: str | None = None, num_cycles: int | None = None):
-    """-> (continuation, mean cycles per new token). temperature 0 is greedy decoding.
+                  notice=None, exit_signal: str | None = None, num_cycles: int | None = None,
+                  repetition_penalty: float | None = None):
+    """-> (continuation, mean cycles per new token). temperature 0 is greedy decoding;
+    ``repetition_penalty`` (> 1 discourages tokens already in the text) applies to both.
 
     ``notice(message)`` is told when the prompt is cut to fit the context (see fit_prompt).
     """
@@ -104,6 +107,8 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64,
                    pad_token_id=tokenizer.pad_token_id)
     if sampling:
         options.update(temperature=temperature, top_k=top_k, top_p=top_p)
+    if repetition_penalty is not None:
+        options["repetition_penalty"] = repetition_penalty
     if exit_threshold is not None:
         options["exit_threshold"] = exit_threshold
     if exit_mode is not None:
@@ -139,7 +144,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sampling temperature; 0 decodes greedily (default)")
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+    parser.add_argument("--repetition-penalty", type=float, default=None, metavar="P",
+                        help="divide the scores of tokens already in the text by P (> 1 "
+                             "discourages loops such as 'the little little little'; "
+                             "default: none)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="random seed for sampling: the same seed gives the same sample")
     parser.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
                         help="compute dtype (default: the exported weights' dtype)")
 
@@ -151,6 +161,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1:
         print("ztt generate: error: --max-new-tokens must be >= 1", file=sys.stderr)
+        return 1
+    if args.repetition_penalty is not None and not args.repetition_penalty > 0:
+        print("ztt generate: error: --repetition-penalty must be > 0 (1 is no penalty)",
+              file=sys.stderr)
         return 1
     if not args.prompt:  # checked again on the token ids, once the tokenizer is loaded
         print("ztt generate: error: the prompt is empty: give some text to continue",
@@ -168,7 +182,8 @@ def run(args: argparse.Namespace) -> int:
             model, tokenizer, args.prompt, args.max_new_tokens, args.exit_threshold,
             args.exit_mode, args.temperature, args.top_k, args.top_p,
             notice=lambda message: print(f"ztt generate: note: {message}", file=sys.stderr),
-            exit_signal=args.exit_signal, num_cycles=args.num_cycles)
+            exit_signal=args.exit_signal, num_cycles=args.num_cycles,
+            repetition_penalty=args.repetition_penalty)
     except ValueError as error:  # e.g. an exit threshold for a model without zero tokens
         print(f"ztt generate: error: {error}", file=sys.stderr)
         return 1

@@ -22,7 +22,8 @@ def texts():
     paragraphs = []
     for path in sorted(SAMPLE_CORPUS.glob("*.txt"))[:2]:
         paragraphs += [p for p in path.read_text(encoding="utf-8-sig").split("\n\n") if p.strip()]
-    return paragraphs[:500] + ["", "  \n "] + paragraphs[500:1000] + ["ünïcödé 😀 — the end"]
+    return (paragraphs[:500] + ["", "  \n "] + paragraphs[500:1000]
+            + ["ünïcödé 😀 — the end"])
 
 
 @pytest.fixture(scope="module")

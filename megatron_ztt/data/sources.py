@@ -167,7 +167,7 @@ class _ZstdReader(io.RawIOBase):
         self._frame = self._context.decompressobj()
         self._in_frame = False  # bytes of an unfinished frame were fed
         self._pending = b""  # compressed bytes past the end of the last frame
-        self._buffer = b""
+        self._buffer = memoryview(b"")  # decompressed, not yet returned
 
     def readable(self) -> bool:
         return True
@@ -180,14 +180,14 @@ class _ZstdReader(io.RawIOBase):
                 if self._in_frame:
                     raise EOFError("the file ends inside a zstd frame (truncated?)")
                 return 0
-            self._buffer = self._frame.decompress(compressed)
+            self._buffer = memoryview(self._frame.decompress(compressed))
             self._in_frame = not self._frame.eof
             if self._frame.eof:
                 self._pending = self._frame.unused_data
                 self._frame = self._context.decompressobj()
         size = min(len(target), len(self._buffer))
         target[:size] = self._buffer[:size]
-        self._buffer = self._buffer[size:]
+        self._buffer = self._buffer[size:]  # a view: no copy of the rest
         return size
 
     def close(self) -> None:

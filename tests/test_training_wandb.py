@@ -104,7 +104,7 @@ def test_wandb_logs_the_tensorboard_scalars_and_config_and_resumes_the_same_run(
     config = {item.key: json.loads(item.value_json) for item in run.config.update}
     assert config["model"]["hidden_size"] == 32 and config["train"]["train_iters"] == 4
     assert config["logging"]["wandb_project"] == "ztt-test"
-    assert not (Path.cwd() / "wandb").exists() or Path.cwd() == tmp_path  # nothing in the repo
+    assert not (run_dir / "wandb").exists()  # WANDB_DIR, when set, holds all of W&B's files
 
 
 def test_wandb_settings_are_checked_at_start(sample_data, tmp_path):

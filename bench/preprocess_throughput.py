@@ -208,8 +208,11 @@ def main() -> None:
             for kind, workers in variants:
                 free = available_cpus(workers)
                 prefix = f"{scratch}/out-{kind}-{workers}"
-                runs[kind, workers].append({**_measure(inputs[kind], tokenizer, prefix, workers),
-                                            "cpus_free_before": free, "format": kind})
+                run = _measure(inputs[kind], tokenizer, prefix, workers)
+                runs[kind, workers].append({**run, "cpus_free_before": free, "format": kind})
+                print(f"round {len(runs[kind, workers])}: {kind}, {workers} worker(s): "
+                      f"{run['seconds']:.1f} s ({free:.2f} CPUs free before; load "
+                      f"{os.getloadavg()[0]:.1f})", flush=True)
         results = []
         for variant in variants:
             ordered = sorted(runs[variant], key=lambda r: r["seconds"])

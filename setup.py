@@ -23,9 +23,12 @@ setup(
         "tokenizers",
         "safetensors",
         "matplotlib",  # ztt plot
+        "pyarrow",  # parquet and arrow (datasets folder) corpora
+        "zstandard",  # .jsonl.zst / .json.zst corpora
     ],
     extras_require={
-        "dev": ["pytest", "pytest-timeout"],
+        "dev": ["pytest", "pytest-timeout", "datasets"],  # datasets: writes save_to_disk folders
+        "wandb": ["wandb"],  # logging.wandb_project
         "import": ["gguf", "accelerate"],  # ztt import-hf --gguf (transformers needs both)
     },
     entry_points={"console_scripts": ["ztt=megatron_ztt.cli:main"]},

@@ -1,6 +1,7 @@
-"""Preprocessing throughput and peak memory for 1 and N tokeniser workers.
+"""Preprocessing throughput and peak memory for 1 and N tokeniser workers, and input formats.
 
     python bench/preprocess_throughput.py [INPUT_DIR] [--workers 1 2] [--tokenizer M.model]
+                                          [--formats jsonl parquet jsonl.zst] [--repeat 3]
 
 INPUT_DIR defaults to ../shared/data/gutenberg relative to the repository root. Without
 --tokenizer, a BPE tokenizer (--vocab-size, default 32000) is first trained on a sample of the
@@ -10,12 +11,19 @@ tokens, the preprocessing time measured inside the run (excluding interpreter st
 imports), tokens/s, the wall time of the whole command, the CPU time of all its processes,
 the peak summed RSS of the tree and the peak RSS of the main process. Before each run, N busy
 processes probe how many CPUs they actually get (the machine may be shared). The runs must
-produce byte-identical files."""
+produce byte-identical files.
+
+--formats first writes the input's documents (read by megatron_ztt.data.sources, one per .txt
+file) as each format: `jsonl` (one line per document), `jsonl.zst` (the same bytes, zstd level
+3), `parquet` (one row per document, 10 rows per row group, snappy); `txt` is the input itself.
+The variants (format x workers) run interleaved, --repeat rounds; each reports its median run,
+and its preprocess-time ratio to jsonl with the same workers (median over median)."""
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import statistics
 import json
 import os
 import resource
@@ -123,6 +131,38 @@ def _verify(input_dir: str, tokenizer: str, prefix: str) -> None:
     print(f"verified: all {count} documents equal SentencePiece's whole-text encoding")
 
 
+FORMATS = ("txt", "jsonl", "jsonl.zst", "parquet")
+
+
+def write_formats(input_dir: Path, formats, scratch: str) -> dict[str, str]:
+    """The input's documents as each format: {format: path}."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    from megatron_ztt.data import sources
+
+    texts = [d.text for d in sources.iter_documents(sources.expand_inputs([input_dir]))]
+    jsonl = "".join(json.dumps({"text": text}, ensure_ascii=False) + "\n"
+                    for text in texts).encode()
+    paths = {}
+    for kind in formats:
+        path = Path(scratch) / f"corpus.{kind}"
+        if kind == "txt":
+            path = input_dir
+        elif kind == "jsonl":
+            path.write_bytes(jsonl)
+        elif kind == "jsonl.zst":
+            path.write_bytes(zstandard.ZstdCompressor(level=3).compress(jsonl))
+        elif kind == "parquet":
+            pq.write_table(pa.table({"text": texts}), path, row_group_size=10)
+        size = sum(p.stat().st_size for p in path.rglob("*")) if path.is_dir() \
+            else path.stat().st_size
+        print(f"format {kind}: {path.name} ({size / 2**20:.1f} MiB)")
+        paths[kind] = str(path)
+    return paths
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("input", nargs="?", default=str(DEFAULT_INPUT))
@@ -132,7 +172,9 @@ def main() -> None:
     parser.add_argument("--train-lines", type=int, default=200_000,
                         help="lines sampled to train the tokenizer")
     parser.add_argument("--repeat", type=int, default=1,
-                        help="runs per worker count; the fastest is reported")
+                        help="interleaved rounds of every variant; the median is reported")
+    parser.add_argument("--formats", nargs="+", choices=FORMATS, default=["txt"],
+                        help="input formats to compare (default: the .txt input as it is)")
     parser.add_argument("--verify", action="store_true",
                         help="also check every document against SentencePiece's encoding of "
                              "the whole text (slow)")
@@ -159,31 +201,49 @@ def main() -> None:
             tokenizer = report.model_path
             print(f"tokenizer: bpe vocab {args.vocab_size}, trained on {report.sampled:,} of "
                   f"{report.lines:,} lines in {report.seconds:.1f} s")
-        results = []
-        for workers in args.workers:
-            runs = []
-            for _ in range(args.repeat):
+        inputs = write_formats(input_dir, args.formats, scratch)
+        variants = [(kind, workers) for kind in args.formats for workers in args.workers]
+        runs: dict = {variant: [] for variant in variants}
+        for _ in range(args.repeat):  # interleaved, so that a change of load hits every variant
+            for kind, workers in variants:
                 free = available_cpus(workers)
-                runs.append({**_measure(str(input_dir), tokenizer, f"{scratch}/out{workers}",
-                                        workers), "cpus_free_before": free})
-            results.append(min(runs, key=lambda r: r["seconds"]))
+                prefix = f"{scratch}/out-{kind}-{workers}"
+                run = _measure(inputs[kind], tokenizer, prefix, workers)
+                runs[kind, workers].append({**run, "cpus_free_before": free, "format": kind})
+                print(f"round {len(runs[kind, workers])}: {kind}, {workers} worker(s): "
+                      f"{run['seconds']:.1f} s ({free:.2f} CPUs free before; load "
+                      f"{os.getloadavg()[0]:.1f})", flush=True)
+        results = []
+        for variant in variants:
+            ordered = sorted(runs[variant], key=lambda r: r["seconds"])
+            results.append({**ordered[(len(ordered) - 1) // 2],  # the median run (lower middle)
+                            "median_seconds": statistics.median(r["seconds"]
+                                                                for r in ordered)})
+        medians = {(r["format"], r["workers"]): r["median_seconds"] for r in results}
+        for r in results:
+            base = medians.get(("jsonl", r["workers"]))
+            r["vs_jsonl"] = r["median_seconds"] / base if base else None
         if args.verify:
-            _verify(str(input_dir), tokenizer, f"{scratch}/out{args.workers[0]}")
+            _verify(str(input_dir), tokenizer,
+                    f"{scratch}/out-{args.formats[0]}-{args.workers[0]}")
 
-    print("\n| workers | CPUs free before | documents | tokens | preprocess s | tokens/s | wall s "
-          "(with start-up) | CPU s (all processes) | peak RSS, all processes | peak RSS, main "
-          "process |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"\nload average at the end: {os.getloadavg()}")
+    print("\n| format | workers | CPUs free before | documents | tokens | preprocess s | "
+          "vs jsonl | tokens/s | wall s (with start-up) | CPU s (all processes) | peak RSS, "
+          "all processes | peak RSS, main process |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['workers']} | {r['cpus_free_before']:.2f} of {r['workers']} | "
-              f"{r['documents']:,} | {r['tokens']:,} | {r['seconds']:.1f} | "
-              f"{r['tokens_per_s']:,.0f} | {r['wall']:.1f} | {r['cpu']:.1f} | "
+        ratio = "" if r["vs_jsonl"] is None else f"{r['vs_jsonl']:.2f}"
+        print(f"| {r['format']} | {r['workers']} | {r['cpus_free_before']:.2f} of "
+              f"{r['workers']} | {r['documents']:,} | {r['tokens']:,} | "
+              f"{r['median_seconds']:.1f} | {ratio} | "
+              f"{r['tokens'] / r['median_seconds']:,.0f} | {r['wall']:.1f} | {r['cpu']:.1f} | "
               f"{r['tree_peak_rss'] / 2**20:,.0f} MiB | {r['main_peak_rss'] / 2**20:,.0f} MiB |")
     identical = len({r["sha256"] for r in results}) == 1
-    print(f"\noutputs byte-identical across worker counts: {identical}")
+    print(f"\noutputs byte-identical across formats and worker counts: {identical}")
     print(json.dumps({"input_mib": size / 2**20, "results": results}))
     if not identical:
-        raise SystemExit("outputs differ between worker counts")
+        raise SystemExit("outputs differ between formats or worker counts")
 
 
 if __name__ == "__main__":

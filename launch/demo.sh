@@ -41,10 +41,21 @@ ztt eval --checkpoint "$WORKDIR/run/checkpoints" --exit-threshold 0.02 0.025 \
 step "5/6 export to a Hugging Face model directory"
 ztt export-hf --checkpoint "$WORKDIR/run/checkpoints" --output "$WORKDIR/hf" --dtype fp32
 
-step "6/6 generate with transformers (trust_remote_code), full depth and with early exit"
-ztt generate --model "$WORKDIR/hf" --prompt "Alice was beginning to get very tired" \
-    --max-new-tokens 60
-ztt generate --model "$WORKDIR/hf" --prompt "Alice was beginning to get very tired" \
-    --max-new-tokens 60 --exit-threshold 0.02 --exit-mode token
+step "6/6 generate with transformers (trust_remote_code): sampled, greedy, greedy with early exit"
+PROMPT="Alice was beginning to get very tired"
+# what a user would run: nucleus sampling with a repetition penalty (a tiny model left to
+# itself loops: "the little little little"), seeded so that the demo prints the same text
+SAMPLE=(--temperature 0.8 --top-p 0.9 --repetition-penalty 1.3 --seed 0)
+generate() {  # LABEL ARGS...: print the prompt, then the continuation ztt generate writes
+    local label=$1
+    shift
+    printf -- '-- %s\nprompt:       %s\ncontinuation: ' "$label" "$PROMPT"
+    ztt generate --model "$WORKDIR/hf" --prompt "$PROMPT" --max-new-tokens 60 "$@"
+}
+generate "sampled (top-p 0.9, temperature 0.8, repetition penalty 1.3, seed 0), full depth" \
+    "${SAMPLE[@]}"
+generate "greedy (repetition penalty 1.3), full depth" --repetition-penalty 1.3
+generate "greedy (repetition penalty 1.3), early exit at 0.02 per token" \
+    --repetition-penalty 1.3 --exit-threshold 0.02 --exit-mode token
 
 printf '\nDone. TensorBoard: tensorboard --logdir %s/run/tensorboard\n' "$WORKDIR"

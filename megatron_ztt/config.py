@@ -10,6 +10,7 @@ value of the wrong type fails at once naming the key; cross-field rules are chec
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -92,6 +93,9 @@ class EvalSection:
 class LoggingSection:
     interval: int = 10
     tensorboard: bool = True
+    wandb_project: Optional[str] = None  # set to log the same scalars to Weights & Biases
+    wandb_run_name: Optional[str] = None  # default: run.name
+    wandb_entity: Optional[str] = None  # default: wandb's (your user)
     peak_flops_per_device: float = 1.0e12  # for MFU; set to your accelerator's dense peak
 
 
@@ -269,6 +273,12 @@ def validate(config: RunConfig) -> None:
         fail("eval.iters", f"must be >= 0 (0: no validation), got {config.eval.iters}")
     if config.logging.interval < 1:
         fail("logging.interval", f"must be >= 1, got {config.logging.interval}")
+    if config.logging.wandb_project is not None:
+        if not config.logging.wandb_project.strip():
+            fail("logging.wandb_project", "is empty: name a W&B project, or leave it unset")
+        if importlib.util.find_spec("wandb") is None:
+            fail("logging.wandb_project", "needs the wandb package: pip install wandb "
+                 "(or leave logging.wandb_project unset)")
     config.model.check_parallel_layout(parallel.tensor, parallel.pipeline)
 
 

@@ -170,6 +170,40 @@ def test_cli_generate_prints_continuation_and_cycles(exported, capsys):
     assert f"mean cycles used: 1.00 of {config.num_cycles}" in err
 
 
+def test_cli_sampling_with_top_p_and_repetition_penalty_is_reproducible(exported, capsys):
+    from megatron_ztt.cli import main
+
+    _, _, path = exported
+    sample = ["generate", "--model", str(path), "--prompt", "Dorothy lived in the midst",
+              "--max-new-tokens", "12", "--temperature", "0.8", "--top-p", "0.9",
+              "--repetition-penalty", "1.3"]
+    outputs = []
+    for seed in (7, 7, 8):
+        assert main(sample + ["--seed", str(seed)]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] != outputs[2]
+    assert main(sample + ["--repetition-penalty", "0"]) == 1
+    assert capsys.readouterr().err == (
+        "ztt generate: error: --repetition-penalty must be a finite number > 0 (1 is no penalty), "
+        "got 0.0\n")
+
+
+def test_repetition_penalty_keeps_greedy_decoding_off_tokens_already_seen(exported):
+    from megatron_ztt.inference.generate import generate_text, load
+
+    _, _, path = exported
+    model, tokenizer = load(path)
+    prompt = "Dorothy lived"
+    seen = set(tokenizer(prompt)["input_ids"])
+    plain, _ = generate_text(model, tokenizer, prompt, max_new_tokens=10)
+    penalised, _ = generate_text(model, tokenizer, prompt, max_new_tokens=10,
+                                 repetition_penalty=1e9)
+    assert plain != penalised
+    # a huge penalty leaves a seen token only when no unseen one scores above zero
+    new = tokenizer(penalised, add_special_tokens=False)["input_ids"]
+    assert len(set(new)) >= len(new) - 1 and len(set(new) & seen) <= 1, (new, seen)
+
+
 def test_cli_generate_from_a_checkpoint_exports_first(exported, tmp_path, capsys, monkeypatch):
     """A training checkpoint goes through the same export (into a temporary directory)."""
     from megatron_ztt.cli import main

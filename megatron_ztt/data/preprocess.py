@@ -454,10 +454,11 @@ def preprocess(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Tokenise text into Megatron-LM .bin/.idx files: one document per .txt file, one per "
-        "line of .jsonl / .jsonl.gz."
+        "line of JSON lines (.jsonl, .jsonl.gz, .jsonl.zst, ...), one per row of .parquet and "
+        ".arrow (a `datasets` folder)."
     )
     parser.add_argument("--input", nargs="+", required=True, metavar="PATH",
-                        help="files (.txt, .jsonl, .jsonl.gz) or directories searched recursively")
+                        help=sources.INPUT_HELP)
     parser.add_argument("--tokenizer", required=True, metavar="PATH",
                         help="SentencePiece .model from `ztt tokenizer train`, or a Hugging Face "
                              "tokenizer: tokenizer.json or a directory holding it")
@@ -465,7 +466,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="writes OUT.bin, OUT.idx and OUT.tokenizer.json")
     parser.add_argument("--workers", type=int, default=1, metavar="N",
                         help="tokeniser processes (default 1)")
-    parser.add_argument("--json-key", default="text", help="text field of .jsonl records")
+    parser.add_argument("--json-key", "--text-key", dest="json_key", default="text",
+                        help=sources.TEXT_KEY_HELP)
     parser.add_argument("--append-eod", action="store_true",
                         help="end every document with the end-of-document token (the "
                              "tokenizer's eos)")

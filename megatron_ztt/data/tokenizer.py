@@ -241,16 +241,17 @@ def train_tokenizer(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")
     train = sub.add_parser(
-        "train", help="train a SentencePiece model from .txt / .jsonl / .jsonl.gz files",
+        "train", help="train a SentencePiece model from text, JSON lines, parquet or arrow",
         description="Train a SentencePiece tokenizer (byte fallback; unk=0 bos=1 eos=2 pad=3).",
     )
     train.add_argument("--input", nargs="+", required=True, metavar="PATH",
-                       help="files (.txt, .jsonl, .jsonl.gz) or directories searched recursively")
+                       help=sources.INPUT_HELP)
     train.add_argument("--vocab-size", type=int, required=True, metavar="N")
     train.add_argument("--output", required=True, metavar="PREFIX",
                        help="writes PREFIX.model and PREFIX.vocab")
     train.add_argument("--model-type", choices=MODEL_TYPES, default="bpe")
-    train.add_argument("--json-key", default="text", help="text field of .jsonl records")
+    train.add_argument("--json-key", "--text-key", dest="json_key", default="text",
+                       help=sources.TEXT_KEY_HELP)
     train.add_argument("--on-error", choices=sources.ON_ERROR_CHOICES, default="raise",
                        help="'skip' counts and skips unreadable documents instead of stopping")
     train.add_argument("--input-sentence-size", type=int, default=DEFAULT_INPUT_SENTENCE_SIZE,

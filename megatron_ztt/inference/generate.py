@@ -2,7 +2,8 @@
 
     ztt generate --model DIR --prompt "Once upon a time" [--max-new-tokens 64]
                  [--exit-threshold 0.4] [--exit-mode sequence|token] [--exit-signal NAME]
-                 [--num-cycles N] [--temperature 0.8]
+                 [--num-cycles N] [--temperature 0.8 --top-p 0.9 --repetition-penalty 1.3
+                 --seed 0]
 
 DIR is either a Hugging Face export (``ztt export-hf``) or a training checkpoint, which is
 exported (fp32) into a temporary directory first, through the same code. The continuation goes
@@ -88,8 +89,10 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64,
                   exit_threshold: float | None = None, exit_mode: str | None = None,
                   temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                   notice=None, exit_signal: str | None = None, num_cycles: int | None = None,
-                  add_special_tokens: bool = False):
-    """-> (continuation, mean cycles per new token). temperature 0 is greedy decoding.
+                  add_special_tokens: bool = False,
+                  repetition_penalty: float | None = None):
+    """-> (continuation, mean cycles per new token). temperature 0 is greedy decoding;
+    ``repetition_penalty`` (> 1 discourages tokens already in the text) applies to both.
 
     ``notice(message)`` is told when the prompt is cut to fit the context (see fit_prompt).
     The prompt is encoded as ``ztt preprocess`` encodes the training data, without the
@@ -109,6 +112,8 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64,
                    pad_token_id=tokenizer.pad_token_id)
     if sampling:
         options.update(temperature=temperature, top_k=top_k, top_p=top_p)
+    if repetition_penalty is not None:
+        options["repetition_penalty"] = repetition_penalty
     if exit_threshold is not None:
         options["exit_threshold"] = exit_threshold
     if exit_mode is not None:
@@ -123,7 +128,8 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64,
     return tokenizer.decode(new_tokens, skip_special_tokens=True), model.mean_cycles_used
 
 
-def sampling_flag_problem(temperature: float, top_k, top_p) -> str | None:
+def sampling_flag_problem(temperature: float, top_k, top_p,
+                          repetition_penalty=None) -> str | None:
     """What is wrong with the sampling flags (transformers would ignore some silently)."""
     import math
 
@@ -133,6 +139,10 @@ def sampling_flag_problem(temperature: float, top_k, top_p) -> str | None:
         return f"--top-k must be >= 1, got {top_k}"
     if top_p is not None and not 0 < top_p <= 1:
         return f"--top-p must be in (0, 1], got {top_p}"
+    if repetition_penalty is not None and not (math.isfinite(repetition_penalty)
+                                               and repetition_penalty > 0):
+        return ("--repetition-penalty must be a finite number > 0 (1 is no penalty), "
+                f"got {repetition_penalty}")
     return None
 
 
@@ -157,7 +167,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sampling temperature; 0 decodes greedily (default)")
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+    parser.add_argument("--repetition-penalty", type=float, default=None, metavar="P",
+                        help="divide the scores of tokens already in the text by P (> 1 "
+                             "discourages loops such as 'the little little little'; "
+                             "default: none)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="random seed for sampling: the same seed gives the same sample")
     parser.add_argument("--add-special-tokens", action="store_true",
                         help="encode the prompt with the tokenizer's template (e.g. a BOS); by "
                              "default it is encoded as the training data is, without them")
@@ -173,7 +188,8 @@ def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         print("ztt generate: error: --max-new-tokens must be >= 1", file=sys.stderr)
         return 1
-    bad = sampling_flag_problem(args.temperature, args.top_k, args.top_p)
+    bad = sampling_flag_problem(args.temperature, args.top_k, args.top_p,
+                                args.repetition_penalty)
     if bad:
         print(f"ztt generate: error: {bad}", file=sys.stderr)
         return 1
@@ -194,7 +210,8 @@ def run(args: argparse.Namespace) -> int:
             args.exit_mode, args.temperature, args.top_k, args.top_p,
             notice=lambda message: print(f"ztt generate: note: {message}", file=sys.stderr),
             exit_signal=args.exit_signal, num_cycles=args.num_cycles,
-            add_special_tokens=args.add_special_tokens)
+            add_special_tokens=args.add_special_tokens,
+            repetition_penalty=args.repetition_penalty)
     except ValueError as error:  # e.g. an exit threshold for a model without zero tokens
         print(f"ztt generate: error: {error}", file=sys.stderr)
         return 1

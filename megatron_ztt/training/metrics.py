@@ -1,9 +1,10 @@
-"""Training metrics: reduction over ranks, TensorBoard scalars, the console line, FLOPs."""
+"""Training metrics: reduction over ranks, TensorBoard and W&B scalars, the console line, FLOPs."""
 
 from __future__ import annotations
 
 import datetime
 import os
+import secrets
 from typing import Dict, Iterable, Optional
 
 import torch
@@ -89,6 +90,71 @@ class TensorBoardLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+class WandbLogger:
+    """The same scalars in a Weights & Biases run, with the run config (one rank writes).
+
+    The run's id is kept in ``RUN_DIR/wandb_run_id``: a resumed training (``resuming``)
+    continues the same W&B run, a fresh start begins a new one. ``WANDB_MODE=offline`` (wandb's
+    own variable) logs without a network; the files go under ``WANDB_DIR`` when that is set,
+    else under the run directory.
+    """
+
+    ID_FILE = "wandb_run_id"
+
+    def __init__(self, project: Optional[str], enabled: bool, run_dir: str = ".",
+                 name: Optional[str] = None, entity: Optional[str] = None,
+                 config: Optional[dict] = None, resuming: bool = False):
+        self.run = None
+        if not (enabled and project):
+            return
+        import wandb
+
+        os.makedirs(run_dir, exist_ok=True)
+        id_path = os.path.join(run_dir, self.ID_FILE)
+        if resuming and os.path.exists(id_path):
+            with open(id_path) as stream:
+                run_id = stream.read().strip()
+        else:
+            run_id = secrets.token_hex(4)  # W&B ids: lowercase letters and digits
+            with open(id_path, "w") as stream:
+                stream.write(run_id + "\n")
+        self.run = wandb.init(project=project, entity=entity, name=name, id=run_id,
+                              resume="allow", config=config,
+                              dir=os.environ.get("WANDB_DIR") or run_dir)
+
+    def scalars(self, values: Dict[str, float], step: int) -> None:
+        if self.run is not None:
+            self.run.log(dict(values), step=step)
+
+    def text(self, tag: str, text: str) -> None:
+        if self.run is not None:
+            self.run.summary[tag] = text
+
+    def close(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+
+class ScalarLoggers:
+    """Every scalar sink of a run (TensorBoard, W&B), written together."""
+
+    def __init__(self, *sinks):
+        self.sinks = sinks
+
+    def scalars(self, values: Dict[str, float], step: int) -> None:
+        for sink in self.sinks:
+            sink.scalars(values, step)
+
+    def text(self, tag: str, text: str) -> None:
+        for sink in self.sinks:
+            sink.text(tag, text)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
 
 
 def console_line(iteration: int, total: int, values: Dict[str, float], seconds_left: float) -> str:

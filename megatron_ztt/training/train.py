@@ -31,8 +31,9 @@ from megatron_ztt.parallel import runtime
 from megatron_ztt.training import checkpoint as ckpt
 from megatron_ztt.training.engines import NonFiniteLossError, build_engine
 from megatron_ztt.training.resume_checks import check_start
-from megatron_ztt.training.metrics import (TensorBoardLogger, console_line, metric_keys,
-                                           model_flops_per_token, reduce_means)
+from megatron_ztt.training.metrics import (ScalarLoggers, TensorBoardLogger, WandbLogger,
+                                           console_line, metric_keys, model_flops_per_token,
+                                           reduce_means)
 from megatron_ztt.training.batches import TrainingBatches, build_tokenizer_and_data
 from megatron_ztt.training.signals import StopRequest
 
@@ -144,8 +145,13 @@ class Trainer:
         if config.eval.iters > 0 and self.valid_set is None:
             log("the data has no validation split (data.split gives it no share): no validation")
         # every metric is reduced over all ranks first, so rank 0 can write them all
-        self.tb = TensorBoardLogger(config.tensorboard_dir,
-                                    config.logging.tensorboard and dist.get_rank() == 0)
+        rank0 = dist.get_rank() == 0
+        self.tb = ScalarLoggers(  # TensorBoard and W&B get the same scalars
+            TensorBoardLogger(config.tensorboard_dir, config.logging.tensorboard and rank0),
+            WandbLogger(config.logging.wandb_project, rank0, config.run.dir,
+                        config.logging.wandb_run_name or config.run.name,
+                        config.logging.wandb_entity, config.to_dict(),
+                        resuming=point is not None))
         if dist.get_rank() == 0:
             os.makedirs(config.run.dir, exist_ok=True)
             write_text_atomic(os.path.join(config.run.dir, "config.json"),

@@ -13,7 +13,7 @@ import argparse
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -88,7 +88,9 @@ class EvalSection:
 class LoggingSection:
     interval: int = 10
     tensorboard: bool = True
-    peak_flops_per_device: float = 1.0e12  # for MFU; set to your accelerator's dense peak
+    # MFU denominator, FLOP/s per device: "auto" (a table of known accelerators on CUDA, the
+    # measured matmul peak on a CPU) or a number, which wins
+    peak_flops_per_device: Any = "auto"
 
 
 @dataclass
@@ -240,6 +242,16 @@ def validate(config: RunConfig) -> None:
         fail("eval.interval", "eval.interval must be >= 1 and eval.iters >= 0")
     if config.logging.interval < 1:
         fail("logging.interval", f"must be >= 1, got {config.logging.interval}")
+    peak = config.logging.peak_flops_per_device
+    if peak != "auto":
+        try:
+            peak = float(peak)
+        except (TypeError, ValueError):
+            peak = float("nan")
+        if not (math.isfinite(peak) and peak > 0):
+            fail("logging.peak_flops_per_device", f"must be auto or a number of FLOP/s > 0, "
+                 f"got {config.logging.peak_flops_per_device!r}")
+        config.logging.peak_flops_per_device = peak
     config.model.check_parallel_layout(parallel.tensor, parallel.pipeline)
 
 

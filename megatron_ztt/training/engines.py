@@ -86,6 +86,43 @@ def _add(totals: Dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None
     totals[key] = totals[key] + value if key in totals else value
 
 
+class Fp32GradientSums:
+    """Sum each bf16/fp16 parameter's gradient contributions in fp32 (Megatron-LM's
+    ``main_grad``), for gradients that add up outside DeepSpeed.
+
+    In the circular pipeline every cycle's pass of every micro batch is its own backward call
+    into the same shared parameters: C x M contributions. A post-accumulate hook moves each
+    one into an fp32 sum (and clears ``.grad``); :meth:`write_grads` rounds the sum to the
+    parameter's dtype once, for DeepSpeed's reduction and step.
+    """
+
+    def __init__(self, parameters):
+        self.parameters = [p for p in parameters if p.requires_grad
+                           and p.dtype in (torch.bfloat16, torch.float16)]
+        self.sums: Dict[int, torch.Tensor] = {}
+        self.handles = [p.register_post_accumulate_grad_hook(self._move) for p in self.parameters]
+
+    def _move(self, param: torch.Tensor) -> None:
+        total = self.sums.get(id(param))
+        if total is None:
+            self.sums[id(param)] = param.grad.float()
+        else:
+            total.add_(param.grad)
+        param.grad = None
+
+    def write_grads(self) -> None:
+        for param in self.parameters:
+            total = self.sums.pop(id(param), None)
+            if total is not None:
+                param.grad = total.to(param.dtype)
+
+    def remove(self) -> None:
+        """Back to accumulating in the parameters' dtype (the benchmark's "before")."""
+        for handle in self.handles:
+            handle.remove()
+        self.handles, self.parameters = [], []
+
+
 class TrainingEngine:
     """What the training loop, validation and checkpoints may ask of a model under DeepSpeed."""
 
@@ -312,6 +349,8 @@ class CircularPipelineEngine(TrainingEngine):
                                        self._micro_batch_loss, runtime.current_device(),
                                        self._log)
         self._eval_schedules = {}  # with exits or not -> the forward-only schedule
+        # bf16: the shared block's C x M gradient contributions add up in fp32
+        self.fp32_grad_sums = Fp32GradientSums(module.parameters())
 
     # ------------------------------------------------------------------ the ring
     def _micro_batch_loss(self, outputs, target):
@@ -365,6 +404,7 @@ class CircularPipelineEngine(TrainingEngine):
         self._losses = {}
         skipped_before = engine.skipped_steps
         self._run(self.schedule, batches, evaluation=False)
+        self.fp32_grad_sums.write_grads()
         module.collect_stats = False
         stats = module.read_statistics() if collect_stats else {}
         losses = self._losses

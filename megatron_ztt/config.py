@@ -14,7 +14,7 @@ import importlib.util
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import yaml
 from omegaconf import OmegaConf
@@ -96,7 +96,9 @@ class LoggingSection:
     wandb_project: Optional[str] = None  # set to log the same scalars to Weights & Biases
     wandb_run_name: Optional[str] = None  # default: run.name
     wandb_entity: Optional[str] = None  # default: wandb's (your user)
-    peak_flops_per_device: float = 1.0e12  # for MFU; set to your accelerator's dense peak
+    # MFU denominator, FLOP/s per device: "auto" (a table of known accelerators on CUDA, the
+    # measured matmul peak on a CPU) or a number, which wins
+    peak_flops_per_device: Any = "auto"
 
 
 @dataclass
@@ -279,6 +281,16 @@ def validate(config: RunConfig) -> None:
         if importlib.util.find_spec("wandb") is None:
             fail("logging.wandb_project", "needs the wandb package: pip install wandb "
                  "(or leave logging.wandb_project unset)")
+    peak = config.logging.peak_flops_per_device
+    if peak != "auto":
+        try:
+            peak = float(peak)
+        except (TypeError, ValueError):
+            peak = float("nan")
+        if not (math.isfinite(peak) and peak > 0):
+            fail("logging.peak_flops_per_device", "must be auto or a finite number of FLOP/s "
+                 f"> 0, got {config.logging.peak_flops_per_device!r}")
+        config.logging.peak_flops_per_device = peak
     config.model.check_parallel_layout(parallel.tensor, parallel.pipeline)
 
 
@@ -316,9 +328,6 @@ def check_numbers(config: RunConfig) -> None:
         fail("train.weight_decay", f"must be >= 0, got {train.weight_decay}")
     if train.clip_grad < 0:
         fail("train.clip_grad", f"must be >= 0 (0: no clipping), got {train.clip_grad}")
-    peak = config.logging.peak_flops_per_device
-    if not _finite(peak) or peak <= 0:
-        fail("logging.peak_flops_per_device", f"must be a finite number > 0, got {peak}")
     for threshold in config.eval.exit_thresholds:
         if not _finite(threshold) or threshold < 0:
             fail("eval.exit_thresholds", f"every threshold must be a finite number >= 0, got "

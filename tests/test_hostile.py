@@ -160,7 +160,7 @@ BAD_SETTINGS = [
     ("model.exit_loss_weights=[nan,1.0]", "model.exit_loss_weights: weights must be >= 0"),
     ("model.seq_length=1000000", "model.seq_length: 1000000 needs"),
     ("eval.exit_thresholds=[nan]", "eval.exit_thresholds: every threshold must be"),
-    ("logging.peak_flops_per_device=0", "logging.peak_flops_per_device: must be a finite"),
+    ("logging.peak_flops_per_device=0", "logging.peak_flops_per_device: must be auto or a finite number"),
     ("data.blend=[a", "override 'data.blend=[a': its value is not valid YAML"),
     ("model.num_cycles=[1", "override 'model.num_cycles=[1': its value is not valid YAML"),
     ("train.lr={", "override 'train.lr={': its value is not valid YAML"),

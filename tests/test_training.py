@@ -227,6 +227,11 @@ def test_tensorboard_scalars(runs):
                 "lm loss validation", "lm loss validation ppl", "mean-cycles validation",
                 "lm loss validation exit 0.3", "mean-cycles validation exit 0.3"}
     assert expected <= tags, expected - tags
+    # logging.peak_flops_per_device=auto on a CPU: the matmul peak measured at start, the same
+    # at every log, and TensorBoard says where it comes from
+    peaks = {e.value for e in accumulator.Scalars("mfu-peak-flops-per-device")}
+    assert len(peaks) == 1 and 1e8 < peaks.pop() < 1e14
+    assert any(t.startswith("mfu-peak") for t in accumulator.Tags()["tensors"])
     losses = [e.value for e in accumulator.Scalars("lm loss")]
     assert len(losses) == ITERS // 2 and all(math.isfinite(v) for v in losses)
     assert all(0 < e.value < 1 for e in accumulator.Scalars("zero-attention/cycle 1"))

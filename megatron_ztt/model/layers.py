@@ -185,9 +185,13 @@ class OutputHead(torch.nn.Module):
 
     def loss(self, hidden: torch.Tensor, labels: torch.Tensor,
              loss_mask: torch.Tensor | None = None,
-             embedding_weight: torch.Tensor | None = None) -> torch.Tensor:
+             embedding_weight: torch.Tensor | None = None,
+             denominator: torch.Tensor | None = None) -> torch.Tensor:
         """``language_model_loss(self(hidden), labels, loss_mask)`` without the logits:
-        hidden [s, b, d], labels/loss_mask [b, s] -> mean token cross entropy."""
+        hidden [s, b, d], labels/loss_mask [b, s] -> mean token cross entropy.
+
+        ``denominator``: divide the summed token losses by this instead of by this micro
+        batch's counted tokens (the per-token loss over a global batch, ``counted_tokens``)."""
         weight = self.projection_weight(embedding_weight)
         normed = self.final_norm(hidden)
         # as in ColumnParallelLinear: identity forward, the input gradient summed over the
@@ -197,9 +201,18 @@ class OutputHead(torch.nn.Module):
         mask = None if loss_mask is None else loss_mask.transpose(0, 1).reshape(-1)
         total = OutputCrossEntropy.apply(normed.reshape(-1, normed.shape[-1]), weight, labels,
                                          mask, torch.is_grad_enabled())
+        if denominator is not None:
+            return total / denominator
         if mask is None:
             return total / labels.numel()
         return total / mask.to(total.dtype).sum().clamp(min=1.0)
+
+
+def counted_tokens(labels: torch.Tensor, loss_mask: torch.Tensor | None) -> torch.Tensor:
+    """Tokens whose loss counts (fp32 scalar on the labels' device, no host read)."""
+    if loss_mask is None:
+        return torch.tensor(float(labels.numel()), device=labels.device)
+    return loss_mask.to(torch.float32).sum()
 
 
 # Output-layer rows x vocabulary entries of one chunk's logits (fp32: 4 MiB), small enough

@@ -138,16 +138,19 @@ class ZTTModel(torch.nn.Module):
         return self.output_head(hidden, embedding_weight=weight)
 
     def loss_of(self, hidden: torch.Tensor, labels: torch.Tensor,
-                loss_mask: Optional[torch.Tensor]) -> torch.Tensor:
+                loss_mask: Optional[torch.Tensor],
+                denominator: Optional[torch.Tensor] = None) -> torch.Tensor:
         """LM loss of hidden states (the output layer and cross entropy fused, chunked)."""
         weight = self.embedding.weight if self.config.tie_embeddings else None
-        return self.output_head.loss(hidden, labels, loss_mask, embedding_weight=weight)
+        return self.output_head.loss(hidden, labels, loss_mask, embedding_weight=weight,
+                                     denominator=denominator)
 
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None, *,
                 exit_threshold: Optional[float] = None, exit_mode: str = "token",
                 exit_signal: Optional[str] = None, num_cycles: Optional[int] = None,
                 loss_mask: Optional[torch.Tensor] = None, return_logits: Optional[bool] = None,
-                collect_stats: bool = True) -> ZTTOutput:
+                collect_stats: bool = True,
+                loss_denominator: Optional[torch.Tensor] = None) -> ZTTOutput:
         """input_ids/labels/loss_mask: [batch, seq].
 
         ``exit_threshold`` stops each token after the first cycle whose exit signal
@@ -157,7 +160,9 @@ class ZTTModel(torch.nn.Module):
         that many cycles (1 .. 2C) instead of the trained C; cycles beyond C reuse cycle C's
         zero keys and gate. Logits are returned by default only when no labels are given. The
         losses after earlier cycles (``exit_loss_weights``) are computed in training mode
-        without an exit threshold at the trained depth only.
+        without an exit threshold at the trained depth only. ``loss_denominator``: every
+        loss is its summed token losses divided by this (the training engines' per-token loss
+        over the global batch) instead of this batch's mean.
         """
         config = self.config
         signal = exit_signal or config.exit_signal
@@ -186,8 +191,9 @@ class ZTTModel(torch.nn.Module):
         if return_logits:
             out.logits = gather_logits(self.logits_shard(state.hidden), config.vocab_size)
         if labels is not None:
-            out.lm_loss = self.loss_of(state.hidden, labels, loss_mask)
-            kept = [self.loss_of(s, labels, loss_mask) for s in state.exit_states]
+            out.lm_loss = self.loss_of(state.hidden, labels, loss_mask, loss_denominator)
+            kept = [self.loss_of(s, labels, loss_mask, loss_denominator)
+                    for s in state.exit_states]
             out.exit_losses = self.engine.exit_losses(out.lm_loss, kept)
             out.loss = self.engine.objective(out.exit_losses)
         if tally is not None:

@@ -280,23 +280,25 @@ class CircularStage(torch.nn.Module):
         weight = self.embedding.weight if self.config.tie_embeddings else None
         return self.output_head(hidden, embedding_weight=weight)
 
-    def loss_of(self, hidden: torch.Tensor, labels: torch.Tensor, loss_mask) -> torch.Tensor:
+    def loss_of(self, hidden: torch.Tensor, labels: torch.Tensor, loss_mask,
+                denominator: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Last rank: LM loss of hidden states after the tail (``ZTTModel.loss_of``)."""
         weight = self.embedding.weight if self.config.tie_embeddings else None
-        return self.output_head.loss(hidden, labels, loss_mask, embedding_weight=weight)
+        return self.output_head.loss(hidden, labels, loss_mask, embedding_weight=weight,
+                                     denominator=denominator)
 
     # ------------------------------------------------------------------ losses, statistics
-    def read_statistics(self) -> Dict[str, float]:
-        """Zero attention and gate means since the last read (collective over the
-        tensor-parallel group)."""
+    def read_statistics(self) -> Dict[str, torch.Tensor]:
+        """Zero attention and gate means since the last read, as device scalars read when
+        logged (collective over the tensor-parallel group)."""
         per_application = self.tally.zero_attention(all_reduce_tensor_parallel)
-        stats = {f"zero-attention/{name}": v.item() for name, v in per_application.items()}
+        stats = {f"zero-attention/{name}": v for name, v in per_application.items()}
         # a cycle split over ranks is averaged per rank here and over ranks by the caller's
         # reduction; every rank holds the same number of a cycle's layers
         for cycle, value in zero_attention_by_cycle(self.plan, per_application).items():
-            stats[f"zero-attention/cycle {cycle}"] = value.item()
+            stats[f"zero-attention/cycle {cycle}"] = value
         for cycle, value in self.tally.gate_means().items():
-            stats[f"gate/cycle {cycle}"] = value.item()
+            stats[f"gate/cycle {cycle}"] = value
         self.tally.reset()
         return stats
 
@@ -407,13 +409,15 @@ def evaluation_schedule(module: CircularStage, micro_batches: int, micro_batch: 
     return ScheduleLoopedBFS(stages, micro_batches, loss_fn=loss_fn, scale_grads=False)
 
 
-def micro_batch_losses(module: CircularStage, outputs, labels, loss_mask,
-                       training: bool) -> Tuple[torch.Tensor, Dict[int, torch.Tensor]]:
-    """Last virtual stage: (objective, cycle -> LM loss) of one micro batch."""
+def micro_batch_losses(module: CircularStage, outputs, labels, loss_mask, training: bool,
+                       denominator: Optional[torch.Tensor] = None
+                       ) -> Tuple[torch.Tensor, Dict[int, torch.Tensor]]:
+    """Last virtual stage: (objective, cycle -> LM loss) of one micro batch; ``denominator``
+    as in ``ZTTModel.forward``'s ``loss_denominator``."""
     final, *exits = outputs if isinstance(outputs, tuple) else (outputs,)
-    lm_loss = module.loss_of(final, labels, loss_mask)
+    lm_loss = module.loss_of(final, labels, loss_mask, denominator)
     if not training:
         return lm_loss, {module.config.num_cycles: lm_loss}
     losses = module.engine.exit_losses(
-        lm_loss, [module.loss_of(hidden, labels, loss_mask) for hidden in exits])
+        lm_loss, [module.loss_of(hidden, labels, loss_mask, denominator) for hidden in exits])
     return module.engine.objective(losses), losses

@@ -82,6 +82,40 @@ def device_name(device: torch.device | None = None) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
+# Dense (no sparsity) bf16 tensor-core peaks, FLOP/s, from the vendors' data sheets: the MFU
+# denominator of ``logging.peak_flops_per_device=auto``. Matched as substrings of the CUDA
+# device name, first match wins (so the specific names come before the general ones).
+KNOWN_BF16_PEAK_FLOPS = (
+    ("GH200", 989e12),
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),  # SXM
+    ("H800", 989e12),
+    ("B200", 2250e12),
+    ("B100", 1750e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("A10G", 70e12),
+    ("A10", 125e12),
+    ("L40S", 362e12),
+    ("L40", 181e12),
+    ("L4", 121e12),
+    ("RTX 4090", 165e12),
+    ("RTX 3090", 71e12),
+    ("MI300X", 1307e12),
+    ("MI250X", 383e12),
+)
+
+
+def known_peak_flops(name: str) -> float | None:
+    """The table's dense bf16 peak of an accelerator named ``name`` (None if unknown)."""
+    for key, peak in KNOWN_BF16_PEAK_FLOPS:
+        if key.lower() in name.lower():
+            return peak
+    return None
+
+
 def synchronize() -> None:
     if use_cuda():
         torch.cuda.synchronize()

@@ -37,18 +37,92 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class StepResult:
-    losses: Dict[str, float] = field(default_factory=dict)  # this rank's, local
-    stats: Dict[str, float] = field(default_factory=dict)  # zero attention, gates (local)
+    """One step's readings as device scalars: nothing here has been read by the host yet
+    (``train.py`` reads them when it logs)."""
+
+    losses: Dict[str, torch.Tensor] = field(default_factory=dict)  # this rank's share
+    stats: Dict[str, torch.Tensor] = field(default_factory=dict)  # zero attention, gates (local)
     skipped: bool = False  # the optimizer skipped the step (non-finite gradients)
 
 
 Batch = Dict[str, torch.Tensor]
 
 
-def _any_rank(flag: bool) -> bool:
-    value = torch.tensor([1.0 if flag else 0.0], device=runtime.current_device())
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return value.item() > 0
+def _any_rank(flag: torch.Tensor) -> torch.Tensor:
+    """Max of a device flag over all ranks, still on the device (a collective, no host read)."""
+    flag = flag.detach().float().reshape(1).clone()
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag[0]
+
+
+def _not_finite(value: torch.Tensor) -> torch.Tensor:
+    return (~torch.isfinite(value.detach())).any().float()
+
+
+def loss_denominator(micro_batches, share: int) -> torch.Tensor:
+    """The per-token loss's divisor for each micro batch: the counted tokens of the whole
+    global batch (every micro batch of every data-parallel rank) / ``share``, where ``share``
+    (data-parallel ranks x micro batches) undoes the mean DeepSpeed takes over data-parallel
+    ranks and micro batches. With equal counts it is the micro batch's own count, so the
+    objective is unchanged where every token counts. A device scalar (a collective over the
+    data-parallel group, no host read)."""
+    from megatron.core import parallel_state
+
+    from megatron_ztt.model.layers import counted_tokens
+
+    total = sum(counted_tokens(b["labels"], b.get("loss_mask")) for b in micro_batches)
+    total = total.reshape(1).clone()
+    dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+    return (total[0] / share).clamp(min=1e-6)
+
+
+def _nonfinite_stop(iteration: int, losses: Dict[str, torch.Tensor]) -> NonFiniteLossError:
+    local = {k: float(v) for k, v in losses.items()}  # on the way out: reading is fine
+    return NonFiniteLossError(
+        f"iteration {iteration}: non-finite loss (rank {dist.get_rank()}'s losses: {local}); "
+        f"stopping as train.nonfinite_loss=stop asks. The last checkpoint is unchanged.")
+
+
+def _add(totals: Dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
+    value = value.detach().float()
+    totals[key] = totals[key] + value if key in totals else value
+
+
+class Fp32GradientSums:
+    """Sum each bf16/fp16 parameter's gradient contributions in fp32 (Megatron-LM's
+    ``main_grad``), for gradients that add up outside DeepSpeed.
+
+    In the circular pipeline every cycle's pass of every micro batch is its own backward call
+    into the same shared parameters: C x M contributions. A post-accumulate hook moves each
+    one into an fp32 sum (and clears ``.grad``); :meth:`write_grads` rounds the sum to the
+    parameter's dtype once, for DeepSpeed's reduction and step.
+    """
+
+    def __init__(self, parameters):
+        self.parameters = [p for p in parameters if p.requires_grad
+                           and p.dtype in (torch.bfloat16, torch.float16)]
+        self.sums: Dict[int, torch.Tensor] = {}
+        self.handles = [p.register_post_accumulate_grad_hook(self._move) for p in self.parameters]
+
+    def _move(self, param: torch.Tensor) -> None:
+        total = self.sums.get(id(param))
+        if total is None:
+            self.sums[id(param)] = param.grad.float()
+        else:
+            total.add_(param.grad)
+        param.grad = None
+
+    def write_grads(self) -> None:
+        for param in self.parameters:
+            total = self.sums.pop(id(param), None)
+            if total is not None:
+                param.grad = total.to(param.dtype)
+
+    def remove(self) -> None:
+        """Back to accumulating in the parameters' dtype (the benchmark's "before")."""
+        for handle in self.handles:
+            handle.remove()
+        self.handles, self.parameters = [], []
 
 
 class TrainingEngine:
@@ -340,42 +414,51 @@ class DenseEngine(TrainingEngine):
     """The whole model on every rank of a data-parallel group (TP inside), ZeRO 0-3."""
 
     def train_step(self, batches, iteration, collect_stats):
+        """One optimizer step over the global batch with no host read in the micro-batch
+        loop: the objective is the per-token loss over the whole global batch (so all micro
+        batches are read first, to count their tokens), the losses and the non-finite flag
+        stay device tensors, and the flag is read once, before the optimizer step."""
         engine, config = self._ds, self.config
         accumulation = config.gradient_accumulation_steps(dist.get_world_size())
+        from megatron.core import parallel_state
+
+        micro_batches = [next(batches) for _ in range(accumulation)]
+        denominator = loss_denominator(
+            micro_batches, parallel_state.get_data_parallel_world_size() * accumulation)
         result = StepResult()
         skipped_before = engine.skipped_steps
-        nonfinite = False
-        for micro in range(accumulation):
-            batch = next(batches)
+        nonfinite = torch.zeros((), device=runtime.current_device())
+        for micro, batch in enumerate(micro_batches):
+            stats_now = collect_stats and micro == 0
             out = engine(batch["tokens"], batch["labels"], loss_mask=batch.get("loss_mask"),
-                         collect_stats=collect_stats and micro == 0)
+                         collect_stats=stats_now, loss_denominator=denominator)
             loss = out.loss
-            if _any_rank(not torch.isfinite(loss.detach()).all().item()):
-                nonfinite = True
-                if config.train.nonfinite_loss == "stop":
-                    raise NonFiniteLossError(
-                        f"iteration {iteration}: non-finite loss in micro batch {micro} (rank "
-                        f"{dist.get_rank()}'s loss: {loss.item()}); stopping as "
-                        f"train.nonfinite_loss=stop asks. The last checkpoint is unchanged.")
-                # every rank's gradients non-finite, so that ZeRO's overflow check skips the
-                # step on all of them
-                loss = loss * float("nan")
+            nonfinite = torch.maximum(nonfinite, _not_finite(loss))
+            _add(result.losses, "lm loss", out.lm_loss / accumulation)
+            for cycle, value in out.exit_losses.items():
+                _add(result.losses, f"lm loss cycle {cycle}", value / accumulation)
+            if micro == accumulation - 1:
+                # the step's one host read: any rank's non-finite loss, before it steps
+                nonfinite = _any_rank(nonfinite)
+                stepping_nonfinite = bool(nonfinite.item())
+                if stepping_nonfinite and config.train.nonfinite_loss == "stop":
+                    raise _nonfinite_stop(iteration, result.losses)
+                if stepping_nonfinite:
+                    # every rank's gradients non-finite, so that ZeRO's overflow check skips
+                    # the step on all of them
+                    loss = loss * float("nan")
             engine.backward(loss)
             engine.step()
-            result.losses["lm loss"] = result.losses.get("lm loss", 0.0) + out.lm_loss.item() / accumulation
-            for cycle, value in out.exit_losses.items():
-                key = f"lm loss cycle {cycle}"
-                result.losses[key] = result.losses.get(key, 0.0) + value.item() / accumulation
-            if collect_stats and micro == 0:
+            if stats_now:
                 plan = self.module.plan
                 for cycle, value in zero_attention_by_cycle(plan, out.zero_attention).items():
-                    result.stats[f"zero-attention/cycle {cycle}"] = value.item()
+                    result.stats[f"zero-attention/cycle {cycle}"] = value.detach()
                 for name, value in out.zero_attention.items():
-                    result.stats[f"zero-attention/{name}"] = value.item()
+                    result.stats[f"zero-attention/{name}"] = value.detach()
                 for cycle, value in out.gate.items():
-                    result.stats[f"gate/cycle {cycle}"] = value.item()
+                    result.stats[f"gate/cycle {cycle}"] = value.detach()
         result.skipped = engine.skipped_steps > skipped_before
-        if nonfinite and not result.skipped:
+        if stepping_nonfinite and not result.skipped:
             raise NonFiniteLossError(f"iteration {iteration}: non-finite loss but the optimizer "
                                      f"did not skip the step")
         return result
@@ -476,60 +559,79 @@ class CircularPipelineEngine(TrainingEngine):
 
         self.micro_batches = config.gradient_accumulation_steps(dist.get_world_size())
         self._own_clipping = config.parallel.zero_stage == 0 and config.train.clip_grad > 0
-        self._grad_norm: Optional[float] = None
-        self._targets = []
-        self._losses: Dict[str, float] = {}
+        self._grad_norm: Optional[torch.Tensor] = None
+        self._denominator: Optional[torch.Tensor] = None
+        self._losses: Dict[str, torch.Tensor] = {}
         self._log = lambda message: print(message, flush=True) if dist.get_rank() == 0 else None
         self.schedule = build_schedule(module, self.micro_batches, config.train.micro_batch_size,
                                        self._micro_batch_loss, runtime.current_device(),
                                        self._log)
         self._eval_schedules = {}  # with exits or not -> the forward-only schedule
+        # bf16: the shared block's C x M gradient contributions add up in fp32
+        self.fp32_grad_sums = Fp32GradientSums(module.parameters())
 
     # ------------------------------------------------------------------ the ring
-    def _micro_batch_loss(self, outputs, index):
+    def _micro_batch_loss(self, outputs, target):
+        """The schedule's loss_fn on the last stage. ``target`` is this micro batch's labels
+        (and loss mask) as the schedule split them, so nothing is read by the host here."""
         from megatron_ztt.parallel.circular import micro_batch_losses
 
-        labels, loss_mask = self._targets[int(index.reshape(-1)[0])]
+        labels = target[:, 0]
+        loss_mask = target[:, 1] if target.shape[1] > 1 else None
+        training = self.module.training
         objective, losses = micro_batch_losses(self.module, outputs, labels, loss_mask,
-                                               self.module.training)
+                                               training, self._denominator if training else None)
         share = 1.0 / self.micro_batches
-        final = losses[self.config.model.num_cycles].detach().float().item()
-        self._losses["lm loss"] = self._losses.get("lm loss", 0.0) + final * share
-        if self.module.training:
+        _add(self._losses, "lm loss", losses[self.config.model.num_cycles] * share)
+        if training:
             for cycle, value in losses.items():
-                key = f"lm loss cycle {cycle}"
-                self._losses[key] = self._losses.get(key, 0.0) + value.detach().float().item() * share
+                _add(self._losses, f"lm loss cycle {cycle}", value * share)
         return objective * share
 
     def _run(self, schedule, batches, evaluation: bool) -> None:
         """One global batch through ``schedule``: the first rank feeds the tokens, the last
-        reads labels and loss masks (by micro-batch index, the schedule's target)."""
+        the labels and loss masks as the schedule's target (split per micro batch with the
+        tokens), and counts the global batch's tokens for the per-token loss."""
+        from megatron.core import parallel_state
+
         module = self.module
-        tokens = None
+        tokens, target = None, None
         if module.is_first or module.is_last:
             micro = [next(batches) for _ in range(self.micro_batches)]
-            self._targets = [(b["labels"], b.get("loss_mask")) for b in micro]
             tokens = torch.cat([b["tokens"] for b in micro])
-        index = torch.arange(self.micro_batches, device=runtime.current_device())
+            labels = torch.cat([b["labels"] for b in micro])
+            if all(b.get("loss_mask") is None for b in micro):
+                target = labels[:, None]
+            else:
+                masks = torch.cat([b["loss_mask"] if b.get("loss_mask") is not None
+                                   else torch.ones_like(b["labels"]) for b in micro])
+                target = torch.stack([labels, masks.to(labels.dtype)], dim=1)
+            if module.is_last and not evaluation:
+                self._denominator = loss_denominator(
+                    micro, parallel_state.get_data_parallel_world_size() * self.micro_batches)
         args = (tokens,) if module.is_first else ()
         run = schedule.eval if evaluation else schedule.step
-        run(*args, target=index, return_outputs=False)
+        run(*args, target=target if module.is_last else None, return_outputs=False)
 
     def train_step(self, batches, iteration, collect_stats):
+        """One step with no host read in the micro-batch loop (the losses accumulate as
+        device tensors); the non-finite flag is read once, before the optimizer step."""
         engine, module, config = self._ds, self.module, self.config
         module.collect_stats = collect_stats
         module.tally.reset()
         self._losses = {}
         skipped_before = engine.skipped_steps
         self._run(self.schedule, batches, evaluation=False)
+        self.fp32_grad_sums.write_grads()
         module.collect_stats = False
         stats = module.read_statistics() if collect_stats else {}
         losses = self._losses
-        nonfinite = _any_rank(any(not math.isfinite(v) for v in losses.values()))
+        local = torch.zeros((), device=runtime.current_device())
+        for value in losses.values():
+            local = torch.maximum(local, _not_finite(value))
+        nonfinite = bool(_any_rank(local).item())  # the step's one host read
         if nonfinite and config.train.nonfinite_loss == "stop":
-            raise NonFiniteLossError(f"iteration {iteration}: non-finite loss ({losses}); "
-                                     f"stopping as train.nonfinite_loss=stop asks. The last "
-                                     f"checkpoint is unchanged.")
+            raise _nonfinite_stop(iteration, losses)
         module.reduce_tied_embedding_grad()
         engine.allreduce_gradients()
         if self._own_clipping:
@@ -561,15 +663,17 @@ class CircularPipelineEngine(TrainingEngine):
         for grad in counted:
             total += grad.pow(2).sum()
         dist.all_reduce(total, group=parallel_state.get_model_parallel_group())
-        norm = total.sqrt().item()
-        self._grad_norm = norm
-        coefficient = max_norm / (norm + 1e-6)
-        if coefficient < 1.0:
-            for grad in grads:
-                grad.mul_(coefficient)
+        norm = total.sqrt()[0]
+        self._grad_norm = norm  # read when logged
+        # on the device, with no host read: scale by min(1, max_norm / norm)
+        coefficient = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for grad in grads:
+            grad.mul_(coefficient.to(grad.dtype))
 
     def grad_norm(self):
-        return self._grad_norm if self._own_clipping else super().grad_norm()
+        if not self._own_clipping:
+            return super().grad_norm()
+        return None if self._grad_norm is None else float(self._grad_norm)
 
     @torch.no_grad()
     def evaluate(self, batches, iterations, exit_threshold):
@@ -590,7 +694,7 @@ class CircularPipelineEngine(TrainingEngine):
         try:
             for _ in range(iterations):
                 self._run(self._eval_schedules[exits], batches, evaluation=True)
-                total += self._losses.pop("lm loss", 0.0)
+                total += float(self._losses.pop("lm loss", 0.0))
             used = self.module.cycles_used
             cycles = (sum(float(u.float().sum()) for u in used), sum(u.numel() for u in used))
         finally:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime
 import os
 import secrets
-from typing import Dict, Iterable, Optional
+from typing import Dict, Iterable, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -15,23 +15,34 @@ from megatron_ztt.model.cycle_engine import application_plan
 from megatron_ztt.parallel import runtime
 
 
-def reduce_means(values: Dict[str, float], keys: Iterable[str]) -> Dict[str, float]:
+def reduce_means(values: Dict[str, object], keys: Iterable[str]) -> Dict[str, float]:
     """Mean of each metric over the ranks that report it (collective over the world).
 
     Every rank passes the same ``keys``; a rank without a value for a key (another pipeline
-    stage's statistic, say) simply does not count for it.
+    stage's statistic, say) simply does not count for it. Values are floats or device scalars.
     """
+    return reduce_means_of_steps([values], keys)[0]
+
+
+def reduce_means_of_steps(steps: List[Dict[str, object]], keys: Iterable[str]
+                          ) -> List[Dict[str, float]]:
+    """``reduce_means`` of several steps' values at once: one collective and one host read
+    for all of them (the training loop reduces a logging interval's steps together)."""
     keys = list(keys)
-    sums = torch.zeros(len(keys), dtype=torch.float64, device=runtime.current_device())
-    counts = torch.zeros_like(sums)
-    for i, key in enumerate(keys):
-        if key in values:
-            sums[i] = float(values[key])
-            counts[i] = 1
+    device = runtime.current_device()
+    table = torch.zeros(2, len(steps), len(keys), dtype=torch.float64, device=device)
+    for s, values in enumerate(steps):
+        for i, key in enumerate(keys):
+            if key in values:
+                value = values[key]
+                table[0, s, i] = (value.detach().to(device, torch.float64)
+                                  if torch.is_tensor(value) else float(value))
+                table[1, s, i] = 1
     if dist.is_initialized():
-        dist.all_reduce(sums)
-        dist.all_reduce(counts)
-    return {key: (sums[i] / counts[i]).item() for i, key in enumerate(keys) if counts[i] > 0}
+        dist.all_reduce(table)
+    sums, counts = table.tolist()
+    return [{key: sums[s][i] / counts[s][i] for i, key in enumerate(keys) if counts[s][i] > 0}
+            for s in range(len(steps))]
 
 
 def metric_keys(config: ZTTConfig) -> list:
@@ -63,6 +74,62 @@ def model_flops_per_token(config: ZTTConfig, seq_length: int) -> float:
     output = 2 * d * config.padded_vocab_size * (1 + extra_exits)
     forward = applications * (2 * layer_params + attention) + output
     return 3.0 * forward
+
+
+def measure_matmul_peak(size: int = 2048, dtype: torch.dtype = torch.float32,
+                        repeats: int = 5, budget_seconds: Optional[float] = None) -> float:
+    """Best FLOP/s of ``size`` x ``size`` matmuls on this rank's device over ``repeats``
+    timed rounds of 5 (after one warm-up round), or as many rounds as fit ``budget_seconds``."""
+    import time
+
+    device = runtime.current_device()
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    flops = 5 * 2 * size ** 3
+    best, rounds, began = 0.0, 0, time.perf_counter()
+    while rounds <= repeats:
+        runtime.synchronize()
+        start = time.perf_counter()
+        for _ in range(5):
+            a @ b
+        runtime.synchronize()
+        if rounds > 0:  # the first round warms up
+            best = max(best, flops / (time.perf_counter() - start))
+        rounds += 1
+        if budget_seconds is not None and time.perf_counter() - began > budget_seconds and best:
+            break
+    return best
+
+
+# CPU: the measured matmul peak at start, within this budget (rounds of 5 matmuls of this size)
+CPU_PEAK_SECONDS, CPU_PEAK_SIZE = 0.5, 512
+
+
+def peak_flops_per_device(configured, dtype: torch.dtype) -> tuple:
+    """(FLOP/s, where it comes from) for MFU: ``configured`` (``logging.peak_flops_per_device``)
+    when it is a number; for ``auto`` the CUDA device's dense bf16 peak from
+    ``runtime.KNOWN_BF16_PEAK_FLOPS``, else (a CPU, or an accelerator the table does not know)
+    the matmul peak measured now in ``dtype`` (a second at most on a CPU), averaged over ranks
+    so that all agree (collective when ``auto`` is measured)."""
+    if configured != "auto":
+        return float(configured), "logging.peak_flops_per_device"
+    name = runtime.device_name()
+    if runtime.use_cuda():
+        known = runtime.known_peak_flops(name)
+        if known is not None:
+            return known, f"auto: {name}, dense bf16 from the table of known accelerators"
+        measured = measure_matmul_peak(8192, torch.bfloat16, repeats=3)
+        how = f"auto: {name} is not in the table; measured bf16 matmul peak (8192^3)"
+    else:
+        measured = measure_matmul_peak(CPU_PEAK_SIZE, dtype, budget_seconds=CPU_PEAK_SECONDS)
+        how = (f"auto: {name}, measured {str(dtype).replace('torch.', '')} matmul peak "
+               f"({CPU_PEAK_SIZE}^3, {torch.get_num_threads()} threads)")
+    if dist.is_initialized():
+        value = torch.tensor([measured], dtype=torch.float64, device=runtime.current_device())
+        dist.all_reduce(value)
+        measured = value.item() / dist.get_world_size()
+        how += ", mean over ranks"
+    return measured, how
 
 
 class TensorBoardLogger:

@@ -75,6 +75,13 @@ def deepspeed_config(config: RunConfig, world_size: int) -> Dict:
         "steps_per_print": 10**9,  # our own logger prints
         "wall_clock_breakdown": False,
     }
+    parallel = config.parallel
+    if train.precision == "bf16" and parallel.pipeline == 1 and parallel.zero_stage >= 2:
+        # ZeRO-2/3: the micro batches' gradients add up in DeepSpeed's fp32 buffer. Not at
+        # ZeRO-0 (DeepSpeed 0.19.8 refuses the mix without ZeRO) nor at ZeRO-1 (it switches
+        # to its BF16_Optimizer, which here trains measurably off the fp32 run; see
+        # docs/TRAINING.md). The circular pipeline sums in fp32 itself (Fp32GradientSums).
+        ds["data_types"] = {"grad_accum_dtype": "fp32"}
     if config.parallel.pipeline > 1:
         # The circular pipeline's schedule runs all micro batches of a step before DeepSpeed
         # sees the gradients: to DeepSpeed one step is one (large) micro batch.

@@ -33,7 +33,8 @@ from megatron_ztt.training.engines import NonFiniteLossError, build_engine
 from megatron_ztt.training.resume_checks import check_start
 from megatron_ztt.training.metrics import (ScalarLoggers, TensorBoardLogger, WandbLogger,
                                            console_line, metric_keys, model_flops_per_token,
-                                           reduce_means)
+                                           peak_flops_per_device, reduce_means,
+                                           reduce_means_of_steps)
 from megatron_ztt.training.batches import TrainingBatches, build_tokenizer_and_data
 from megatron_ztt.training.signals import StopRequest
 
@@ -160,8 +161,13 @@ class Trainer:
         self.tokens_per_step = config.train.global_batch_size * config.model.seq_length
         self.flops_per_step = (model_flops_per_token(config.model, config.model.seq_length)
                                * self.tokens_per_step)
+        self.peak_flops, peak_source = peak_flops_per_device(
+            config.logging.peak_flops_per_device, next(self.engine.module.parameters()).dtype)
+        log(f"MFU peak: {self.peak_flops:.3e} FLOP/s per device ({peak_source})")
+        self.tb.text("mfu-peak", f"{self.peak_flops:.3e} FLOP/s per device ({peak_source})")
         self.result = TrainResult(iteration=self.state.iteration, state="completed")
         self.window: Dict[str, List[float]] = {}
+        self.pending: List[tuple] = []  # (iteration, device losses, skipped) not yet read
         self.window_time, self.window_steps = 0.0, 0
         self.run_start = time.perf_counter()
         self.steps_done = 0
@@ -188,19 +194,30 @@ class Trainer:
             state.skipped_steps += 1
             log(f"iteration {iteration}: non-finite loss, optimizer step skipped "
                 f"({state.skipped_steps} skipped so far)")
-        keys = self.keys
-        reduced = reduce_means(result.losses,
-                               keys[:1] + [k for k in keys if k.startswith("lm loss ")])
-        self.result.losses[iteration] = reduced.get("lm loss", float("nan"))
-        if not result.skipped:
-            for key, value in reduced.items():
-                self.window.setdefault(key, []).append(value)
+        # the losses stay on the device until the next log (``read_losses``)
+        self.pending.append((iteration, result.losses, result.skipped))
         self.window_time += elapsed
         self.window_steps += 1
         return result.stats
 
+    def read_losses(self) -> None:
+        """The losses of the steps since the last read, reduced over the ranks in one
+        collective and one host read (collective: every rank calls it at the same steps)."""
+        if not self.pending:
+            return
+        keys = self.keys
+        reduced = reduce_means_of_steps([losses for _, losses, _ in self.pending],
+                                        keys[:1] + [k for k in keys if k.startswith("lm loss ")])
+        for (iteration, _, skipped), values in zip(self.pending, reduced):
+            self.result.losses[iteration] = values.get("lm loss", float("nan"))
+            if not skipped:
+                for key, value in values.items():
+                    self.window.setdefault(key, []).append(value)
+        self.pending = []
+
     def log(self, iteration: int, stats: Dict[str, float]) -> None:
         config = self.config
+        self.read_losses()
         stats = reduce_means(stats, [k for k in self.keys if "/" in k])
         values = {k: sum(v) / len(v) for k, v in self.window.items()}
         values.update(stats)
@@ -210,8 +227,8 @@ class Trainer:
         if grad_norm is not None and math.isfinite(grad_norm):
             values["grad-norm"] = grad_norm
         values["tokens-per-sec"] = self.tokens_per_step / step_time
-        values["mfu"] = self.flops_per_step / step_time / (
-            config.logging.peak_flops_per_device * self.world)
+        values["mfu"] = self.flops_per_step / step_time / (self.peak_flops * self.world)
+        values["mfu-peak-flops-per-device"] = self.peak_flops
         values["skipped-steps"] = self.state.skipped_steps
         seconds_left = (config.train.train_iters - iteration) * step_time
         log(console_line(iteration, config.train.train_iters, values, seconds_left))
@@ -276,6 +293,7 @@ class Trainer:
     def finish(self) -> None:
         """status.json: how the run ended, its speed and per-rank memory (rank 0 writes)."""
         result, state = self.result, self.state
+        self.read_losses()
         result.iteration = state.iteration
         result.skipped_steps = state.skipped_steps
         per_rank = [None] * self.world

@@ -718,6 +718,7 @@ class CircularPipelineEngine(TrainingEngine):
         reduction, the step."""
         trained = [p for p in self.module.parameters() if p.requires_grad]
         torch.stack([(p * 0.0).sum() for p in trained]).sum().backward()
+        self.fp32_grad_sums.write_grads()
         self._ds.allreduce_gradients()
         self._ds.step()
         for param in self.module.parameters():

@@ -305,6 +305,15 @@ def physical_memory_bytes() -> Optional[int]:
         return None
 
 
+def _runs_on_cuda() -> bool:
+    from megatron_ztt.parallel import runtime
+
+    try:
+        return runtime.use_cuda()
+    except (ValueError, RuntimeError):  # a bad ZTT_DEVICE is reported where the run starts
+        return False
+
+
 def check_numbers(config: RunConfig) -> None:
     """Refuse, naming the setting, numbers that torch or DeepSpeed would reject on every rank
     with a traceback, or that break the math (a NaN learning rate trains NaN weights)."""
@@ -332,21 +341,32 @@ def check_numbers(config: RunConfig) -> None:
         if not _finite(threshold) or threshold < 0:
             fail("eval.exit_thresholds", f"every threshold must be a finite number >= 0, got "
                  f"{list(config.eval.exit_thresholds)}")
-    # Attention materialises (micro batch x heads x seq x seq) scores per layer application,
-    # and training keeps them for the backward of every application (one at a time with
-    # activation checkpointing): a sequence length far beyond the memory would only fail
-    # minutes later, in an allocation.
+
+
+def check_attention_memory(config: RunConfig) -> None:
+    """A start check of a training run (``training.resume_checks.check_start``, in the
+    launchers' pre-check and at the start of training), not of the config: a config for a GPU
+    cluster is valid wherever it is read or planned."""
+    train = config.train
+    # On the CPU path attention materialises (micro batch x heads x seq x seq) scores per layer
+    # application, and training keeps them for the backward of every application (one at a
+    # time with activation checkpointing): a sequence length far beyond the memory would only
+    # fail minutes later, in an allocation. CUDA's fused attention keeps no such scores, so a
+    # GPU config is not judged by this machine's memory.
+    if _runs_on_cuda():
+        return
     model = config.model
     heads = model.num_attention_heads // max(1, config.parallel.tensor)
     kept = 1 if model.activation_checkpointing else model.num_applications
     scores = train.micro_batch_size * heads * model.seq_length ** 2 * 4 * kept
     memory = physical_memory_bytes()
     if memory and scores > memory:
-        fail("model.seq_length", f"{model.seq_length} needs {scores / 2**30:,.1f} GiB for the "
-             f"attention scores training keeps (train.micro_batch_size {train.micro_batch_size} "
-             f"x {heads} heads x {model.seq_length}^2 x 4 bytes x {kept} layer applications), "
-             f"more than this machine's {memory / 2**30:,.1f} GiB; lower model.seq_length or "
-             f"train.micro_batch_size, or set model.activation_checkpointing=true")
+        raise ConfigError(
+            f"model.seq_length: {model.seq_length} needs {scores / 2**30:,.1f} GiB for the "
+            f"attention scores training keeps (train.micro_batch_size {train.micro_batch_size} "
+            f"x {heads} heads x {model.seq_length}^2 x 4 bytes x {kept} layer applications), "
+            f"more than this machine's {memory / 2**30:,.1f} GiB; lower model.seq_length or "
+            f"train.micro_batch_size, or set model.activation_checkpointing=true")
 
 
 def exit_threshold_arg(allow_inf: bool = False):

@@ -182,11 +182,12 @@ def test_bad_numbers_and_yaml_fail_at_start_in_one_line(sample_data, tmp_path):
 
 
 def test_seq_length_memory_refusal_gives_the_numbers(sample_data, tmp_path):
-    from megatron_ztt.config import load_config
+    from megatron_ztt.config import check_attention_memory, load_config
     from megatron_ztt.model.config import ConfigError
 
-    with pytest.raises(ConfigError) as error:
-        load_config(None, micro_overrides(sample_data, tmp_path, "model.seq_length=1000000"))
+    config = load_config(None, micro_overrides(sample_data, tmp_path, "model.seq_length=1000000"))
+    with pytest.raises(ConfigError) as error:  # a start check: the config itself is valid
+        check_attention_memory(config)
     assert "GiB for the attention scores training keeps (train.micro_batch_size 2 x 4 heads " \
            "x 1000000^2 x 4 bytes x 4 layer applications)" in str(error.value)
 

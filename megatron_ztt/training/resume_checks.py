@@ -18,6 +18,7 @@ import os
 from typing import List, Optional, Tuple
 
 from megatron_ztt.checkpoint import CheckpointError, complete_tags, read_meta
+from megatron_ztt.config import check_attention_memory
 
 # Model settings a resumed run may change: they are read only by inference and validation's
 # early exit, or change memory and not the numbers.
@@ -35,6 +36,7 @@ SHAPE_FIELDS = {"vocab_size", "hidden_size", "ffn_hidden_size", "num_layers",
 
 def check_start(config, point: Optional[Tuple[str, str]]) -> None:
     """``point``: the (root, tag) the run resumes from, or None for a fresh start."""
+    check_attention_memory(config)
     own = config.checkpoint_dir
     if point is None:
         tags = complete_tags(own)

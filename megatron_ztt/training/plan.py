@@ -304,7 +304,7 @@ def _stage_activations(config: RunConfig, module, pipeline_rank: int, micro_batc
         last = pipeline_rank == pipeline - 1 and cycle == model.num_cycles - 1
         carried = 0
         if not first:  # what arrives besides the hidden state (cycle input, exit states)
-            carried = (int(engine.carries_cycle_input(apps[0]))
+            carried = (int(module.carries_cycle_input(apps[0], exits=False))
                        + sum(1 for c in engine.exit_cycles if c < (apps[0].cycle
                                                                     if apps[0].cycle is not None
                                                                     else model.num_cycles)))

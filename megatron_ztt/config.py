@@ -326,8 +326,8 @@ def check_numbers(config: RunConfig) -> None:
                 "clip_grad"):
         if not _finite(getattr(train, key)):
             fail(f"train.{key}", f"must be a finite number, got {getattr(train, key)}")
-    if train.lr <= 0:
-        fail("train.lr", f"must be > 0, got {train.lr}")
+    if train.lr < 0:  # 0 is allowed: a run that only evaluates, or a frozen step in the tests
+        fail("train.lr", f"must be >= 0, got {train.lr}")
     for key in ("adam_beta1", "adam_beta2"):
         if not 0 <= getattr(train, key) < 1:
             fail(f"train.{key}", f"must be in [0, 1), got {getattr(train, key)}")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from launch_helpers import tiny_data  # noqa: F401 - a fixture
 from megatron_ztt.parallel import runtime
 
 REPO = Path(__file__).resolve().parent.parent
@@ -23,8 +24,9 @@ UNRESOLVABLE = "ztt-no-such-node.invalid"  # .invalid never resolves (RFC 2606)
 
 
 @pytest.fixture
-def fake_allocation(tmp_path):
-    """(run, env): run launch_plan.py launch inside a faked 2-node allocation; srun records."""
+def fake_allocation(tmp_path, tiny_data):
+    """(run, env): run launch_plan.py launch inside a faked 2-node allocation; srun records.
+    The run itself is a valid one (launch_plan checks it before the network)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "srun").write_text(f"#!/bin/bash\necho srun-ran > {tmp_path / 'srun.txt'}\n")
@@ -38,7 +40,8 @@ def fake_allocation(tmp_path):
 
     def run(hosts, **extra):
         result = subprocess.run(
-            [sys.executable, PLAN, "launch", "--hosts", hosts, "--python", "python", str(config)],
+            [sys.executable, PLAN, "launch", "--hosts", hosts, "--python", "python", str(config),
+             *tiny_data, f"run.dir={tmp_path / 'run'}"],
             capture_output=True, text=True, env={**env, **extra}, timeout=60)
         result.srun_ran = (tmp_path / "srun.txt").exists()
         return result

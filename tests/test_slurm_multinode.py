@@ -165,11 +165,12 @@ def test_two_nodes_two_tasks_tensor_parallel_inside_a_node(two_node_cluster, tin
     assert status["state"] == "completed" and status["iteration"] == 6, status
 
 
-def test_bad_multi_node_input_fails_the_job_with_a_named_error(two_node_cluster, tmp_path):
-    """What a user sees in the job log, from a real two-node allocation (no training starts)."""
+def test_bad_multi_node_input_fails_the_job_with_a_named_error(two_node_cluster, tiny_data,
+                                                              tmp_path):
+    """What a user sees in the job log, from a real two-node allocation (no training starts).
+    The run itself is valid: launch_plan checks it (data included) before the allocation."""
     cluster = two_node_cluster
-    overrides = [f"run.dir={tmp_path / 'run'}", f"data.blend=[{tmp_path / 'none'}]",
-                 f"data.tokenizer={tmp_path / 'none.model'}"]  # never read: no training starts
+    overrides = [f"run.dir={tmp_path / 'run'}", *tiny_data]
     # mismatched task counts per node: 3 tasks on 2 nodes -> SLURM_TASKS_PER_NODE=2,1
     log_dir = tmp_path / "logs"
     log_dir.mkdir()

@@ -47,15 +47,15 @@ from typing import Dict, List, Optional
 
 import torch
 
+from megatron_ztt.parallel import runtime
 from megatron_ztt.config import RunConfig, load_config, validate
 from megatron_ztt.model.config import ConfigError
 from megatron_ztt.model.cycle_engine import Application, application_plan
 from megatron_ztt.parallel.circular import bubble_fraction, virtual_applications
 from megatron_ztt.training.metrics import model_flops_per_token
 
-# Dense bf16 peak FLOP/s of one device (vendor data sheets, without sparsity), for --device.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12,
-              "MI300X": 1307e12}
+# Dense bf16 peak FLOP/s of one device, for --device: the table the MFU setting reads.
+PEAK_FLOPS = dict(runtime.KNOWN_BF16_PEAK_FLOPS)
 ADAM_MOMENTS = 2  # exp_avg, exp_avg_sq: fp32 each
 ALIGNMENT = 2  # DeepSpeed's nccl_start_alignment_factor: flat groups pad to 2 x DP elements
 

@@ -16,6 +16,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from conftest import REPO
+from test_gpu_check import check_cpu_report
 
 # Fixed paths (recreated at each run): DeepSpeed's CPU op, compiled on first use, is cached by the
 # paths of torch and DeepSpeed, so a second run does not compile it again.
@@ -115,16 +116,9 @@ def test_wheel_folder_installs_and_runs_the_gpu_check_in_an_image_without_intern
                           capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-2000:]
     report = json.loads((out / "gpu_check.json").read_text())
-    assert report["ok"] and report["wheels"] and report["problems"] == []
-    assert {name: part["rc"] for name, part in report["parts"].items()} == {
-        "install": 0, "device": 0, "tests": 0, "throughput_125m": 0, "throughput_1b": 0}
-    tests = report["tests"]
-    assert set(tests["cases"]) >= {"test_fp32_forward_and_gradients_match_the_cpu",
-                                   "test_bf16_deepspeed_steps_lower_the_loss",
-                                   "test_export_gives_the_training_logits_on_the_device",
-                                   "test_generation_on_the_device"}
-    assert set(tests["cases"].values()) == {"passed"}
-    assert set(report["throughput"]) == {"125m", "1b"}
+    assert report["wheels"]
+    check_cpu_report(report, proc.stdout,
+                     ("install", "device", "tests", "throughput_125m", "throughput_1b"))
     # it ran with the image's python, torch and transformers, and the folder's libraries
     versions = report["versions"]
     assert versions["python_executable"].startswith(str(venv))

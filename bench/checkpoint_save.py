@@ -14,13 +14,15 @@ waiting, from status.json) and the size of one checkpoint folder by kind of file
 (synchronously), under ZeRO-1 and ZeRO-3 in turn (``--rounds`` rounds interleaved). Each rank
 wraps the save: it resets the kernel's peak resident set size of the process (``VmHWM``,
 ``echo 5 > /proc/self/clear_refs``, Linux) right before and reads it right after, so the
-number is the save's own peak over the resident memory before it (host RSS; on CPU torch
+number is the save's own peak over the resident memory before it (first trimmed to the live
+memory with glibc's ``malloc_trim``) (host RSS; on CPU torch
 keeps no allocator statistics, and a save copies to host memory on any device).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import shutil
@@ -75,7 +77,12 @@ def memory_worker(args) -> None:
     measured = []
     original = ckpt.save
 
+    libc = ctypes.CDLL("libc.so.6")
+
     def save_measured(*a, **kw):
+        # memory freed by training but still resident would take the save's copies unseen:
+        # hand it back to the system first (glibc), so that RSS is the live memory
+        libc.malloc_trim(0)
         rss_before = _proc_status_kib("VmRSS")
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # VmHWM := the current RSS

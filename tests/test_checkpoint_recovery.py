@@ -3,8 +3,10 @@ or corrupt checkpoints, and the commands that read them (resume, ztt eval)."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -176,12 +178,50 @@ def _async_worker(rank, data, root):
     with open(f"{root}/crash/checkpoints/latest") as f:
         out["crash_latest"] = f.read()
     out["crash_resumed"] = run("crash", "train.train_iters=4", "train.load=auto").losses
+
+    # SIGTERM while iteration 4's write is still running in the background (its first file
+    # sends it, then takes a second): the final save must wait for that write
+    events = []
+
+    def slow_write(obj, path):
+        tag = os.path.basename(os.path.dirname(path))
+        if tag == "iter_0000004" and not any(t == tag for _, t in events):
+            events.append(("latest while writing", _read(f"{root}/sigterm/checkpoints/latest")))
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1.0)
+        original(obj, path)
+        events.append(("written", tag))
+
+    train_ckpt.save_torch_atomic = slow_write
+    try:
+        stopped = run("sigterm", "train.train_iters=8", "checkpoint.async_save=true")
+    finally:
+        train_ckpt.save_torch_atomic = original
+    out["sigterm"] = {"events": events, "state": stopped.state, "signal": stopped.signal,
+                      "iteration": stopped.iteration,
+                      "latest": _read(f"{root}/sigterm/checkpoints/latest"),
+                      "complete": ckpt.complete_tags(f"{root}/sigterm/checkpoints")}
+    return out
+
+
+def _read(path):
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+@pytest.fixture(scope="module")
+def async_runs(sample_data, tmp_path_factory):
+    (out,) = run_distributed(_async_worker, world_size=1,
+                             args=(sample_data, str(tmp_path_factory.mktemp("async"))))
     return out
 
 
 def test_async_saves_resume_exactly_and_a_failed_write_leaves_no_complete_checkpoint(
-        sample_data, tmp_path):
-    (out,) = run_distributed(_async_worker, world_size=1, args=(sample_data, str(tmp_path)))
+        async_runs):
+    out = async_runs
     assert len(out["stalls"]) == 2
     assert sorted(out["async_resumed"]) == [5, 6]
     for it in (5, 6):
@@ -192,6 +232,21 @@ def test_async_saves_resume_exactly_and_a_failed_write_leaves_no_complete_checkp
     assert ckpt.META not in out["crash_listing"], out["crash_listing"]
     assert out["crash_latest"] == "iter_0000002"
     assert sorted(out["crash_resumed"]) == [3, 4]
+
+
+def test_sigterm_during_an_async_write_waits_for_it_before_the_final_save(async_runs):
+    out = async_runs["sigterm"]
+    assert out["state"] == "interrupted" and out["signal"] == "SIGTERM", out
+    final = ckpt.tag_for(out["iteration"])
+    assert 4 < out["iteration"] < 8, out  # stopped after the step the signal came in
+    # `latest` did not move while iteration 4 was being written; then it moved to each
+    # checkpoint once written, and both are complete
+    assert ("latest while writing", "iter_0000002") in out["events"], out["events"]
+    assert out["complete"][-2:] == ["iter_0000004", final] and out["latest"] == final, out
+    # every file of iteration 4 was written before the first of the final checkpoint
+    order = [tag for kind, tag in out["events"] if kind == "written"]
+    last_of_4 = max(i for i, tag in enumerate(order) if tag == "iter_0000004")
+    assert order.index(final) > last_of_4, order
 
 
 def test_a_format_2_checkpoint_gives_its_weights_but_is_refused_for_resume(tmp_path):

@@ -40,10 +40,11 @@ def _restored_moments(data, run_dir, source, *overrides):
     root, tag = resolve(source)
     state, _ = ckpt.load(engine, root, tag, layout_of(config))
     local = engine.local_optimizer_state()
-    restored = {key: engine.gather_to_full(local[key]) for key in engine.MOMENTS}
+    # the fp32 master weights too, where the model trains in another precision (bf16)
+    parts = engine.MOMENTS + (("fp32",) if local["fp32"] else ())
+    restored = {key: engine.gather_to_full(local[key]) for key in parts}
     reader = SliceReader(os.path.join(root, tag), read_meta(os.path.join(root, tag)))
-    saved = {key: {name: reader.full(name, key) for name in restored[key]}
-             for key in engine.MOMENTS}
+    saved = {key: {name: reader.full(name, key) for name in restored[key]} for key in parts}
     return {"restored": restored, "saved": saved, "step": local["step"],
             "saved_step": reader.step(), "lr": engine.learning_rate(),
             "iteration": state.iteration}
@@ -90,26 +91,37 @@ def _resume_worker(rank, data, root, source, reference_losses, targets):
     return out
 
 
+# bf16 weights with fp32 master weights: resumed as PP=2 (the circular pipeline's two stages,
+# its own bf16 optimizer), where the masters and moments are split another way
+BF16 = ["train.precision=bf16"]
+BF16_TARGETS = {"pp2": ["parallel.pipeline=2", "parallel.zero_stage=1", *BF16]}
+
+
+def _dp2_worker(rank, data, root):
+    return {"fp32": _reshard_worker(rank, data, f"{root}/fp32", ["parallel.zero_stage=1"],
+                                    DP2_TARGETS),
+            "bf16": _reshard_worker(rank, data, f"{root}/bf16", ["parallel.zero_stage=1", *BF16],
+                                    BF16_TARGETS)}
+
+
 @pytest.fixture(scope="module")
-def dp2_zero1_run(sample_data, tmp_path_factory):
-    """DP=2 ZeRO-1, uninterrupted, saving at iteration 2; resumed there as PP=2, TP=2 and
-    DP=2 ZeRO-2 in the same spawn."""
+def dp2_zero1_runs(sample_data, tmp_path_factory):
+    """DP=2 ZeRO-1, uninterrupted, saving at iteration 2, in fp32 and in bf16; resumed there
+    as PP=2, TP=2 and DP=2 ZeRO-2 (fp32) and as PP=2 (bf16), all in one spawn."""
     root = tmp_path_factory.mktemp("reshard_dp2")
-    (out, _) = run_distributed(_reshard_worker, world_size=2,
-                               args=(sample_data, str(root), ["parallel.zero_stage=1"],
-                                     DP2_TARGETS))
+    (out, _) = run_distributed(_dp2_worker, world_size=2, args=(sample_data, str(root)))
     return out, root
 
 
 @pytest.mark.slow
-def test_dp2_zero1_checkpoint_resumes_as_pp2_tp2_and_zero2(dp2_zero1_run):
-    _check(dp2_zero1_run[0], DP2_TARGETS)
+def test_dp2_zero1_checkpoint_resumes_as_pp2_tp2_and_zero2(dp2_zero1_runs):
+    _check(dp2_zero1_runs[0]["fp32"], DP2_TARGETS)
 
 
 @pytest.mark.slow
-def test_dp2_zero1_checkpoint_resumes_on_one_rank_with_zero3(sample_data, dp2_zero1_run,
+def test_dp2_zero1_checkpoint_resumes_on_one_rank_with_zero3(sample_data, dp2_zero1_runs,
                                                              tmp_path):
-    out, root = dp2_zero1_run
+    out, root = dp2_zero1_runs[0]["fp32"], dp2_zero1_runs[1] / "fp32"
     targets = {"dp1_zero3": ["parallel.zero_stage=3"]}
     source = f"{root}/reference/checkpoints/iter_{SAVED_AT:07d}"
     (resumed,) = run_distributed(_resume_worker, world_size=1,
@@ -161,3 +173,15 @@ def test_zero3_ranks_write_their_own_partitions_and_resume_as_zero1(sample_data,
         sizes = [out["sizes"][f"{kind}_stage00_tp00_dp00{d}.pt"] for d in (0, 1)]
         assert max(sizes) < 0.6 * sum(sizes), (kind, sizes)
     _check(out, {"dp2_zero1": None})
+
+
+@pytest.mark.slow
+def test_bf16_dp2_zero1_checkpoint_resumes_as_pp2_with_the_fp32_masters(dp2_zero1_runs):
+    """bf16 with fp32 master weights, DP=2 ZeRO-1 -> PP=2: the masters and Adam moments come
+    back exactly, the next losses follow the uninterrupted bf16 run."""
+    out = dp2_zero1_runs[0]["bf16"]
+    restored = out["pp2 moments"]["restored"]
+    assert set(restored) == {"exp_avg", "exp_avg_sq", "fp32"}, set(restored)
+    # the masters are not the bf16 weights (they carry the bits bf16 rounds off)
+    assert any(not torch.equal(t, t.bfloat16().float()) for t in restored["fp32"].values())
+    _check(out, BF16_TARGETS)

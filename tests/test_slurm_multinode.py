@@ -2,11 +2,13 @@
 namespace per node, 192.0.2.0/24 links that exist only for the test), submitted through
 launch/slurm/train.sbatch exactly as a user does. The tiny config, a few iterations, CPU/gloo.
 
-- 2 nodes x 1 task: data parallel with ZeRO-1 across the nodes; SIGUSR1 (SLURM's warning
-  before the time limit) -> checkpoint -> requeue; the restart lands on other nodes (the
-  first start's second node is now the first: rank 0 and rendezvous host) and resumes at the
-  right iteration; the loss falls; the checkpoints written from two hosts are read by the
-  next start, ``ztt eval`` and ``ztt export-hf``.
+- elastic requeue, 1 task per node: data parallel with ZeRO-1 across 2 nodes; SIGUSR1
+  (SLURM's warning before the time limit) -> checkpoint -> requeue, resized to 1 node with
+  ``scontrol update`` -> resume in that layout (DP=1) -> SIGUSR1 -> requeue, resized to 2
+  other nodes (the first start's second node is now the first: rank 0 and
+  rendezvous host) -> complete; every step's loss equals an uninterrupted run's (the data
+  position kept); the checkpoints written from one and two hosts are read by the next start,
+  ``ztt eval`` and ``ztt export-hf``.
 - 2 nodes x 2 tasks: TP=2 inside each node, the second dimension across the nodes (LAYOUTS:
   today PP=2 with DeepSpeed's pipeline; add the circular pipeline there when it exists).
 - bad multi-node input (uneven tasks per node, rendezvous port taken) fails the job with the
@@ -20,14 +22,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 
 import pytest
 
-from launch_helpers import (ITERATION, REPO, TINY, assert_interrupted_then_resumed, job_env,
-                            losses, read, saved, starts, tiny_data,  # noqa: F401 - a fixture
+from launch_helpers import (ITERATION, REPO, RESUMED, TINY, job_env, losses, read, saved,
+                            starts, tiny_data,  # noqa: F401 - a fixture
                             wait_for_text)
 from slurm_multinode import IFNAME, two_node_cluster  # noqa: F401 - the fixture
 
@@ -45,9 +48,11 @@ LAYOUTS = [
 def submit(cluster, tmp_path, name, nodes, per_node, overrides, **env):
     log_dir = tmp_path / "logs"
     log_dir.mkdir(exist_ok=True)
+    # --time well above the starts: train.sbatch's --signal=USR1@300 would otherwise interrupt
+    # a start that a loaded machine makes slow (one took over 5 minutes at load average 19)
     job = cluster.sbatch(
         ["sbatch", f"--job-name={name}", f"--nodes={nodes}", f"--ntasks-per-node={per_node}",
-         "--time=10", f"--output={log_dir}/%x-%j.out", str(SBATCH), str(TINY), *overrides],
+         "--time=30", f"--output={log_dir}/%x-%j.out", str(SBATCH), str(TINY), *overrides],
         env=job_env(ZTT_ROOT=str(REPO), **env), cwd=str(tmp_path))
     return job, log_dir / f"{name}-{job}.out"
 
@@ -83,56 +88,134 @@ def ztt(*argv, timeout=300):
     return result
 
 
-def test_two_nodes_data_parallel_requeued_on_other_nodes_then_eval_and_export(
+def reference_run(tiny_data, run_dir, overrides):
+    """The same run on one process, uninterrupted, outside SLURM (started at once: it runs
+    while the job waits for its allocations)."""
+    log = open(run_dir.parent / "reference.log", "w")
+    return subprocess.Popen(
+        [sys.executable, "-m", "megatron_ztt.train", "--config", str(TINY), *tiny_data,
+         f"run.dir={run_dir}", *overrides], stdout=log, stderr=subprocess.STDOUT,
+        env={**os.environ, **job_env(), "PYTHONPATH": str(REPO)}, cwd=str(REPO))
+
+
+def interrupt(cluster, job, log, start):
+    """SIGUSR1 (SLURM's warning before the time limit) to start ``start``, wait for the
+    requeue. Sent once the start has built its model (its handlers are installed by then) and
+    before the first steps are done, so that it stops after a step or a few however busy the
+    machine is."""
+    wait_for_text(cluster, job, log, rf"start {start} at [\s\S]*?^MFU peak", 600,
+                  f"the model built in start {start}")
+    cluster.run(["scancel", "--signal=USR1", job])
+    cluster.wait_for(job, lambda j: j["JobState"] == "PENDING" and j["Restarts"] == str(start + 1),
+                     200, f"requeue {start + 1} after SIGUSR1")
+
+
+def resumed_where_stopped(before: str, after: str) -> int:
+    """A start stopped by SIGUSR1 with a checkpoint; the next resumed from it with the next
+    step (a console line every step). Returns the iteration."""
+    stopped = saved(before)[-1]
+    assert re.search(rf"received SIGUSR1: checkpoint saved at iteration {stopped}\b", before), \
+        before[-3000:]
+    resumed = RESUMED.search(after)
+    assert resumed and int(resumed.group(1)) == stopped, after[-3000:]
+    assert losses(after)[0][0] == stopped + 1, after[-3000:]
+    return stopped
+
+
+def checkpoint_meta(run_dir, iteration):
+    return json.loads((run_dir / "checkpoints" / f"iter_{iteration:07d}" / "ztt_meta.json")
+                      .read_text())
+
+
+def resize(cluster, job, nodes):
+    """What a user does to a requeued job waiting in the queue: give it another node count."""
+    cluster.run(["scontrol", "update", f"JobId={job}", f"NumNodes={nodes}", f"NumTasks={nodes}"])
+
+
+def test_requeued_from_two_nodes_to_one_and_back_to_two_other_nodes_then_eval_and_export(
         two_node_cluster, tiny_data, tmp_path):
-    """2 nodes x 1 task, ZeRO-1 across the nodes; SIGUSR1 -> checkpoint -> requeue onto other
-    nodes -> resume -> complete; ztt eval and ztt export-hf read the final checkpoint. (One job
-    for both stories: a job start costs more than everything else here.)"""
+    """Elastic requeue through train.sbatch: start 0 on n1+n2 (DP=2, ZeRO-1 across the
+    nodes); SIGUSR1 -> checkpoint -> requeue, resized to one node while only n3 is free ->
+    start 1 on n3 alone (DP=1) resumes there; SIGUSR1 again -> requeue, resized to two nodes
+    -> start 2 on n2+n3 (n2, the first start's second node, is now rank 0 and the rendezvous
+    host) resumes and completes. The data position and the losses follow an uninterrupted
+    run; ztt eval and ztt export-hf read the final checkpoint. (One job for all of it: a job
+    start costs more than everything else here.)"""
     cluster = two_node_cluster
     run_dir = tmp_path / "run"
+    iters, batch = 20, 8
+    overrides = ["parallel.zero_stage=1", f"train.train_iters={iters}",
+                 f"train.global_batch_size={batch}", "train.warmup_iters=2",
+                 "checkpoint.interval=1000", "checkpoint.keep_last=5", "logging.interval=1"]
+    reference = reference_run(tiny_data, tmp_path / "reference", overrides)
     cluster.set_node_state(N3, "DRAIN")  # the first start on n1+n2
     try:
         job, log = submit(cluster, tmp_path, "ztt-dp", 2, 1, [
-            *tiny_data, f"run.dir={run_dir}", "parallel.zero_stage=1", "train.train_iters=12",
-            "train.global_batch_size=8", "train.warmup_iters=2", "checkpoint.interval=1000"])
+            *tiny_data, f"run.dir={run_dir}", *overrides])
         # one rank per node, each in its own network namespace: the rendezvous crossed the link
         assert placement(cluster, job, log, 2) == {N1: [0], N2: [1]}
-        wait_for_text(cluster, job, log, ITERATION.pattern, 300, "training iterations")
-        # SLURM's warning before the time limit, now: to every task of the job's steps
-        cluster.run(["scancel", "--signal=USR1", job])
-        cluster.wait_for(job, lambda j: j["JobState"] == "PENDING" and j["Restarts"] == "1",
-                         200, "requeue after SIGUSR1")
-        first_checkpoint = (run_dir / "checkpoints" / "latest").read_text().strip()
-        # the restart gets other nodes: n1 is gone, n3 is back. n2, the second node of the
-        # first start, is now the first: rank 0 and the rendezvous host.
+        interrupt(cluster, job, log, 0)
+        # the restart: one node, and only n3 is free (n1 and n2 drained)
+        resize(cluster, job, 1)
         cluster.set_node_state(N1, "DRAIN")
+        cluster.set_node_state(N2, "DRAIN")
         cluster.set_node_state(N3, "RESUME")
+        cluster.release_requeued(job)
+        assert placement(cluster, job, log, 1) == {N3: [0]}
+        interrupt(cluster, job, log, 1)
+        # two nodes again, n2 and n3: n2, the first start's second node, is now the first
+        resize(cluster, job, 2)
+        cluster.set_node_state(N2, "RESUME")
         cluster.release_requeued(job)
         assert placement(cluster, job, log, 2) == {N2: [0], N3: [1]}
         text = assert_completed(cluster, job, log)
+        assert reference.wait(timeout=600) == 0, read(tmp_path / "reference.log")[-3000:]
     finally:
-        for node in (N1, N3):
+        for node in (N1, N2, N3):
             cluster.set_node_state(node, "RESUME", check=False)
+        if reference.poll() is None:  # the test failed before it ended
+            reference.kill()
+            reference.wait(timeout=30)
     by_start = starts(text)
-    assert sorted(by_start) == [0, 1], text[-3000:]
-    assert "2 node(s) x 1 process(es) = world size 2" in by_start[0]
-    assert f"on {N1},{N2}" in by_start[0] and f"rendezvous endpoint {N1}:" in by_start[0]
-    assert f"on {N2},{N3}" in by_start[1] and f"rendezvous endpoint {N2}:" in by_start[1]
-    assert "state interrupted" in by_start[0] and "requeueing job" in by_start[0]
-    interrupted = assert_interrupted_then_resumed(by_start[0], by_start[1])
-    assert interrupted < 12
+    assert sorted(by_start) == [0, 1, 2], text[-3000:]
+    for start, hosts, world in ((0, f"{N1},{N2}", 2), (1, N3, 1), (2, f"{N2},{N3}", 2)):
+        assert f"on {hosts}; run dir" in by_start[start], by_start[start][-3000:]
+        assert f"{world} node(s) x 1 process(es) = world size {world}" in by_start[start], \
+            by_start[start][-3000:]
+        if start < 2:
+            assert "state interrupted" in by_start[start] and "requeueing job" in by_start[start]
+    assert f"rendezvous endpoint {N1}:" in by_start[0]
+    assert f"rendezvous endpoint {N2}:" in by_start[2]
+    first = resumed_where_stopped(by_start[0], by_start[1])
+    second = resumed_where_stopped(by_start[1], by_start[2])
+    assert first < second < iters, (first, second)
+    # the layout change, in one line per resume
+    dp2, dp1 = "TP=1 x PP=1 x DP=2, ZeRO-1", "TP=1 x PP=1 x DP=1, ZeRO-1"
+    assert f"in another layout: saved as {dp2}, now {dp1} " in by_start[1], by_start[1][-3000:]
+    assert f"in another layout: saved as {dp1}, now {dp2} " in by_start[2], by_start[2][-3000:]
+    # the data position: each checkpoint counts the samples of the steps before it, and every
+    # step after a resume is the next one, with the uninterrupted run's loss (its batch)
+    for iteration in (first, second, iters):
+        meta = checkpoint_meta(run_dir, iteration)
+        assert meta["consumed_train_samples"] == iteration * batch, (iteration, meta)
+    assert checkpoint_meta(run_dir, second)["layout"]["data"] == 1
     series = losses(text)
-    assert series[-1][0] == 12 and series[-1][1] < series[0][1] - 0.5, series
+    assert [i for i, _ in series] == list(range(1, iters + 1)), series
+    expected = dict(losses(read(tmp_path / "reference.log")))
+    assert sorted(expected) == list(range(1, iters + 1)), expected
+    for iteration, loss in series:  # the reshard tests' tolerance
+        assert abs(loss - expected[iteration]) <= 2e-3 * expected[iteration], (
+            iteration, loss, expected[iteration])
+    assert series[-1][1] < series[0][1] - 0.5, series
     status = json.loads((run_dir / "status.json").read_text())
-    assert status["state"] == "completed" and status["iteration"] == 12, status
-    # ZeRO-1 over the two data-parallel ranks: the slice's optimizer state is gathered and
-    # written once (checkpoint format 3, no DeepSpeed engine files), each host wrote its RNG
-    # state, in both checkpoints (n1 + n2, then n2 + n3)
-    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
-    assert latest != first_checkpoint
-    for tag in (first_checkpoint, latest):
-        files = sorted(p.name for p in (run_dir / "checkpoints" / tag).rglob("*.pt"))
-        assert files == ["optim_stage00_tp00.pt", "rank_state_00000.pt", "rank_state_00001.pt",
+    assert status["state"] == "completed" and status["iteration"] == iters, status
+    # checkpoint format 3 (no DeepSpeed engine files): the slice's optimizer state is written
+    # once, every rank wrote its RNG state (n1 + n2, n3, then n2 + n3)
+    for iteration, ranks in ((first, 2), (second, 1), (iters, 2)):
+        tag = run_dir / "checkpoints" / f"iter_{iteration:07d}"
+        files = sorted(p.name for p in tag.rglob("*.pt"))
+        assert files == ["optim_stage00_tp00.pt",
+                         *[f"rank_state_{r:05d}.pt" for r in range(ranks)],
                          "ztt_stage00_tp00.pt"], (tag, files)
 
     result = ztt("eval", "--checkpoint", run_dir / "checkpoints", "--iters", "1",

@@ -2,6 +2,12 @@
 
     OMP_NUM_THREADS=1 python bench/eval_exit_throughput.py [--hidden 256 --seq 256 --batch 8]
         [--json docs/results/exit_compute_eval.json]
+    OMP_NUM_THREADS=1 python bench/eval_exit_throughput.py --pipeline 2 [--micro-batches 4]
+
+``--pipeline 2``: the same runs through the circular pipeline at PP=2 (two gloo processes on
+this machine, ``evaluation_schedule`` as validation runs it, the same weights and threshold),
+reporting each rank's compute time: the time spent inside its virtual stages (the layer
+applications, the gate, the exit decisions), which leaves out the waits for the other rank.
 
 ``ZTTModel.forward(ids, labels, exit_threshold=t)`` in eval mode without statistics, as
 ``ztt eval`` and validation run it. A token that leaves after cycle c is not computed in the
@@ -53,6 +59,9 @@ def parse_args(argv=None):
                         help="threshold = this quantile of the cycle-1 exit signal")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--pipeline", type=int, default=1, choices=(1, 2),
+                        help="2: through the circular pipeline, per-rank compute time")
+    parser.add_argument("--micro-batches", type=int, default=4, help="with --pipeline 2")
     return parser.parse_args(argv)
 
 
@@ -115,6 +124,12 @@ def main(argv=None):
         f"per token, threshold q{args.quantile:g}, compute everything (reference)":
             (threshold, True),
     }
+    if args.pipeline == 2:
+        from megatron_ztt.parallel.sharding import gather_full_state_dict
+
+        state = gather_full_state_dict(model)
+        runtime.shutdown_distributed()
+        return pipeline_main(args, config, state, ids, runs, threshold)
 
     def forward(options):
         threshold, compute_exited = options
@@ -176,6 +191,111 @@ def main(argv=None):
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     runtime.shutdown_distributed()
+    return report
+
+
+# --------------------------------------------------------------------------- --pipeline 2
+def _ring_worker(rank, port, config, state, ids, runs, repeats, micro_batches, queue):
+    """Rank ``rank`` of the PP=2 ring: the runs interleaved ``repeats`` times; per run the
+    seconds spent inside this rank's virtual stages (and the cycles used, last rank)."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), ZTT_DEVICE="cpu",
+                      DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    from megatron_ztt.parallel import runtime
+    from megatron_ztt.parallel.circular import CircularStage, evaluation_schedule
+    from megatron_ztt.parallel.sharding import load_full_state_dict
+
+    runtime.init_distributed(runtime.ParallelLayout(1, 2), seed=1234)
+    try:
+        module = CircularStage(config, rank, 2).eval()
+        load_full_state_dict(module, state, strict=False)
+        spent = [0.0]
+        stage = module.run_virtual_stage
+
+        def timed_stage(cycle, inputs):
+            start = time.perf_counter()
+            try:
+                return stage(cycle, inputs)
+            finally:
+                spent[0] += time.perf_counter() - start
+
+        module.run_virtual_stage = timed_stage
+        micro_batch = ids.shape[0] // micro_batches
+        schedules = {exits: evaluation_schedule(module, micro_batches, micro_batch,
+                                                lambda output, target: output[0].sum() * 0,
+                                                runtime.current_device(), exits)
+                     for exits in (False, True)}
+        times = {name: [] for name in runs}
+        cycles = {}
+        with torch.no_grad():
+            for repeat in range(repeats + 1):  # the first round warms up
+                for name, (threshold, compute_exited) in runs.items():
+                    module.start_evaluation(threshold)
+                    module.engine.compute_exited = compute_exited
+                    spent[0], wall = 0.0, time.perf_counter()
+                    schedules[threshold is not None].eval(
+                        *((ids,) if rank == 0 else ()), target=torch.arange(micro_batches),
+                        return_outputs=False)
+                    if repeat:
+                        times[name].append((spent[0], time.perf_counter() - wall))
+                    if module.is_last and threshold is not None:
+                        cycles[name] = torch.cat(module.cycles_used).float()
+        queue.put((rank, times, cycles))
+    finally:
+        runtime.shutdown_distributed()
+
+
+def pipeline_main(args, config, state, ids, runs, threshold):
+    import torch.multiprocessing as mp
+
+    from megatron_ztt.parallel.runtime import free_port
+
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    port = free_port()
+    procs = [context.Process(target=_ring_worker, args=(r, port, config, state, ids, runs,
+                                                         args.repeats, args.micro_batches, queue))
+             for r in range(2)]
+    for proc in procs:
+        proc.start()
+    per_rank = {}
+    for _ in procs:
+        rank, times, cycles = queue.get(timeout=1800)
+        per_rank[rank] = (times, cycles)
+    for proc in procs:
+        proc.join()
+    names = list(runs)
+    print(f"circular pipeline PP=2, {args.micro_batches} micro batches; d={args.hidden} "
+          f"heads={args.heads} L={args.layers} C={args.cycles} vocab={args.vocab} batch "
+          f"{args.batch} x seq {args.seq}, threshold {threshold:.4f}, median of {args.repeats}, "
+          f"torch {torch.__version__}, load {os.getloadavg()[0]:.2f}")
+    print(f"{'run':62s} {'rank 0 ms':>9s} {'vs full':>7s} {'rank 1 ms':>9s} {'vs full':>7s} "
+          f"{'wall ms':>8s} {'vs full':>7s} {'cycles':>6s}")
+    results = []
+    cycles = per_rank[1][1]
+
+    def median_ms(rank, name, which):
+        return 1e3 * statistics.median(t[which] for t in per_rank[rank][0][name])
+
+    for name in names:
+        row = dict(run=name)
+        for rank in (0, 1):
+            ms = median_ms(rank, name, 0)
+            row[f"rank{rank}_compute_ms"] = round(ms, 1)
+            row[f"rank{rank}_speed_vs_full"] = round(median_ms(rank, names[0], 0) / ms, 3)
+        wall = median_ms(1, name, 1)
+        row["wall_ms"] = round(wall, 1)
+        row["wall_speed_vs_full"] = round(median_ms(1, names[0], 1) / wall, 3)
+        row["mean_cycles"] = round(float(cycles[name].mean()), 3) if name in cycles else 3.0
+        results.append(row)
+        print(f"{name:62s} {row['rank0_compute_ms']:9.1f} {row['rank0_speed_vs_full']:6.2f}x "
+              f"{row['rank1_compute_ms']:9.1f} {row['rank1_speed_vs_full']:6.2f}x "
+              f"{wall:8.1f} {row['wall_speed_vs_full']:6.2f}x {row['mean_cycles']:6.2f}")
+    report = dict(args={k: str(v) for k, v in vars(args).items()}, threshold=threshold,
+                  load_average=os.getloadavg()[0], results=results)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 

@@ -82,10 +82,19 @@ def test_export_directory_is_complete(seeded, tmp_path, tokenizer_model):
     assert raw["auto_map"] == {"AutoConfig": "configuration_ztt.ZTTConfig",
                                "AutoModel": "modeling_ztt.ZTTModel",
                                "AutoModelForCausalLM": "modeling_ztt.ZTTForCausalLM"}
-    # the exported loop is the training code's own file, byte for byte
-    from megatron_ztt.model import cycle_engine
+    # the shipped code is the library's own files, byte for byte: one implementation of the
+    # loop and the exit policy (and nothing else is shipped that could drift)
+    from megatron_ztt.export import hf_template
+    from megatron_ztt.model import cycle_engine, exit_policy
 
-    assert (path / "cycle_engine.py").read_bytes() == Path(cycle_engine.__file__).read_bytes()
+    template = Path(hf_template.__file__).parent
+    library = {"cycle_engine.py": Path(cycle_engine.__file__),
+               "exit_policy.py": Path(exit_policy.__file__),
+               "modeling_ztt.py": template / "modeling_ztt.py",
+               "configuration_ztt.py": template / "configuration_ztt.py"}
+    assert sorted(p.name for p in path.glob("*.py")) == sorted(library)
+    for name, source in library.items():
+        assert (path / name).read_bytes() == source.read_bytes(), name
     loaded = AutoConfig.from_pretrained(path, trust_remote_code=True)
     assert loaded.num_hidden_layers == config.num_applications  # one cache layer each
     generation = GenerationConfig.from_pretrained(path)

@@ -101,26 +101,41 @@ def application_plan(config, num_cycles: Optional[int] = None) -> List[Applicati
     return plan
 
 
-# --------------------------------------------------------------------------- the gate
-class CycleGate(torch.nn.Module):
-    """x_next = x + g * (y - x), g = sigmoid(w . rmsnorm(y) + b), one scalar per token.
+# --------------------------------------------------------------------------- state
+@dataclass
+class CycleState:
+    """What flows from one application to the next (and, packed, between pipeline stages).
 
-    w starts at zero and b at ``bias_init``, so a cycle starts almost fully open (b = 4:
-    g = 0.98) or closed (b very negative), as the config asks.
+    Token-shaped tensors (``exited``, ``cycles_used``) have the shape of the full hidden
+    without its last dimension, whatever the caller's layout ([s, b] or [b, s]). While a cycle
+    runs on ``active``'s block, ``hidden`` and ``zero_sum`` are the block's.
     """
 
-    def __init__(self, hidden_size: int, bias_init: float = 4.0, eps: float = 1e-5):
-        super().__init__()
-        self.eps = eps
-        self.weight = torch.nn.Parameter(torch.zeros(hidden_size))
-        self.bias = torch.nn.Parameter(torch.full((1,), float(bias_init)))
+    hidden: torch.Tensor
+    cycle_input: Optional[torch.Tensor] = None  # the open cycle's input, every token
+    block_input: Optional[torch.Tensor] = None  # the same, ``active``'s block (the gate's)
+    exit_states: List[torch.Tensor] = field(default_factory=list)  # kept for exit losses
+    exited: Optional[torch.Tensor] = None  # bool: the token has left the cycles
+    cycles_used: Optional[torch.Tensor] = None  # cycles each token ran
+    zero_sum: Optional[torch.Tensor] = None  # open cycle's zero attention, summed
+    num_cycles: Optional[int] = None  # cycles this pass runs (the depth dial)
+    active: Optional[ActiveTokens] = None  # the open cycle's tokens (None: every token)
 
-    def forward(self, cycle_input: torch.Tensor, cycle_output: torch.Tensor):
-        normed = F.rms_norm(cycle_output, (cycle_output.shape[-1],), eps=self.eps)
-        gate = torch.sigmoid(normed @ self.weight.to(normed.dtype) + self.bias.to(normed.dtype))
-        gate = gate.unsqueeze(-1)
-        return cycle_input + gate * (cycle_output - cycle_input), gate
+    @property
+    def skipping(self) -> bool:
+        """Every token has left the open cycle: nothing to compute."""
+        return self.active is not None and self.active.empty
 
+
+# A layer application as the caller computes it: (app, hidden, state, record) ->
+# (new hidden, zero attention summed over the caller's heads per token, or None).
+# While some tokens have left, ``hidden`` is ``state.active``'s block and so are the returned
+# tensors; the caller's attention reads every token's key/values (``keep_exited_kv``).
+RunApplication = Callable[[Application, torch.Tensor, CycleState, bool],
+                          Tuple[torch.Tensor, Optional[torch.Tensor]]]
+
+
+# =========================== the core: zero key, gate, cycle loop ===========================
 
 # --------------------------------------------------------------------------- the zero key
 def with_zero_key(key: torch.Tensor, value: torch.Tensor, zero_key: torch.Tensor):
@@ -165,6 +180,84 @@ def zero_key_attention(query, keys, values, scale, *, zero_token: bool, mask=Non
     return out, probs
 
 
+# --------------------------------------------------------------------------- the gate
+class CycleGate(torch.nn.Module):
+    """x_next = x + g * (y - x), g = sigmoid(w . rmsnorm(y) + b), one scalar per token.
+
+    w starts at zero and b at ``bias_init``, so a cycle starts almost fully open (b = 4:
+    g = 0.98) or closed (b very negative), as the config asks.
+    """
+
+    def __init__(self, hidden_size: int, bias_init: float = 4.0, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.zeros(hidden_size))
+        self.bias = torch.nn.Parameter(torch.full((1,), float(bias_init)))
+
+    def forward(self, cycle_input: torch.Tensor, cycle_output: torch.Tensor):
+        normed = F.rms_norm(cycle_output, (cycle_output.shape[-1],), eps=self.eps)
+        gate = torch.sigmoid(normed @ self.weight.to(normed.dtype) + self.bias.to(normed.dtype))
+        gate = gate.unsqueeze(-1)
+        return cycle_input + gate * (cycle_output - cycle_input), gate
+
+
+# --------------------------------------------------------------------------- the loop
+class CycleLoop:
+    """Applications in order. A cycle opens (its input kept, its tokens gathered once), runs
+    its layers (each application with its own zero key) and closes: the gate blends output and
+    input, the block goes back to every token, the policy decides who leaves. The bookkeeping
+    it calls (``gather``, ``scatter``, ``record_*``, ...) is :class:`CycleEngine`'s, below."""
+
+    def run(self, apps: Sequence[Application], state: CycleState, run: RunApplication,
+            policy: ExitPolicy, *, keep_exit_states: bool = False,
+            tally: Optional[ZeroAttentionTally] = None,
+            skip: Optional[Callable[[Application, CycleState], None]] = None,
+            after: Optional[Callable[[CycleState], None]] = None) -> CycleState:
+        """``apps`` in order (the options: :class:`CycleEngine`)."""
+        keep = keep_exit_states and state.num_cycles == self.num_cycles
+        for app in apps:
+            if app.cycle is None:  # head and tail: every token
+                state.hidden = run(app, state.hidden, state, False)[0]
+                self.tail_of_exit_states(app, state, run)
+            else:
+                self.step(app, state, run, policy, keep, tally, skip)
+            if after is not None:
+                after(state)
+        return state
+
+    def step(self, app, state, run, policy, keep_exit_states, tally, skip) -> None:
+        """One application of cycle ``app.cycle``."""
+        if app.starts_cycle:
+            self.open_cycle(app.cycle, state, policy)
+        if state.skipping:
+            if skip is not None:
+                skip(app, state)
+        else:
+            reads_zero = policy.reads_zero_attention(app.cycle, state.num_cycles)
+            state.hidden, zero = run(app, state.hidden, state, reads_zero or tally is not None)
+            self.record_zero_attention(app, state, zero, reads_zero, tally)
+        if app.ends_cycle:
+            self.close_cycle(app, state, policy, keep_exit_states, tally)
+
+    def open_cycle(self, cycle: int, state: CycleState, policy: ExitPolicy) -> None:
+        """The cycle's input is kept (gate, leavers); its tokens are gathered once."""
+        state.cycle_input, state.zero_sum = state.hidden, None
+        state.active = policy.begin_cycle(cycle, state.exited)
+        self.gather(state)
+
+    def close_cycle(self, app, state, policy, keep_exit_states, tally) -> None:
+        if self.gates is not None and not state.skipping:
+            state.hidden, gate = self.gates[app.trained_cycle](state.block_input, state.hidden)
+            self.record_gate(app, state, gate, tally)
+        self.scatter(state)
+        self.keep_exit_state(app, state, keep_exit_states)
+        policy.end_cycle(app.cycle, state.num_cycles, state, self.exit_signal)
+
+
+# =========================== end of the core ===============================================
+# Bookkeeping around it (with the plan and the state above, and exit_policy.py).
+
+
 def attention_with_lse(query, keys, values, scale, mask, causal, dropout_p, fused=None):
     """(output, log-sum-exp of each query's scores [b, heads, q] float32): the fused CPU
     kernel returns both (``fused``, by default on CPU without dropout, which it lacks);
@@ -193,32 +286,6 @@ def attention_with_lse(query, keys, values, scale, mask, causal, dropout_p, fuse
     return (weights.to(values.dtype) @ values), lse
 
 
-# --------------------------------------------------------------------------- state
-@dataclass
-class CycleState:
-    """What flows from one application to the next (and, packed, between pipeline stages).
-
-    Token-shaped tensors (``exited``, ``cycles_used``) have the shape of the full hidden
-    without its last dimension, whatever the caller's layout ([s, b] or [b, s]). While a cycle
-    runs on ``active``'s block, ``hidden`` and ``zero_sum`` are the block's.
-    """
-
-    hidden: torch.Tensor
-    cycle_input: Optional[torch.Tensor] = None  # the open cycle's input, every token
-    block_input: Optional[torch.Tensor] = None  # the same, ``active``'s block (the gate's)
-    exit_states: List[torch.Tensor] = field(default_factory=list)  # kept for exit losses
-    exited: Optional[torch.Tensor] = None  # bool: the token has left the cycles
-    cycles_used: Optional[torch.Tensor] = None  # cycles each token ran
-    zero_sum: Optional[torch.Tensor] = None  # open cycle's zero attention, summed
-    num_cycles: Optional[int] = None  # cycles this pass runs (the depth dial)
-    active: Optional[ActiveTokens] = None  # the open cycle's tokens (None: every token)
-
-    @property
-    def skipping(self) -> bool:
-        """Every token has left the open cycle: nothing to compute."""
-        return self.active is not None and self.active.empty
-
-
 def zero_attention_by_cycle(plan: Sequence[Application],
                             per_application: Dict[str, torch.Tensor]) -> Dict[int, torch.Tensor]:
     """Mean zero attention of each cycle's middle block (cycles numbered from 1)."""
@@ -229,16 +296,8 @@ def zero_attention_by_cycle(plan: Sequence[Application],
     return {c: torch.stack(v).mean() for c, v in sorted(per_cycle.items())}
 
 
-# A layer application as the caller computes it: (app, hidden, state, record) ->
-# (new hidden, zero attention summed over the caller's heads per token, or None).
-# While some tokens have left, ``hidden`` is ``state.active``'s block and so are the returned
-# tensors; the caller's attention reads every token's key/values (``keep_exited_kv``).
-RunApplication = Callable[[Application, torch.Tensor, CycleState, bool],
-                          Tuple[torch.Tensor, Optional[torch.Tensor]]]
-
-
-# --------------------------------------------------------------------------- the loop
-class CycleEngine:
+# --------------------------------------------------------------------------- the engine
+class CycleEngine(CycleLoop):
     """Runs applications of the plan on a :class:`CycleState`; see the module docstring.
 
     ``gates``: cycle (0-based) -> :class:`CycleGate`, or None without gates (a pipeline stage
@@ -246,6 +305,12 @@ class CycleEngine:
     attention is a mean over them). ``reduce_heads`` sums a tensor over the ranks that split
     the heads (identity on one rank). ``compute_exited``: the reference that computes every
     token (see :class:`ExitPolicy`).
+
+    :meth:`CycleLoop.run` options: ``keep_exit_states``: keep the states after the cycles whose
+    exit loss is weighted (training, trained depth only); ``tally``: zero-attention and gate
+    statistics; ``skip(app, state)`` hears of the applications nobody runs because every
+    token has left (the export fills its cache); ``after(state)`` sees the state after each
+    application (every token's between cycles).
     """
 
     compute_exited = False
@@ -282,49 +347,28 @@ class CycleEngine:
         return CycleState(hidden=hidden, num_cycles=depth, exited=policy.begin(tokens, hidden.device),
                           cycles_used=torch.full(tokens, depth, dtype=torch.long, device=hidden.device))
 
-    def run(self, apps: Sequence[Application], state: CycleState, run: RunApplication,
-            policy: ExitPolicy, *, keep_exit_states: bool = False,
-            tally: Optional[ZeroAttentionTally] = None,
-            skip: Optional[Callable[[Application, CycleState], None]] = None,
-            after: Optional[Callable[[CycleState], None]] = None) -> CycleState:
-        """``apps`` in order. ``keep_exit_states``: keep the states after the cycles whose exit
-        loss is weighted (training, trained depth only); ``skip(app, state)`` hears of the
-        applications nobody runs because every token has left (the export fills its cache);
-        ``after(state)`` sees the state after each application (every token's between cycles)."""
-        keep = keep_exit_states and state.num_cycles == self.num_cycles
-        for app in apps:
-            if app.cycle is None:  # head and tail: every token, kept exit states too
-                state.hidden = run(app, state.hidden, state, False)[0]
-                if app.after_cycles:
-                    state.exit_states = [run(app, s, state, False)[0] for s in state.exit_states]
-            else:
-                self.step(app, state, run, policy, keep, tally, skip)
-            if after is not None:
-                after(state)
-        return state
+    def record_zero_attention(self, app, state: CycleState, zero, reads_zero: bool,
+                              tally: Optional[ZeroAttentionTally]) -> None:
+        """An application's zero attention: into the statistics, and into the open cycle's sum
+        when the exit decision reads it."""
+        if tally is not None and zero is not None:
+            tally.add_zero_attention(app.label, zero, state.active)
+        if reads_zero and zero is not None:
+            state.zero_sum = zero.float() if state.zero_sum is None else state.zero_sum + zero.float()
 
-    def step(self, app, state, run, policy, keep_exit_states, tally, skip) -> None:
-        """One application of cycle ``app.cycle``."""
-        if app.starts_cycle:
-            self.open_cycle(app.cycle, state, policy)
-        if state.skipping:
-            if skip is not None:
-                skip(app, state)
-        else:
-            reads_zero = policy.reads_zero_attention(app.cycle, state.num_cycles)
-            state.hidden, zero = run(app, state.hidden, state, reads_zero or tally is not None)
-            if tally is not None and zero is not None:
-                tally.add_zero_attention(app.label, zero, state.active)
-            if reads_zero and zero is not None:
-                state.zero_sum = zero.float() if state.zero_sum is None else state.zero_sum + zero.float()
-        if app.ends_cycle:
-            self.close_cycle(app, state, policy, keep_exit_states, tally)
+    def record_gate(self, app, state: CycleState, gate, tally) -> None:
+        if tally is not None:  # the mean over the tokens that ran the cycle
+            tally.add_gate(app.cycle + 1, gate, state.active)
 
-    def open_cycle(self, cycle: int, state: CycleState, policy: ExitPolicy) -> None:
-        """The cycle's input is kept (gate, leavers); its tokens are gathered once."""
-        state.cycle_input, state.zero_sum = state.hidden, None
-        state.active = policy.begin_cycle(cycle, state.exited)
-        self.gather(state)
+    def keep_exit_state(self, app, state: CycleState, keep: bool) -> None:
+        """After a cycle whose exit loss is weighted: its state is kept for that loss."""
+        if keep and app.cycle in self.exit_cycles:
+            state.exit_states = [*state.exit_states, state.hidden]
+
+    def tail_of_exit_states(self, app, state: CycleState, run) -> None:
+        """The tail runs on the kept exit states too (each exit loss reads its output)."""
+        if app.after_cycles:
+            state.exit_states = [run(app, s, state, False)[0] for s in state.exit_states]
 
     def gather(self, state: CycleState) -> None:
         """``hidden`` and ``block_input`` become the active set's block (once per cycle)."""
@@ -345,16 +389,6 @@ class CycleEngine:
         elif state.exited is not None:  # every token computed (none left yet, or the reference)
             state.hidden = torch.where(state.exited[..., None], state.cycle_input, state.hidden)
         state.active = None
-
-    def close_cycle(self, app, state, policy, keep_exit_states, tally) -> None:
-        if self.gates is not None and not state.skipping:
-            state.hidden, gate = self.gates[app.trained_cycle](state.block_input, state.hidden)
-            if tally is not None:
-                tally.add_gate(app.cycle + 1, gate, state.active)
-        self.scatter(state)
-        if keep_exit_states and app.cycle in self.exit_cycles:
-            state.exit_states = [*state.exit_states, state.hidden]
-        policy.end_cycle(app.cycle, state.num_cycles, state, self.exit_signal)
 
     # ------------------------------------------------------------------ the objective
     @property

@@ -174,12 +174,15 @@ class ActiveTokens:
         self.empty = num_rows == 0
         self.everyone = everyone
         self.every_row = num_rows == self.shape[0]
+        self._memo: Dict[str, object] = {}
+        if everyone:  # nobody has left: the policy runs every token, no block to index
+            self.rows = self.positions = self.valid = None
+            return
         self.rows = torch.argsort((~running).to(torch.uint8), stable=True)[:num_rows]
         active = active[self.rows]
         order = torch.argsort((~active).to(torch.uint8), dim=1, stable=True)
         self.positions = order[:, :width]
         self.valid = torch.arange(width, device=exited.device)[None] < counts[self.rows][:, None]
-        self._memo: Dict[str, object] = {}
 
     def memo(self, name: str, make: Callable[[], object]):
         if name not in self._memo:

@@ -106,6 +106,38 @@ class ZeroTokenCacheLayer(DynamicLayer):
             batch, groups, 1, head_dim).contiguous()
         self.values = value_states.new_zeros(batch, groups, 1, value_states.shape[-1])
 
+    def update(self, key_states, value_states, *args, **kwargs):
+        """Append the new tokens' key/values. They are written into a buffer with room to grow
+        (doubling), and ``keys``/``values`` are views of its filled part: a decoding step
+        copies its own rows only, where ``torch.cat`` would copy the whole cache of every
+        application at every step."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        filled, new = self.keys.shape[-2], key_states.shape[-2]
+        buffers = getattr(self, "_storage", None)
+        if not (buffers is not None and self._views_of(buffers)
+                and buffers[0].shape[-2] >= filled + new):
+            buffers = tuple(self._grown(t, max(filled + new, 2 * filled))
+                            for t in (self.keys, self.values))
+            self._storage = buffers
+        buffers[0][..., filled:filled + new, :] = key_states
+        buffers[1][..., filled:filled + new, :] = value_states
+        self.keys = buffers[0][..., :filled + new, :]
+        self.values = buffers[1][..., :filled + new, :]
+        return self.keys, self.values
+
+    def _views_of(self, buffers) -> bool:
+        """Whether ``keys``/``values`` still are the buffers' filled part (transformers'
+        cache methods, e.g. ``batch_select_indices``, may have replaced them)."""
+        return all(t.data_ptr() == b.data_ptr() and t.shape[:2] == b.shape[:2]
+                   and t.stride() == b.stride() for t, b in zip((self.keys, self.values), buffers))
+
+    @staticmethod
+    def _grown(tensor, capacity):
+        grown = tensor.new_empty(*tensor.shape[:2], capacity, tensor.shape[-1])
+        grown[..., :tensor.shape[-2], :] = tensor
+        return grown
+
     def get_seq_length(self) -> int:
         if not self.is_initialized or self.keys is None:
             return 0
@@ -207,9 +239,19 @@ class ZTTAttention(nn.Module):
             keys, values = with_zero_key(key, value, zero_key)
         else:
             keys, values = key, value
-        if active is not None and not active.every_row:
-            keys, values = keys[active.rows], values[active.rows]
-        out, probs = layout.attend(query, keys, values, self.scale, zero_attention)
+        if active is not None and not active.every_row and layout.kind == "decode" \
+                and 3 * active.rows.numel() > keys.shape[0]:
+            # a decoding step where most rows still cycle: their queries in a zero query
+            # batch over the whole cache read its rows once, where gathering the cycling rows'
+            # cache first reads (and writes) them again
+            rows = active.rows
+            every_query = query.new_zeros(keys.shape[0], *query.shape[1:]).index_copy_(0, rows, query)
+            out, probs = layout.attend(every_query, keys, values, self.scale, zero_attention)
+            out, probs = out[rows], None if probs is None else probs[rows]
+        else:
+            if active is not None and not active.every_row:
+                keys, values = keys[active.rows], values[active.rows]
+            out, probs = layout.attend(query, keys, values, self.scale, zero_attention)
         out = out.transpose(1, 2).reshape(batch, length, -1)
         return self.o_proj(out), probs
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from megatron_ztt.model.cycle_engine import CYCLE_MODES, check_exit_signal, cycled_layers
+from megatron_ztt.model.exit_losses import check_exit_loss_fraction
 
 NORMALIZATIONS = ("RMSNorm", "LayerNorm")
 ACTIVATIONS = ("swiglu", "gelu")
@@ -55,6 +56,10 @@ class ZTTConfig:
     # zero_attention_relative (exit when >= threshold), hidden_change, random (exit when <).
     exit_signal: str = "zero_attention"
     exit_seed: int = 0  # seeds exit_signal=random
+    # --- cheaper exit losses and a trained exit (model/exit_losses.py, issue 24)
+    # Share of positions (per row, drawn per step) whose intermediate exit losses count,
+    # scaled to stay unbiased; the final loss always reads every position.
+    exit_loss_fraction: float = 1.0
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
     # Vocabulary rows are padded to a multiple of this (kept independent of the parallel
@@ -156,6 +161,10 @@ class ZTTConfig:
                      f"got {len(weights)}")
             if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
                 fail("exit_loss_weights", f"weights must be >= 0 with a positive sum, got {weights}")
+        try:
+            check_exit_loss_fraction(self.exit_loss_fraction)
+        except ValueError as error:
+            fail("exit_loss_fraction", str(error))
         try:
             signal = check_exit_signal(self.exit_signal)
         except ValueError as error:

@@ -286,17 +286,22 @@ class CycleEngine:
             policy: ExitPolicy, *, keep_exit_states: bool = False,
             tally: Optional[ZeroAttentionTally] = None,
             skip: Optional[Callable[[Application, CycleState], None]] = None,
-            after: Optional[Callable[[CycleState], None]] = None) -> CycleState:
+            after: Optional[Callable[[CycleState], None]] = None,
+            exit_tail: Optional[Callable[[Application, torch.Tensor], torch.Tensor]] = None
+            ) -> CycleState:
         """``apps`` in order. ``keep_exit_states``: keep the states after the cycles whose exit
         loss is weighted (training, trained depth only); ``skip(app, state)`` hears of the
         applications nobody runs because every token has left (the export fills its cache);
-        ``after(state)`` sees the state after each application (every token's between cycles)."""
+        ``after(state)`` sees the state after each application (every token's between cycles);
+        ``exit_tail(app, exit_state)`` runs the tail on a kept exit state instead of ``run``
+        (the exit losses on a subset of positions, ``model/exit_losses.py``)."""
         keep = keep_exit_states and state.num_cycles == self.num_cycles
         for app in apps:
             if app.cycle is None:  # head and tail: every token, kept exit states too
                 state.hidden = run(app, state.hidden, state, False)[0]
                 if app.after_cycles:
-                    state.exit_states = [run(app, s, state, False)[0] for s in state.exit_states]
+                    state.exit_states = [run(app, s, state, False)[0] if exit_tail is None
+                                         else exit_tail(app, s) for s in state.exit_states]
             else:
                 self.step(app, state, run, policy, keep, tally, skip)
             if after is not None:

@@ -181,6 +181,20 @@ class ActiveTokens:
         self.valid = torch.arange(width, device=exited.device)[None] < counts[self.rows][:, None]
         self._memo: Dict[str, object] = {}
 
+    @classmethod
+    def of_positions(cls, positions: torch.Tensor, length: int, token_axis: int) -> "ActiveTokens":
+        """A block of every row's ``positions`` [rows, n] (distinct, increasing), built without
+        a host read: the exit losses' chosen positions (``model/exit_losses.py``)."""
+        block = cls.__new__(cls)
+        block.seq_axis, block.batch_axis = token_axis, 1 - token_axis
+        block.shape = (positions.shape[0], length)
+        block.empty, block.everyone, block.every_row = False, False, True
+        block.rows = torch.arange(positions.shape[0], device=positions.device)
+        block.positions = positions
+        block.valid = torch.ones(positions.shape, dtype=torch.bool, device=positions.device)
+        block._memo = {}
+        return block
+
     def memo(self, name: str, make: Callable[[], object]):
         if name not in self._memo:
             self._memo[name] = make()

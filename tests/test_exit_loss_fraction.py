@@ -105,3 +105,35 @@ def test_fraction_one_is_the_full_computation(seeded):
 def test_fraction_is_validated(bad):
     with pytest.raises(ConfigError, match="^model.exit_loss_fraction: .*in \\(0, 1\\]"):
         tiny_config(exit_loss_fraction=bad)
+
+
+def _train_one_step(rank, data, root, layout):
+    from megatron_ztt.training.engines import build_engine
+    from test_pipeline_variants import BASE, EXITS, _capture_gradients, _global_batch
+    from train_helpers import micro_config
+
+    config = micro_config(data, root, *BASE, EXITS, "model.exit_loss_fraction=0.25", *layout)
+    engine = build_engine(config)
+    captured = _capture_gradients(engine)
+    engine.train()
+    torch.manual_seed(99)  # the step's exit-loss positions come from the default generator
+    result = engine.train_step(iter(_global_batch(config)), 1, collect_stats=False)
+    return {"losses": {k: float(v) for k, v in result.losses.items()},
+            "grads": engine.gather_to_full(captured)}
+
+
+@pytest.mark.slow
+def test_circular_pipeline_matches_one_process(sample_data, tmp_path):
+    from distributed import run_distributed
+
+    one = run_distributed(_train_one_step, world_size=1,
+                          args=(sample_data, str(tmp_path / "pp1"), []))[0]
+    ring = run_distributed(_train_one_step, world_size=2, pipeline_parallel=2,
+                           args=(sample_data, str(tmp_path / "pp2"),
+                                 ["parallel.pipeline=2"]))[-1]
+    assert sorted(ring["losses"]) == sorted(one["losses"])
+    for name, value in one["losses"].items():
+        assert abs(ring["losses"][name] - value) < 1e-5, (name, ring["losses"][name], value)
+    assert sorted(ring["grads"]) == sorted(one["grads"])
+    for name, grad in one["grads"].items():
+        assert torch.allclose(ring["grads"][name], grad, atol=1e-6, rtol=1e-4), name

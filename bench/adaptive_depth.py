@@ -6,7 +6,7 @@ rates and fixed depth (the depth dial); and loss against the depth dial C' = 1 .
 
 Needs the runs of ``bench/variants.py`` (``--work`` points at its folder). For every run:
 
-1. for each signal (``zero_attention``, ``zero_attention_relative``, ``hidden_change``) one
+1. for each signal (``zero_attention``, ``zero_attention_relative``, ``hidden_change``, ``kl``) one
    pass without exits records the signal of every token after cycles 1 .. C-1 (the engine's
    own ``CycleEngine.exit_signal``); the thresholds are quantiles of what it saw, so that the
    sweep spans "every token leaves after cycle 1" to "no token leaves";
@@ -43,7 +43,7 @@ from results_common import (REPO, add_analysis_arguments, batches, default_paths
                             init_single_process, load_model, relative, save_figure, trained_runs,
                             use_run_data, validation_samples, write_json)
 
-SIGNALS = ("zero_attention", "zero_attention_relative", "hidden_change")
+SIGNALS = ("zero_attention", "zero_attention_relative", "hidden_change", "kl")
 LOSS_TOLERANCE = 0.01  # the goal: at most 1 % higher loss than full depth ...
 GOAL_SAVING = 0.30  # ... with at least 30 % fewer middle applications
 
@@ -405,7 +405,8 @@ def markdown(report: dict) -> str:
 
 
 STYLES = {"zero_attention": ("tab:blue", "o"), "zero_attention_relative": ("tab:green", "^"),
-          "hidden_change": ("tab:orange", "v"), "random": ("tab:gray", "x"),
+          "hidden_change": ("tab:orange", "v"), "kl": ("tab:purple", "D"),
+          "random": ("tab:gray", "x"),
           "fixed depth": ("black", "s")}
 
 

@@ -249,6 +249,9 @@ class CycleEngine:
     """
 
     compute_exited = False
+    # states [n, d] -> next-token logits [n, vocab]: what exit_signal=kl reads (the model
+    # that holds the output layer sets it)
+    readout: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
     def __init__(self, plan: Sequence[Application], *, num_cycles: int, num_heads: int,
                  gates=None, exit_loss_weights: Optional[Sequence[float]] = None,
@@ -264,7 +267,7 @@ class CycleEngine:
 
     def policy(self, rule: Optional[ExitRule]) -> ExitPolicy:
         return ExitPolicy(rule, zero_attention_mean=self.zero_attention_mean,
-                          compute_exited=self.compute_exited)
+                          compute_exited=self.compute_exited, readout=self.readout)
 
     def zero_attention_mean(self, zero_sum: torch.Tensor) -> torch.Tensor:
         """Per token: the cycle's zero attention averaged over its layers and all heads."""

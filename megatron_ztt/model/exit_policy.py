@@ -44,6 +44,11 @@ EXIT_SIGNALS = {s.name: s for s in (
     ExitSignal("hidden_change", False, True,
                "relative L2 change of the token's state over the cycle, |x_c - x_(c-1)| / "
                "|x_(c-1)|; exit when < threshold"),
+    ExitSignal("kl", False, True,
+               "KL(p_c || p_(c-1)) between the next-token distributions read through the final "
+               "norm and output layer from the token's state after the cycle and before it "
+               "(Huginn's criterion, without the tail layer), for the tokens still cycling; "
+               "exit when < threshold (nats)"),
     ExitSignal("random", False, True,
                "a seeded uniform draw in [0, 1) per token, cycle and row; exit when < threshold, "
                "so the threshold is the exit probability per cycle"),
@@ -133,6 +138,22 @@ def uniform_draws(seed: int, cycle: int, rows: torch.Tensor, positions: torch.Te
         x = (x * multiplier) & _MASK32
     x = x ^ (x >> 16)
     return (x >> 8).float() / float(1 << 24)
+
+
+def next_token_kl(readout: Optional[Callable[[torch.Tensor], torch.Tensor]],
+                  before: torch.Tensor, after: torch.Tensor, exited: torch.Tensor) -> torch.Tensor:
+    """Per token, ``KL(p_after || p_before)`` in nats, ``p = softmax(readout(state))``; only the
+    tokens still cycling (``~exited``) are read out (the others get 0). The readout is
+    per token (no tail layer: that would read the other tokens' states of this cycle), so
+    the signal is causal. Gathering the cycling tokens reads their count on the host."""
+    if readout is None:
+        raise ValueError("exit_signal=kl needs the model's output layer (its readout), which "
+                         "this model part does not hold")
+    cycling = ~exited
+    log_after = torch.log_softmax(readout(after[cycling]).float(), dim=-1)
+    log_before = torch.log_softmax(readout(before[cycling]).float(), dim=-1)
+    kl = (log_after.exp() * (log_after - log_before)).sum(dim=-1)
+    return torch.zeros(exited.shape, dtype=kl.dtype, device=kl.device).masked_scatter(cycling, kl)
 
 
 # --------------------------------------------------------------------------- the active set
@@ -312,10 +333,13 @@ class ExitPolicy:
 
     def __init__(self, rule: Optional[ExitRule], *,
                  zero_attention_mean: Callable[[torch.Tensor], torch.Tensor],
-                 compute_exited: bool = False):
+                 compute_exited: bool = False,
+                 readout: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
         self.rule = rule
         self.zero_attention_mean = zero_attention_mean  # the loop's: layers and heads it spans
         self.compute_exited = compute_exited
+        # states [n, d] -> next-token logits [n, vocab] (final norm + output layer): ``kl``'s
+        self.readout = readout
 
     def begin(self, tokens, device) -> Optional[torch.Tensor]:
         """``exited`` before the first cycle (None without a rule)."""
@@ -367,9 +391,14 @@ class ExitPolicy:
           raw ``A`` falls as 1 / (i + 2).
         * ``hidden_change``: ``|x_c - x_(c-1)| / |x_(c-1)|``, the relative L2 change of the
           token's state over the cycle (after the gate).
+        * ``kl``: ``KL(p_c || p_(c-1))``, ``p`` the next-token distribution the final norm
+          and output layer read from the token's state after the cycle and before it
+          (:func:`next_token_kl`).
         * ``random``: a seeded uniform draw in [0, 1) per (cycle, row, position).
         """
         name = rule.signal
+        if name == "kl":
+            return next_token_kl(self.readout, state.cycle_input, state.hidden, state.exited)
         if name in ("zero_attention", "zero_attention_relative"):
             mean = self.zero_attention_mean(state.zero_sum)
             if name == "zero_attention":

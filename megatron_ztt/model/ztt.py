@@ -162,6 +162,11 @@ class ZTTModel(torch.nn.Module):
             self.plan, num_cycles=config.num_cycles, num_heads=config.num_attention_heads,
             gates=GateLookup(self.gates) if self.gates is not None else None,
             exit_loss_weights=config.exit_weights, reduce_heads=all_reduce_tensor_parallel)
+        self.engine.readout = self.next_token_logits
+
+    def next_token_logits(self, states: torch.Tensor) -> torch.Tensor:
+        """states [n, d] -> full next-token logits [n, vocab_size] (exit_signal=kl)."""
+        return gather_logits(self.logits_shard(states[:, None]), self.config.vocab_size)[0]
 
     def exit_loss_positions(self, seed: Optional[int], input_ids: torch.Tensor):
         """The positions the intermediate exit losses read (None: every position)."""

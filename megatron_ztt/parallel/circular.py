@@ -51,7 +51,7 @@ from megatron_ztt.model.cycle_engine import (Application, CycleEngine, CycleStat
                                              ExitRule, ZeroAttentionTally, application_plan,
                                              check_exit_signal, zero_attention_by_cycle)
 from megatron_ztt.model.layers import (OutputHead, TokenEmbedding, all_reduce_tensor_parallel,
-                                       build_transformer_layer, rotary_embedding)
+                                       build_transformer_layer, gather_logits, rotary_embedding)
 from megatron_ztt.model.seeding import init_scope
 from megatron_ztt.model.ztt import (GateLookup, build_gates, exit_rule_for, run_layer,
                                     run_layer_on_positions)
@@ -149,6 +149,9 @@ class CircularStage(torch.nn.Module):
             gates=(GateLookup(self.gates if self.gates is not None else torch.nn.ModuleDict())
                    if config.gate else None),
             exit_loss_weights=config.exit_weights, reduce_heads=all_reduce_tensor_parallel)
+        if self.is_last:  # the cycles end here: exit_signal=kl reads the output layer
+            self.engine.readout = lambda states: gather_logits(
+                self.logits_shard(states[:, None]), config.vocab_size)[0]
         self.tally = ZeroAttentionTally(config.num_attention_heads)
         self.collect_stats = False
         self.exit_loss_seed: Optional[int] = None  # the step's (engines.step_exit_loss_seed)

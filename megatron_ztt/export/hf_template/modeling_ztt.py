@@ -442,6 +442,8 @@ class ZTTForCausalLM(ZTTPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = ZTTModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # exit_signal=kl reads the next-token distribution of a state: norm + lm_head
+        self.model.engine.readout = lambda states: self.lm_head(self.model.norm(states))
         self._cycle_log = None  # filled during generate()
         self.generation_cycles_used = None  # [batch, new tokens] after generate()
         self.mean_cycles_used = None

@@ -28,8 +28,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .exit_policy import (EXIT_MODES, EXIT_SIGNALS, ActiveTokens, ExitPolicy, ExitRule,  # noqa: F401
-                          ExitSignal, ZeroAttentionTally, check_exit_signal, check_num_cycles,
+from .exit_policy import (EXIT_MODES, EXIT_OBJECTIVES, EXIT_SIGNALS, ActiveTokens,  # noqa: F401
+                          EXIT_HEAD_FEATURES, ExitHead, ExitPolicy, ExitRule, ExitSignal,
+                          ZeroAttentionTally,
+                          check_exit_signal, check_num_cycles, exit_head_features,
                           keep_exited_kv, token_positions, uniform_draws)
 
 CYCLE_MODES = ("vanilla", "basic", "head_tail")
@@ -252,6 +254,7 @@ class CycleEngine:
     # states [n, d] -> next-token logits [n, vocab]: what exit_signal=kl reads (the model
     # that holds the output layer sets it)
     readout: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    exit_head = None  # exit_signal=trained's ExitHead (models trained with exit_objective)
 
     def __init__(self, plan: Sequence[Application], *, num_cycles: int, num_heads: int,
                  gates=None, exit_loss_weights: Optional[Sequence[float]] = None,
@@ -267,7 +270,8 @@ class CycleEngine:
 
     def policy(self, rule: Optional[ExitRule]) -> ExitPolicy:
         return ExitPolicy(rule, zero_attention_mean=self.zero_attention_mean,
-                          compute_exited=self.compute_exited, readout=self.readout)
+                          compute_exited=self.compute_exited, readout=self.readout,
+                          exit_head=self.exit_head)
 
     def zero_attention_mean(self, zero_sum: torch.Tensor) -> torch.Tensor:
         """Per token: the cycle's zero attention averaged over its layers and all heads."""

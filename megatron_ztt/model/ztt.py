@@ -23,13 +23,14 @@ from torch.utils.checkpoint import checkpoint
 from megatron_ztt.model.attention import ZeroTokenContext, ZeroTokenPool
 from megatron_ztt.model.config import ZTTConfig
 from megatron_ztt.model.cycle_engine import (Application, CycleEngine, CycleGate, CycleState,
-                                             ExitRule, ZeroAttentionTally, application_plan,
-                                             check_exit_signal, check_num_cycles,
+                                             ExitHead, ExitRule, ZeroAttentionTally,
+                                             application_plan, check_exit_signal,
+                                             check_num_cycles, exit_head_features,
                                              token_positions, zero_attention_by_cycle)
 from megatron_ztt.model.exit_losses import ExitLossPositions, draw_exit_loss_seed
 from megatron_ztt.model.seeding import init_scope
 from megatron_ztt.model.layers import (OutputHead, TokenEmbedding, all_reduce_tensor_parallel,
-                                       build_transformer_layer, gather_logits,
+                                       build_transformer_layer, counted_tokens, gather_logits,
                                        rng_tracker_checkpoint_contexts,
                                        rotary_embedding, tensor_parallel_size)
 
@@ -46,6 +47,7 @@ class ZTTOutput:
     zero_attention: Dict[str, torch.Tensor] = field(default_factory=dict)
     gate: Dict[int, torch.Tensor] = field(default_factory=dict)  # cycle -> mean gate value
     cycles_used: Optional[torch.Tensor] = None  # [b, s] cycles each token ran
+    exit_objective: Optional[torch.Tensor] = None  # model.exit_objective's loss (unweighted)
 
     def zero_attention_by_cycle(self, plan: List[Application]) -> Dict[int, torch.Tensor]:
         """Mean zero attention of each cycle's middle block."""
@@ -93,6 +95,10 @@ def run_layer(config: ZTTConfig, layer, app: Application, hidden: torch.Tensor,
         hidden = run(hidden)
     zero = context.zero_attention_sum
     return hidden, None if zero is None else zero.transpose(0, 1)
+
+
+def state_depth(num_cycles: Optional[int], config: ZTTConfig) -> int:
+    return config.num_cycles if num_cycles is None else num_cycles
 
 
 def layer_keys_values(layer, hidden: torch.Tensor, rope: torch.Tensor):
@@ -163,10 +169,48 @@ class ZTTModel(torch.nn.Module):
             gates=GateLookup(self.gates) if self.gates is not None else None,
             exit_loss_weights=config.exit_weights, reduce_heads=all_reduce_tensor_parallel)
         self.engine.readout = self.next_token_logits
+        self.exit_head = (ExitHead(config.num_cycles - 1) if config.exit_objective != "none"
+                          else None)
+        self.engine.exit_head = self.exit_head
 
     def next_token_logits(self, states: torch.Tensor) -> torch.Tensor:
         """states [n, d] -> full next-token logits [n, vocab_size] (exit_signal=kl)."""
         return gather_logits(self.logits_shard(states[:, None]), self.config.vocab_size)[0]
+
+    def exit_objective_loss(self, features: Dict[int, torch.Tensor], states, labels,
+                            loss_mask, denominator, chosen) -> torch.Tensor:
+        """model.exit_objective=next_cycle_gain: binary cross entropy of the exit head's
+        prediction after cycle c against the target "the loss after cycle c+1 is lower than
+        after cycle c by more than the margin", per token (the exit losses' positions), summed
+        over the tokens and averaged over the cycles, with the exit losses' denominator.
+        ``states``: every cycle's state after the tail, [s or k, b, d]. The targets are
+        computed without gradient and the features carry none: only the exit head learns."""
+        config = self.config
+        labels_t = labels.t()
+        mask_t = torch.ones_like(labels_t, dtype=torch.float32) if loss_mask is None else \
+            loss_mask.t().float()
+        if chosen is not None:
+            labels_t, mask_t = chosen.gather(labels_t), chosen.gather(mask_t)
+            features = {c: chosen.gather(f) for c, f in features.items()}
+        with torch.no_grad():
+            token_losses = []
+            for hidden in states:
+                logits = gather_logits(self.logits_shard(hidden), config.vocab_size)  # [b, n, V]
+                token_losses.append(torch.nn.functional.cross_entropy(
+                    logits.float().transpose(1, 2), labels_t.t(), reduction="none").t())
+        total = torch.zeros((), device=labels.device)
+        for cycle in range(config.num_cycles - 1):
+            target = (token_losses[cycle] - token_losses[cycle + 1]
+                      > config.exit_objective_margin).float()
+            logit = self.exit_head(cycle, features[cycle])
+            bce = torch.nn.functional.binary_cross_entropy_with_logits(logit, target,
+                                                                       reduction="none")
+            total = total + (bce * mask_t).sum()
+        if denominator is None:
+            denominator = counted_tokens(labels, loss_mask)
+        if chosen is not None:
+            denominator = denominator * (chosen.count / chosen.length)
+        return total / denominator / (config.num_cycles - 1)
 
     def exit_loss_positions(self, seed: Optional[int], input_ids: torch.Tensor):
         """The positions the intermediate exit losses read (None: every position)."""
@@ -244,6 +288,15 @@ class ZTTModel(torch.nn.Module):
             return run_layer_on_positions(config, self.layers[app.layer], hidden, chosen, rope,
                                           key, self.training)
 
+        features: Dict[int, torch.Tensor] = {}  # the exit head's inputs after each cycle
+        trains_exit_head = keep_exit_states and self.exit_head is not None
+        if trains_exit_head and state_depth(num_cycles, config) == config.num_cycles:
+            positions = token_positions(input_ids.shape[1], input_ids.shape[0],
+                                        input_ids.device, token_axis=0)
+            policy.record_zero_attention = True
+            policy.observe = lambda cycle, st: features.__setitem__(cycle, exit_head_features(
+                self.engine.zero_attention_mean(st.zero_sum), positions, st.cycle_input,
+                st.hidden))
         state = self.engine.begin(self.embedding(input_ids), policy, num_cycles)
         state = self.engine.run(plan, state, run, policy, tally=tally,
                                 keep_exit_states=keep_exit_states,
@@ -258,6 +311,12 @@ class ZTTModel(torch.nn.Module):
                     for s in state.exit_states]
             out.exit_losses = self.engine.exit_losses(out.lm_loss, kept)
             out.loss = self.engine.objective(out.exit_losses)
+            if features:
+                final = state.hidden if chosen is None else chosen.gather(state.hidden)
+                out.exit_objective = self.exit_objective_loss(
+                    features, [*state.exit_states, final], labels, loss_mask,
+                    loss_denominator, chosen)
+                out.loss = out.loss + config.exit_objective_weight * out.exit_objective
         if tally is not None:
             out.zero_attention = tally.zero_attention(all_reduce_tensor_parallel)
             out.gate = tally.gate_means()

@@ -450,6 +450,8 @@ class DenseEngine(TrainingEngine):
             _add(result.losses, "lm loss", out.lm_loss / accumulation)
             for cycle, value in out.exit_losses.items():
                 _add(result.losses, f"lm loss cycle {cycle}", value / accumulation)
+            if out.exit_objective is not None:
+                _add(result.losses, "exit objective", out.exit_objective / accumulation)
             if micro == accumulation - 1:
                 # the step's one host read: any rank's non-finite loss, before it steps
                 nonfinite = _any_rank(nonfinite)

@@ -97,10 +97,6 @@ def run_layer(config: ZTTConfig, layer, app: Application, hidden: torch.Tensor,
     return hidden, None if zero is None else zero.transpose(0, 1)
 
 
-def state_depth(num_cycles: Optional[int], config: ZTTConfig) -> int:
-    return config.num_cycles if num_cycles is None else num_cycles
-
-
 def layer_keys_values(layer, hidden: torch.Tensor, rope: torch.Tensor):
     """The keys/values a megatron-core layer's attention computes from ``hidden`` [s, b, d]
     (input norm, query-key-value projection, rotary on the keys), in the core attention's
@@ -290,7 +286,7 @@ class ZTTModel(torch.nn.Module):
 
         features: Dict[int, torch.Tensor] = {}  # the exit head's inputs after each cycle
         trains_exit_head = keep_exit_states and self.exit_head is not None
-        if trains_exit_head and state_depth(num_cycles, config) == config.num_cycles:
+        if trains_exit_head and num_cycles in (None, config.num_cycles):  # the trained depth
             positions = token_positions(input_ids.shape[1], input_ids.shape[0],
                                         input_ids.device, token_axis=0)
             policy.record_zero_attention = True

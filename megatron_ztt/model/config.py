@@ -8,7 +8,6 @@ from typing import List, Optional
 
 from megatron_ztt.model.cycle_engine import (CYCLE_MODES, EXIT_OBJECTIVES, check_exit_signal,
                                              cycled_layers)
-from megatron_ztt.model.exit_losses import check_exit_loss_fraction
 
 NORMALIZATIONS = ("RMSNorm", "LayerNorm")
 ACTIVATIONS = ("swiglu", "gelu")
@@ -169,10 +168,11 @@ class ZTTConfig:
                      f"got {len(weights)}")
             if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
                 fail("exit_loss_weights", f"weights must be >= 0 with a positive sum, got {weights}")
-        try:
-            check_exit_loss_fraction(self.exit_loss_fraction)
-        except ValueError as error:
-            fail("exit_loss_fraction", str(error))
+        fraction = self.exit_loss_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not (
+                0.0 < fraction <= 1.0):
+            fail("exit_loss_fraction", f"must be a number in (0, 1] (the share of positions "
+                 f"whose intermediate exit losses count), got {fraction!r}")
         self.validate_exit_objective(fail)
         try:
             signal = check_exit_signal(self.exit_signal)

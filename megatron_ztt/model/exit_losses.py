@@ -24,18 +24,7 @@ from typing import Optional
 import torch
 
 from megatron_ztt.model.exit_policy import ActiveTokens, uniform_draws
-
-
-def check_exit_loss_fraction(fraction) -> float:
-    """A fraction in (0, 1], or a one-line ValueError naming ``exit_loss_fraction``."""
-    try:
-        value = float(fraction)
-    except (TypeError, ValueError):
-        value = float("nan")
-    if isinstance(fraction, bool) or not 0.0 < value <= 1.0:
-        raise ValueError(f"exit_loss_fraction must be a number in (0, 1] (the share of "
-                         f"positions whose intermediate exit losses count), got {fraction!r}")
-    return value
+from megatron_ztt.model.layers import counted_tokens
 
 
 def draw_exit_loss_seed() -> int:
@@ -73,8 +62,6 @@ class ExitLossPositions:
         """The exit loss of hidden states ``block`` [k, b, d] (already at the chosen positions):
         ``loss_of(block, labels, loss_mask, denominator)`` on the chosen labels, scaled by
         s / k so that it estimates the loss over every position without bias."""
-        from megatron_ztt.model.layers import counted_tokens
-
         if denominator is None:  # this micro batch's mean, as loss_of would take it
             denominator = counted_tokens(labels, loss_mask)
         labels_block = torch.gather(labels, 1, self.positions)

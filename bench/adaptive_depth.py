@@ -6,7 +6,7 @@ rates and fixed depth (the depth dial); and loss against the depth dial C' = 1 .
 
 Needs the runs of ``bench/variants.py`` (``--work`` points at its folder). For every run:
 
-1. for each signal (``zero_attention``, ``zero_attention_relative``, ``hidden_change``) one
+1. for each signal (``zero_attention``, ``zero_attention_relative``, ``hidden_change``, ``kl``) one
    pass without exits records the signal of every token after cycles 1 .. C-1 (the engine's
    own ``CycleEngine.exit_signal``); the thresholds are quantiles of what it saw, so that the
    sweep spans "every token leaves after cycle 1" to "no token leaves";
@@ -43,7 +43,7 @@ from results_common import (REPO, add_analysis_arguments, batches, default_paths
                             init_single_process, load_model, relative, save_figure, trained_runs,
                             use_run_data, validation_samples, write_json)
 
-SIGNALS = ("zero_attention", "zero_attention_relative", "hidden_change")
+SIGNALS = ("zero_attention", "zero_attention_relative", "hidden_change", "kl", "trained")
 LOSS_TOLERANCE = 0.01  # the goal: at most 1 % higher loss than full depth ...
 GOAL_SAVING = 0.30  # ... with at least 30 % fewer middle applications
 
@@ -166,6 +166,8 @@ def analyse_run(directory: Path, args) -> dict:
         print(f"  C'={depth}: loss {result['loss']:.4f} ({result['seconds']} s)", flush=True)
     signals = {}
     for signal in SIGNALS:
+        if signal == "trained" and getattr(model, "exit_head", None) is None:
+            continue  # only a model trained with model.exit_objective has an exit head
         values = observed_signal(model, samples, args.batch_size, signal)
         points = []
         for threshold in sweep_thresholds(values, args.quantiles):
@@ -405,7 +407,9 @@ def markdown(report: dict) -> str:
 
 
 STYLES = {"zero_attention": ("tab:blue", "o"), "zero_attention_relative": ("tab:green", "^"),
-          "hidden_change": ("tab:orange", "v"), "random": ("tab:gray", "x"),
+          "hidden_change": ("tab:orange", "v"), "kl": ("tab:purple", "D"),
+          "trained": ("tab:red", "P"),
+          "random": ("tab:gray", "x"),
           "fixed depth": ("black", "s")}
 
 
@@ -429,7 +433,8 @@ def plot(report: dict, output: Path) -> None:
     for column, name in enumerate(names):
         axes, difference_axes = axes_grid[0][column], axes_grid[1][column]
         runs = report["variants"][name]
-        groups = {s: [r["signals"][s]["points"] for r in runs.values()] for s in SIGNALS}
+        groups = {s: [r["signals"][s]["points"] for r in runs.values()] for s in SIGNALS
+                  if all(s in r["signals"] for r in runs.values())}
         groups["random"] = [r["random"] for r in runs.values()]
         groups["fixed depth"] = [r["depth_dial"][:r["num_cycles"]] for r in runs.values()]
         random_curves = [curve(points) for points in groups["random"]]

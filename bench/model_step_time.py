@@ -21,6 +21,8 @@ Prints a JSON report; ``ratio`` = ZTT median step time / baseline's; ``exit_loss
 ZTT with exit losses / ZTT without (``exit_losses_flop_ratio``: the same in model FLOPs, the
 floor of that ratio at equal efficiency). ``--preset deep`` is the default width with 12
 distinct layers, where the exit heads are a smaller share of the step.
+``--exit-loss-fraction F`` (< 1) trains the exit-loss model with ``model.exit_loss_fraction=F``
+and also times the same exit losses on every position (``exit_losses_all_positions_ratio``).
 """
 
 from __future__ import annotations
@@ -95,7 +97,8 @@ def build_models(args):
     if args.exit_loss_weights:
         configs[f"ztt_L{L}_C{C}_exit_losses"] = ZTTConfig(
             num_layers=L, num_cycles=C, cycle_mode="head_tail", zero_token=True, gate=True,
-            exit_loss_weights=args.exit_loss_weights, **common)
+            exit_loss_weights=args.exit_loss_weights,
+            exit_loss_fraction=args.exit_loss_fraction, **common)
 
     ztt = ZTTModel(configs[f"ztt_L{L}_C{C}"])
     models = {
@@ -113,6 +116,13 @@ def build_models(args):
         models[f"ztt_L{L}_C{C}_exit_losses"] = (
             ZTTModel(configs[f"ztt_L{L}_C{C}_exit_losses"]),
             lambda m, x, y: m(x, y, collect_stats=False).loss)
+    if args.exit_loss_weights and args.exit_loss_fraction < 1:
+        # the same exit losses on every position, timed in the same rounds for comparison
+        name = f"ztt_L{L}_C{C}_exit_losses_all_positions"
+        configs[name] = ZTTConfig(num_layers=L, num_cycles=C, cycle_mode="head_tail",
+                                  zero_token=True, gate=True,
+                                  exit_loss_weights=args.exit_loss_weights, **common)
+        models[name] = (ZTTModel(configs[name]), lambda m, x, y: m(x, y, collect_stats=False).loss)
     configs[f"ztt_L{L}_C{C}_with_stats"] = configs[f"ztt_L{L}_C{C}"]
     exit_name = f"ztt_L{L}_C{C}_exit_losses" if args.exit_loss_weights else None
     return models, configs, f"megatron_{applications}_layers", f"ztt_L{L}_C{C}", exit_name
@@ -174,6 +184,9 @@ def main():
     parser.add_argument("--cycles", type=int, default=3, help="ZTT's cycles C")
     parser.add_argument("--exit-loss-weights", type=float, nargs="+", default=None,
                         help="also time ZTT trained with these per-cycle exit losses")
+    parser.add_argument("--exit-loss-fraction", type=float, default=1.0,
+                        help="the exit-loss model's model.exit_loss_fraction (share of "
+                             "positions its intermediate exit losses read)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3,
@@ -228,6 +241,10 @@ def main():
         # what the per-cycle exit losses cost: step time and model FLOPs against ZTT without
         "exit_losses_ratio": medians[exit_name] / medians[ztt_name] if exit_name else None,
         "exit_losses_flop_ratio": flops[exit_name] / flops[ztt_name] if exit_name else None,
+        # exit_loss_fraction < 1: the exit losses on every position against ZTT without
+        "exit_losses_all_positions_ratio": (
+            medians[exit_name + "_all_positions"] / medians[ztt_name]
+            if exit_name and exit_name + "_all_positions" in medians else None),
         "step_seconds": times,
     }
     text = json.dumps(report, indent=2)

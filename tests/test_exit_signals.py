@@ -10,7 +10,7 @@ import torch
 from export_helpers import build_and_export, load_export
 from model_helpers import assert_close, batch, tiny_config
 
-SIGNALS = ["zero_attention", "zero_attention_relative", "hidden_change", "random"]
+SIGNALS = ["zero_attention", "zero_attention_relative", "hidden_change", "kl", "random"]
 MAX_ABS_DIFF = 1e-4
 
 
@@ -83,7 +83,7 @@ def test_each_signal_gives_the_same_exits_in_training_model_and_export(pair, sig
         assert (got - expected.logits).abs().max().item() <= MAX_ABS_DIFF, signal
 
 
-@pytest.mark.parametrize("signal", ["zero_attention_relative", "random", "hidden_change"])
+@pytest.mark.parametrize("signal", ["zero_attention_relative", "random", "hidden_change", "kl"])
 def test_left_padding_keeps_each_tokens_decision(pair, signal):
     """Positions count a row's real tokens: a left-padded row decides as it does alone
     (``random`` draws per row too, so the padded row is row 0 as when alone)."""
@@ -100,11 +100,36 @@ def test_left_padding_keeps_each_tokens_decision(pair, signal):
             first = record_signals(exported.model.engine, lambda: exported(
                 short[None], exit_threshold=never_exits(signal), exit_signal=signal))[0]
             threshold = first.median().item()
+            if signal == "kl":  # between two tokens' values: a batch's rounding keeps sides
+                values = first.flatten().sort().values
+                middle = len(values) // 2
+                threshold = 0.5 * (values[middle - 1] + values[middle]).item()
         options = dict(exit_threshold=threshold, exit_signal=signal)
         alone = exported(short[None], **options)
         together = exported(padded, attention_mask=mask, **options)
     assert alone.cycles_used.min() == 1 and alone.cycles_used.max() > 1
     assert torch.equal(together.cycles_used[0, 6:], alone.cycles_used[0])
+
+
+def test_kl_signal_equals_in_training_model_and_export_and_reads_cycling_tokens(pair):
+    """exit_signal=kl: the same KL per token (1e-5) in both models, with and without cache;
+    after cycle 2 the tokens that left after cycle 1 are not read out (0)."""
+    model, config, exported = pair
+    ids, _ = batch(config, size=3, seed=12)
+    threshold = splitting_threshold(model, ids, "kl")
+    options = dict(exit_threshold=threshold, exit_signal="kl")
+    with torch.no_grad():
+        expected = record_signals(model.engine, lambda: model(ids, **options))
+        got = record_signals(exported.model.engine, lambda: exported(ids, use_cache=False,
+                                                                     **options))
+        cycles_used = model(ids, **options).cycles_used
+    assert len(expected) == len(got) == 2
+    for cycle, (a, b) in enumerate(zip(expected, got)):
+        # the training model lays tokens out [s, b], the export [b, s]
+        assert (a.t() - b).abs().max().item() <= 1e-5, cycle
+        assert (a >= -1e-6).all()  # a divergence
+    left = cycles_used.t() == 1
+    assert left.any() and (expected[1][left] == 0).all() and (expected[1][~left] > 0).all()
 
 
 def zero_query_weights(model, training_model=False):

@@ -129,7 +129,7 @@ def to_hf_state(config: ZTTConfig, full_state: Mapping[str, torch.Tensor],
     for name, tensor in full_state.items():
         if name.startswith("zero_token_pool.keys."):
             out["model.zero_keys." + name[len("zero_token_pool.keys."):]] = tensor
-        elif name.startswith("gates."):
+        elif name.startswith("gates.") or name.startswith("exit_head."):
             out["model." + name] = tensor
         elif name.startswith("output_head.final_norm."):
             out["model.norm." + name.rsplit(".", 1)[1]] = tensor
@@ -166,6 +166,7 @@ def hf_config(config: ZTTConfig, special_ids: Mapping[str, Optional[int]], dtype
         exit_threshold=config.exit_threshold,
         exit_signal=config.exit_signal,
         exit_seed=config.exit_seed,
+        exit_objective=config.exit_objective,
         initializer_range=config.init_std,
         tie_word_embeddings=config.tie_embeddings,
         bos_token_id=special_ids.get("bos"),

@@ -6,7 +6,8 @@ import math
 from dataclasses import dataclass
 from typing import List, Optional
 
-from megatron_ztt.model.cycle_engine import CYCLE_MODES, check_exit_signal, cycled_layers
+from megatron_ztt.model.cycle_engine import (CYCLE_MODES, EXIT_OBJECTIVES, check_exit_signal,
+                                             cycled_layers)
 
 NORMALIZATIONS = ("RMSNorm", "LayerNorm")
 ACTIVATIONS = ("swiglu", "gelu")
@@ -55,6 +56,17 @@ class ZTTConfig:
     # zero_attention_relative (exit when >= threshold), hidden_change, random (exit when <).
     exit_signal: str = "zero_attention"
     exit_seed: int = 0  # seeds exit_signal=random
+    # --- cheaper exit losses and a trained exit (model/exit_losses.py, issue 24)
+    # Share of positions (per row, drawn per step) whose intermediate exit losses count,
+    # scaled to stay unbiased; the final loss always reads every position.
+    exit_loss_fraction: float = 1.0
+    # A trained exit (exit_policy.ExitHead, read by exit_signal=trained): "none" or
+    # "next_cycle_gain" (predict whether the next cycle lowers the token's loss by more than
+    # exit_objective_margin nats; its own loss, weighted by exit_objective_weight, reaches
+    # only the exit head).
+    exit_objective: str = "none"
+    exit_objective_margin: float = 0.0
+    exit_objective_weight: float = 0.1
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
     # Vocabulary rows are padded to a multiple of this (kept independent of the parallel
@@ -156,6 +168,12 @@ class ZTTConfig:
                      f"got {len(weights)}")
             if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
                 fail("exit_loss_weights", f"weights must be >= 0 with a positive sum, got {weights}")
+        fraction = self.exit_loss_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not (
+                0.0 < fraction <= 1.0):
+            fail("exit_loss_fraction", f"must be a number in (0, 1] (the share of positions "
+                 f"whose intermediate exit losses count), got {fraction!r}")
+        self.validate_exit_objective(fail)
         try:
             signal = check_exit_signal(self.exit_signal)
         except ValueError as error:
@@ -170,6 +188,30 @@ class ZTTConfig:
         for name in ("attention_dropout", "hidden_dropout"):
             if not 0 <= getattr(self, name) < 1:
                 fail(name, f"must be in [0, 1), got {getattr(self, name)}")
+
+    def validate_exit_objective(self, fail) -> None:
+        if self.exit_objective not in EXIT_OBJECTIVES:
+            fail("exit_objective", f"must be one of {', '.join(EXIT_OBJECTIVES)}, got "
+                 f"{self.exit_objective!r}")
+        for name in ("exit_objective_margin", "exit_objective_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                    math.isfinite(value) and value >= 0):
+                fail(name, f"must be a finite number >= 0, got {value!r}")
+        if self.exit_objective == "none":
+            if self.exit_signal == "trained":
+                fail("exit_signal", "trained reads the exit head that model.exit_objective "
+                     "trains; set model.exit_objective=next_cycle_gain")
+            return
+        if not self.zero_token or self.num_cycles < 2:
+            fail("exit_objective", "the exit head reads the zero attention between cycles: it "
+                 "needs zero_token=true and num_cycles >= 2")
+        if self.exit_objective_weight <= 0:
+            fail("exit_objective_weight", f"must be > 0 with exit_objective="
+                 f"{self.exit_objective}, got {self.exit_objective_weight}")
+        if any(w <= 0 for w in self.exit_weights):
+            fail("exit_objective", f"its targets compare every cycle's exit loss, so "
+                 f"exit_loss_weights must be positive for every cycle, got {self.exit_weights}")
 
     def check_parallel_layout(self, tensor_parallel: int, pipeline_parallel: int = 1) -> None:
         """Fail early, naming the setting, if the model cannot be split this way."""
@@ -191,6 +233,10 @@ class ZTTConfig:
         if self.padded_vocab_size % tensor_parallel:
             fail(f"the padded vocabulary ({self.padded_vocab_size}) is not divisible by "
                  f"parallel.tensor; raise model.make_vocab_size_divisible_by")
+        if pipeline_parallel > 1 and self.exit_objective != "none":
+            fail(f"model.exit_objective={self.exit_objective} is built for one pipeline stage "
+                 f"(its features and targets meet on no one stage of the circular pipeline); "
+                 f"use parallel.pipeline=1")
         if pipeline_parallel > 1:
             # The circular pipeline splits the cycled block over the stages, each stage
             # holding its slice once (parallel/circular.py): head_tail cycles layers 2..L-1,

@@ -28,8 +28,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .exit_policy import (EXIT_MODES, EXIT_SIGNALS, ActiveTokens, ExitPolicy, ExitRule,  # noqa: F401
-                          ExitSignal, ZeroAttentionTally, check_exit_signal, check_num_cycles,
+from .exit_policy import (EXIT_MODES, EXIT_OBJECTIVES, EXIT_SIGNALS, ActiveTokens,  # noqa: F401
+                          EXIT_HEAD_FEATURES, ExitHead, ExitPolicy, ExitRule, ExitSignal,
+                          ZeroAttentionTally,
+                          check_exit_signal, check_num_cycles, exit_head_features,
                           keep_exited_kv, token_positions, uniform_draws)
 
 CYCLE_MODES = ("vanilla", "basic", "head_tail")
@@ -212,13 +214,13 @@ class CycleLoop:
             policy: ExitPolicy, *, keep_exit_states: bool = False,
             tally: Optional[ZeroAttentionTally] = None,
             skip: Optional[Callable[[Application, CycleState], None]] = None,
-            after: Optional[Callable[[CycleState], None]] = None) -> CycleState:
+            after: Optional[Callable[[CycleState], None]] = None, exit_tail=None) -> CycleState:
         """``apps`` in order (the options: :class:`CycleEngine`)."""
         keep = keep_exit_states and state.num_cycles == self.num_cycles
         for app in apps:
             if app.cycle is None:  # head and tail: every token
                 state.hidden = run(app, state.hidden, state, False)[0]
-                self.tail_of_exit_states(app, state, run)
+                self.tail_of_exit_states(app, state, run, exit_tail)
             else:
                 self.step(app, state, run, policy, keep, tally, skip)
             if after is not None:
@@ -310,10 +312,16 @@ class CycleEngine(CycleLoop):
     exit loss is weighted (training, trained depth only); ``tally``: zero-attention and gate
     statistics; ``skip(app, state)`` hears of the applications nobody runs because every
     token has left (the export fills its cache); ``after(state)`` sees the state after each
-    application (every token's between cycles).
+    application (every token's between cycles); ``exit_tail(app, exit_state)`` runs the tail
+    on a kept exit state instead of ``run`` (the exit losses on a subset of positions,
+    ``model/exit_losses.py``).
     """
 
     compute_exited = False
+    # states [n, d] -> next-token logits [n, vocab]: what exit_signal=kl reads (the model
+    # that holds the output layer sets it)
+    readout: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    exit_head = None  # exit_signal=trained's ExitHead (models trained with exit_objective)
 
     def __init__(self, plan: Sequence[Application], *, num_cycles: int, num_heads: int,
                  gates=None, exit_loss_weights: Optional[Sequence[float]] = None,
@@ -329,7 +337,8 @@ class CycleEngine(CycleLoop):
 
     def policy(self, rule: Optional[ExitRule]) -> ExitPolicy:
         return ExitPolicy(rule, zero_attention_mean=self.zero_attention_mean,
-                          compute_exited=self.compute_exited)
+                          compute_exited=self.compute_exited, readout=self.readout,
+                          exit_head=self.exit_head)
 
     def zero_attention_mean(self, zero_sum: torch.Tensor) -> torch.Tensor:
         """Per token: the cycle's zero attention averaged over its layers and all heads."""
@@ -365,10 +374,15 @@ class CycleEngine(CycleLoop):
         if keep and app.cycle in self.exit_cycles:
             state.exit_states = [*state.exit_states, state.hidden]
 
-    def tail_of_exit_states(self, app, state: CycleState, run) -> None:
-        """The tail runs on the kept exit states too (each exit loss reads its output)."""
+    def tail_of_exit_states(self, app, state: CycleState, run,
+                            exit_tail: Optional[Callable[[Application, torch.Tensor],
+                                                         torch.Tensor]] = None) -> None:
+        """The tail runs on the kept exit states too (each exit loss reads its output);
+        ``exit_tail(app, exit_state)`` runs it instead of ``run`` (the exit losses on a subset
+        of positions, ``model/exit_losses.py``)."""
         if app.after_cycles:
-            state.exit_states = [run(app, s, state, False)[0] for s in state.exit_states]
+            state.exit_states = [run(app, s, state, False)[0] if exit_tail is None
+                                 else exit_tail(app, s) for s in state.exit_states]
 
     def gather(self, state: CycleState) -> None:
         """``hidden`` and ``block_input`` become the active set's block (once per cycle)."""

@@ -44,6 +44,15 @@ EXIT_SIGNALS = {s.name: s for s in (
     ExitSignal("hidden_change", False, True,
                "relative L2 change of the token's state over the cycle, |x_c - x_(c-1)| / "
                "|x_(c-1)|; exit when < threshold"),
+    ExitSignal("kl", False, True,
+               "KL(p_c || p_(c-1)) between the next-token distributions read through the final "
+               "norm and output layer from the token's state after the cycle and before it "
+               "(Huginn's criterion, without the tail layer), for the tokens still cycling; "
+               "exit when < threshold (nats)"),
+    ExitSignal("trained", True, True,
+               "the exit head's (model.exit_objective) predicted probability that the next "
+               "cycle lowers the token's loss by more than the margin, read from the cycle's "
+               "zero attention, the position and the state's change; exit when < threshold"),
     ExitSignal("random", False, True,
                "a seeded uniform draw in [0, 1) per token, cycle and row; exit when < threshold, "
                "so the threshold is the exit probability per cycle"),
@@ -59,6 +68,40 @@ def check_exit_signal(signal: str, zero_token: bool = True) -> ExitSignal:
         raise ValueError(f"exit_signal={signal} reads the zero attention and this model has no "
                          f"zero tokens (zero_token=false); use exit_signal=hidden_change or random")
     return found
+
+
+EXIT_OBJECTIVES = ("none", "next_cycle_gain")
+EXIT_HEAD_FEATURES = 4
+
+
+def exit_head_features(zero_attention: torch.Tensor, positions: torch.Tensor,
+                       before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """Per token after a cycle, what the exit head reads ([..., 4], float, no gradient): log A,
+    log (1 - A) (A: the cycle's zero attention, mean over its layers and heads; so log of the
+    relative zero attention A (i+1) / (1-A) is a linear combination), log (i + 1) (i: the
+    0-based position) and log of the state's relative change over the cycle."""
+    a = zero_attention.detach().float().clamp(1e-6, 1 - 1e-6)
+    before, after = before.detach().float(), after.detach().float()
+    change = (torch.linalg.vector_norm(after - before, dim=-1)
+              / torch.linalg.vector_norm(before, dim=-1).clamp(min=1e-12))
+    return torch.stack([a.log(), (1 - a).log(), (positions.to(a.device).float() + 1).log(),
+                        change.clamp(min=1e-12).log()], dim=-1)
+
+
+class ExitHead(torch.nn.Module):
+    """``model.exit_objective``'s exit head: logit of p(the next cycle lowers the token's loss
+    by more than the margin) = w_c . f + b_c, f = :func:`exit_head_features`, one (w_c, b_c)
+    per cycle before the last (the depth dial's extra cycles reuse the last). Starts at
+    p = 0.5 (zeros). Its inputs carry no gradient, so its training reaches only w and b."""
+
+    def __init__(self, cycles: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(cycles, EXIT_HEAD_FEATURES))
+        self.bias = torch.nn.Parameter(torch.zeros(cycles))
+
+    def forward(self, cycle: int, features: torch.Tensor) -> torch.Tensor:
+        cycle = min(cycle, self.weight.shape[0] - 1)
+        return features @ self.weight[cycle].float() + self.bias[cycle].float()
 
 
 def check_num_cycles(num_cycles, trained: int) -> int:
@@ -103,7 +146,7 @@ class ExitRule:
         if self.mode not in EXIT_MODES:
             raise ValueError(f"exit mode must be one of {', '.join(EXIT_MODES)}, got {self.mode!r}")
         self.kind = check_exit_signal(self.signal)
-        if self.signal in ("zero_attention_relative", "random") and self.positions is None:
+        if self.signal in ("zero_attention_relative", "random", "trained") and self.positions is None:
             raise ValueError(f"exit_signal={self.signal} needs the token positions")
 
     @property
@@ -133,6 +176,22 @@ def uniform_draws(seed: int, cycle: int, rows: torch.Tensor, positions: torch.Te
         x = (x * multiplier) & _MASK32
     x = x ^ (x >> 16)
     return (x >> 8).float() / float(1 << 24)
+
+
+def next_token_kl(readout: Optional[Callable[[torch.Tensor], torch.Tensor]],
+                  before: torch.Tensor, after: torch.Tensor, exited: torch.Tensor) -> torch.Tensor:
+    """Per token, ``KL(p_after || p_before)`` in nats, ``p = softmax(readout(state))``; only the
+    tokens still cycling (``~exited``) are read out (the others get 0). The readout is
+    per token (no tail layer: that would read the other tokens' states of this cycle), so
+    the signal is causal. Gathering the cycling tokens reads their count on the host."""
+    if readout is None:
+        raise ValueError("exit_signal=kl needs the model's output layer (its readout), which "
+                         "this model part does not hold")
+    cycling = ~exited
+    log_after = torch.log_softmax(readout(after[cycling]).float(), dim=-1)
+    log_before = torch.log_softmax(readout(before[cycling]).float(), dim=-1)
+    kl = (log_after.exp() * (log_after - log_before)).sum(dim=-1)
+    return torch.zeros(exited.shape, dtype=kl.dtype, device=kl.device).masked_scatter(cycling, kl)
 
 
 # --------------------------------------------------------------------------- the active set
@@ -183,6 +242,20 @@ class ActiveTokens:
         order = torch.argsort((~active).to(torch.uint8), dim=1, stable=True)
         self.positions = order[:, :width]
         self.valid = torch.arange(width, device=exited.device)[None] < counts[self.rows][:, None]
+
+    @classmethod
+    def of_positions(cls, positions: torch.Tensor, length: int, token_axis: int) -> "ActiveTokens":
+        """A block of every row's ``positions`` [rows, n] (distinct, increasing), built without
+        a host read: the exit losses' chosen positions (``model/exit_losses.py``)."""
+        block = cls.__new__(cls)
+        block.seq_axis, block.batch_axis = token_axis, 1 - token_axis
+        block.shape = (positions.shape[0], length)
+        block.empty, block.everyone, block.every_row = False, False, True
+        block.rows = torch.arange(positions.shape[0], device=positions.device)
+        block.positions = positions
+        block.valid = torch.ones(positions.shape, dtype=torch.bool, device=positions.device)
+        block._memo = {}
+        return block
 
     def memo(self, name: str, make: Callable[[], object]):
         if name not in self._memo:
@@ -301,10 +374,19 @@ class ExitPolicy:
 
     def __init__(self, rule: Optional[ExitRule], *,
                  zero_attention_mean: Callable[[torch.Tensor], torch.Tensor],
-                 compute_exited: bool = False):
+                 compute_exited: bool = False,
+                 readout: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                 exit_head: Optional[ExitHead] = None):
         self.rule = rule
         self.zero_attention_mean = zero_attention_mean  # the loop's: layers and heads it spans
         self.compute_exited = compute_exited
+        # states [n, d] -> next-token logits [n, vocab] (final norm + output layer): ``kl``'s
+        self.readout = readout
+        self.exit_head = exit_head  # exit_signal=trained's
+        # training with model.exit_objective: record every cycle's zero attention and hand
+        # ``observe(cycle, state)`` the state after each cycle but the last
+        self.record_zero_attention = False
+        self.observe: Optional[Callable] = None
 
     def begin(self, tokens, device) -> Optional[torch.Tensor]:
         """``exited`` before the first cycle (None without a rule)."""
@@ -319,11 +401,14 @@ class ExitPolicy:
         return None if active.everyone else active
 
     def reads_zero_attention(self, cycle: int, depth: int) -> bool:
-        return self.rule is not None and self.rule.reads_zero_attention and cycle < depth - 1
+        reads = self.rule is not None and self.rule.reads_zero_attention
+        return (reads or self.record_zero_attention) and cycle < depth - 1
 
     def end_cycle(self, cycle: int, depth: int, state, signal: Callable) -> None:
         """After cycle ``cycle`` (0-based) closed: the tokens that reached the threshold
         leave (``state.exited``, ``state.cycles_used``), on the device."""
+        if self.observe is not None and cycle < depth - 1:
+            self.observe(cycle, state)
         if self.rule is None or cycle >= depth - 1:
             return
         if self.rule.reads_zero_attention and state.zero_sum is None:
@@ -356,9 +441,23 @@ class ExitPolicy:
           raw ``A`` falls as 1 / (i + 2).
         * ``hidden_change``: ``|x_c - x_(c-1)| / |x_(c-1)|``, the relative L2 change of the
           token's state over the cycle (after the gate).
+        * ``kl``: ``KL(p_c || p_(c-1))``, ``p`` the next-token distribution the final norm
+          and output layer read from the token's state after the cycle and before it
+          (:func:`next_token_kl`).
+        * ``trained``: the exit head's probability that the next cycle lowers the token's
+          loss by more than ``model.exit_objective_margin`` (:class:`ExitHead`).
         * ``random``: a seeded uniform draw in [0, 1) per (cycle, row, position).
         """
         name = rule.signal
+        if name == "trained":
+            if self.exit_head is None:
+                raise ValueError("exit_signal=trained needs a model trained with "
+                                 "model.exit_objective (it has no exit head)")
+            features = exit_head_features(self.zero_attention_mean(state.zero_sum),
+                                          rule.positions, state.cycle_input, state.hidden)
+            return torch.sigmoid(self.exit_head(cycle, features))
+        if name == "kl":
+            return next_token_kl(self.readout, state.cycle_input, state.hidden, state.exited)
         if name in ("zero_attention", "zero_attention_relative"):
             mean = self.zero_attention_mean(state.zero_sum)
             if name == "zero_attention":

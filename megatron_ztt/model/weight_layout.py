@@ -15,7 +15,7 @@ from typing import Dict, Tuple
 import torch
 
 from megatron_ztt.model.config import ZTTConfig
-from megatron_ztt.model.cycle_engine import application_plan
+from megatron_ztt.model.cycle_engine import EXIT_HEAD_FEATURES, application_plan
 
 
 def expected_canonical_shapes(config: ZTTConfig) -> Dict[str, Tuple[int, ...]]:
@@ -43,6 +43,9 @@ def expected_canonical_shapes(config: ZTTConfig) -> Dict[str, Tuple[int, ...]]:
         for c in range(config.num_cycles):
             shapes[f"gates.{c}.weight"] = (d,)
             shapes[f"gates.{c}.bias"] = (1,)
+    if config.exit_objective != "none":
+        shapes["exit_head.weight"] = (config.num_cycles - 1, EXIT_HEAD_FEATURES)
+        shapes["exit_head.bias"] = (config.num_cycles - 1,)
     for part in norm_parts:
         shapes[f"output_head.final_norm.{part}"] = (d,)
     if not config.tie_embeddings:

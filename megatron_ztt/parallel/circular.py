@@ -46,13 +46,15 @@ from megatron.core import parallel_state
 
 from megatron_ztt.model.attention import ZeroTokenPool
 from megatron_ztt.model.config import ZTTConfig
+from megatron_ztt.model.exit_losses import ExitLossPositions, draw_exit_loss_seed
 from megatron_ztt.model.cycle_engine import (Application, CycleEngine, CycleState, ExitPolicy,
                                              ExitRule, ZeroAttentionTally, application_plan,
                                              check_exit_signal, zero_attention_by_cycle)
 from megatron_ztt.model.layers import (OutputHead, TokenEmbedding, all_reduce_tensor_parallel,
-                                       build_transformer_layer, rotary_embedding)
+                                       build_transformer_layer, gather_logits, rotary_embedding)
 from megatron_ztt.model.seeding import init_scope
-from megatron_ztt.model.ztt import GateLookup, build_gates, exit_rule_for, run_layer
+from megatron_ztt.model.ztt import (GateLookup, build_gates, exit_rule_for, run_layer,
+                                    run_layer_on_positions)
 
 # DeepSpeed skips parameters with this attribute set in its gradient norm (a replica counted
 # on another stage); the name is DeepSpeed's ``PIPE_REPLICATED``.
@@ -147,8 +149,12 @@ class CircularStage(torch.nn.Module):
             gates=(GateLookup(self.gates if self.gates is not None else torch.nn.ModuleDict())
                    if config.gate else None),
             exit_loss_weights=config.exit_weights, reduce_heads=all_reduce_tensor_parallel)
+        if self.is_last:  # the cycles end here: exit_signal=kl reads the output layer
+            self.engine.readout = lambda states: gather_logits(
+                self.logits_shard(states[:, None]), config.vocab_size)[0]
         self.tally = ZeroAttentionTally(config.num_attention_heads)
         self.collect_stats = False
+        self.exit_loss_seed: Optional[int] = None  # the step's (engines.step_exit_loss_seed)
         self.start_evaluation(None)
 
     def start_evaluation(self, exit_threshold: Optional[float], exit_mode: str = "token",
@@ -265,8 +271,16 @@ class CircularStage(torch.nn.Module):
 
         if last_virtual and not self.training:
             state.exit_states = []  # validation reads the final exit only
+        chosen = self.exit_loss_positions(hidden) if last_virtual and self.training else None
+
+        def exit_tail(app, exit_state):  # the exit losses' positions only, back in full shape
+            key = self.zero_token_pool[app.name] if self.zero_token_pool is not None else None
+            return chosen.scatter(run_layer_on_positions(
+                config, self.layers[str(app.layer)], exit_state, chosen, rope, key, True))
+
         # the kept exit states travel in evaluation too: every pass sends the same tensors
-        state = engine.run(apps, state, run, policy, keep_exit_states=True, tally=tally)
+        state = engine.run(apps, state, run, policy, keep_exit_states=True, tally=tally,
+                           exit_tail=exit_tail if chosen is not None else None)
         if policy.rule is not None and cycle == config.num_cycles - 1:
             self._kv_stores.pop(micro_batch, None)  # the micro batch's last pass through here
         if not last_virtual:  # virtual stages run contiguous pieces of the plan
@@ -274,6 +288,16 @@ class CircularStage(torch.nn.Module):
         if policy.rule is not None:
             self.cycles_used.append(state.cycles_used.transpose(0, 1))
         return (state.hidden, *state.exit_states)
+
+    def exit_loss_positions(self, hidden: torch.Tensor) -> Optional[ExitLossPositions]:
+        """The positions the exit losses read this step (``ZTTModel.exit_loss_positions``);
+        hidden [s, b, d]."""
+        if self.config.exit_loss_fraction >= 1.0 or not self.engine.exit_cycles:
+            return None
+        seed = draw_exit_loss_seed() if self.exit_loss_seed is None else self.exit_loss_seed
+        self.exit_loss_seed = seed  # the loss of this micro batch reads the same positions
+        return ExitLossPositions(seed, self.config.exit_loss_fraction, hidden.shape[0],
+                                 hidden.shape[1], hidden.device)
 
     def logits_shard(self, hidden: torch.Tensor) -> torch.Tensor:
         """Last rank: this tensor-parallel rank's logits of hidden states after the tail."""
@@ -418,6 +442,11 @@ def micro_batch_losses(module: CircularStage, outputs, labels, loss_mask, traini
     lm_loss = module.loss_of(final, labels, loss_mask, denominator)
     if not training:
         return lm_loss, {module.config.num_cycles: lm_loss}
-    losses = module.engine.exit_losses(
-        lm_loss, [module.loss_of(hidden, labels, loss_mask, denominator) for hidden in exits])
+    chosen = module.exit_loss_positions(final)
+    if chosen is not None:  # the tail ran on the chosen positions (run_virtual_stage)
+        exit_losses = [chosen.loss(module.loss_of, chosen.gather(hidden), labels, loss_mask,
+                                   denominator) for hidden in exits]
+    else:
+        exit_losses = [module.loss_of(hidden, labels, loss_mask, denominator) for hidden in exits]
+    losses = module.engine.exit_losses(lm_loss, exit_losses)
     return module.engine.objective(losses), losses

@@ -59,6 +59,17 @@ def _not_finite(value: torch.Tensor) -> torch.Tensor:
     return (~torch.isfinite(value.detach())).any().float()
 
 
+def step_exit_loss_seed(config) -> Optional[int]:
+    """The step's seed of the positions the exit losses read (``model.exit_loss_fraction`` <
+    1; None otherwise), drawn on every rank alike from the default generator, which a
+    checkpoint restores: layouts agree and a resumed run draws what the first run would."""
+    if config.model.exit_loss_fraction >= 1.0:
+        return None
+    from megatron_ztt.model.exit_losses import draw_exit_loss_seed
+
+    return draw_exit_loss_seed()
+
+
 def loss_denominator(micro_batches, share: int) -> torch.Tensor:
     """The per-token loss's divisor for each micro batch: the counted tokens of the whole
     global batch (every micro batch of every data-parallel rank) / ``share``, where ``share``
@@ -428,15 +439,19 @@ class DenseEngine(TrainingEngine):
         result = StepResult()
         skipped_before = engine.skipped_steps
         nonfinite = torch.zeros((), device=runtime.current_device())
+        exit_loss_seed = step_exit_loss_seed(config)
         for micro, batch in enumerate(micro_batches):
             stats_now = collect_stats and micro == 0
             out = engine(batch["tokens"], batch["labels"], loss_mask=batch.get("loss_mask"),
-                         collect_stats=stats_now, loss_denominator=denominator)
+                         collect_stats=stats_now, loss_denominator=denominator,
+                         exit_loss_seed=exit_loss_seed)
             loss = out.loss
             nonfinite = torch.maximum(nonfinite, _not_finite(loss))
             _add(result.losses, "lm loss", out.lm_loss / accumulation)
             for cycle, value in out.exit_losses.items():
                 _add(result.losses, f"lm loss cycle {cycle}", value / accumulation)
+            if out.exit_objective is not None:
+                _add(result.losses, "exit objective", out.exit_objective / accumulation)
             if micro == accumulation - 1:
                 # the step's one host read: any rank's non-finite loss, before it steps
                 nonfinite = _any_rank(nonfinite)
@@ -619,6 +634,7 @@ class CircularPipelineEngine(TrainingEngine):
         engine, module, config = self._ds, self.module, self.config
         module.collect_stats = collect_stats
         module.tally.reset()
+        module.exit_loss_seed = step_exit_loss_seed(config)
         self._losses = {}
         skipped_before = engine.skipped_steps
         self._run(self.schedule, batches, evaluation=False)

@@ -70,9 +70,14 @@ def model_flops_per_token(config: ZTTConfig, seq_length: int) -> float:
     extra_exits = sum(1 for c, w in enumerate(config.exit_weights)
                       if w > 0 and c + 1 < config.num_cycles)
     tail = sum(1 for app in plan if app.after_cycles)
-    applications = len(plan) + extra_exits * tail
-    output = 2 * d * config.padded_vocab_size * (1 + extra_exits)
-    forward = applications * (2 * layer_params + attention) + output
+    # exit_loss_fraction f < 1: an extra exit's tail and output layer run on a share f of the
+    # positions, plus the tail's keys/values of every position (model/exit_losses.py)
+    fraction = config.exit_loss_fraction
+    keys_values = 2 * d * kv if fraction < 1 else 0
+    application = 2 * layer_params + attention
+    output = 2 * d * config.padded_vocab_size * (1 + extra_exits * fraction)
+    forward = (len(plan) * application + extra_exits * tail * (fraction * application + keys_values)
+               + output)
     return 3.0 * forward
 
 

@@ -44,6 +44,7 @@ class ZTTConfig(PretrainedConfig):
         exit_mode="token",
         exit_signal="zero_attention",
         exit_seed=0,
+        exit_objective="none",
         inference_num_cycles=None,
         initializer_range=0.02,
         use_cache=True,
@@ -81,6 +82,8 @@ class ZTTConfig(PretrainedConfig):
         # drawn from exit_seed).
         self.exit_signal = exit_signal
         self.exit_seed = exit_seed
+        # "none", or the objective that trained the exit head exit_signal=trained reads
+        self.exit_objective = exit_objective
         # Depth dial: cycles run by default (the forward/generate kwarg num_cycles overrides
         # it), 1 .. 2 * num_cycles; None runs the trained num_cycles. Cycles beyond
         # num_cycles reuse the last trained cycle's zero keys and gate.

@@ -59,8 +59,9 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 
 from .configuration_ztt import ZTTConfig
-from .cycle_engine import (CycleEngine, CycleGate, ExitRule, application_plan, check_exit_signal,
-                           check_num_cycles, keep_exited_kv, with_zero_key, zero_key_attention)
+from .cycle_engine import (CycleEngine, CycleGate, ExitHead, ExitRule, application_plan,
+                           check_exit_signal, check_num_cycles, keep_exited_kv, with_zero_key,
+                           zero_key_attention)
 
 try:  # transformers' init helpers skip weights that were loaded from a checkpoint
     from transformers import initialization as init
@@ -345,6 +346,10 @@ class ZTTModel(ZTTPreTrainedModel):
         self.norm = make_norm(config)
         self.engine = CycleEngine(self.plan, num_cycles=config.num_cycles,
                                   num_heads=config.num_attention_heads, gates=self.gates)
+        # exit_signal=trained's head (a model trained with model.exit_objective)
+        self.exit_head = (ExitHead(config.num_cycles - 1)
+                          if getattr(config, "exit_objective", "none") != "none" else None)
+        self.engine.exit_head = self.exit_head
         self.post_init()
 
     def get_input_embeddings(self):
@@ -484,6 +489,8 @@ class ZTTForCausalLM(ZTTPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = ZTTModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # exit_signal=kl reads the next-token distribution of a state: norm + lm_head
+        self.model.engine.readout = lambda states: self.lm_head(self.model.norm(states))
         self._cycle_log = None  # filled during generate()
         self.generation_cycles_used = None  # [batch, new tokens] after generate()
         self.mean_cycles_used = None

@@ -31,6 +31,7 @@ from megatron_ztt.model.layers import (OutputHead, TokenEmbedding, all_reduce_te
                                        build_transformer_layer, gather_logits,
                                        rng_tracker_checkpoint_contexts,
                                        rotary_embedding, tensor_parallel_size)
+from megatron_ztt.parallel import sequence
 
 
 @dataclass
@@ -126,6 +127,21 @@ class ZTTModel(torch.nn.Module):
             self.plan, num_cycles=config.num_cycles, num_heads=config.num_attention_heads,
             gates=GateLookup(self.gates) if self.gates is not None else None,
             exit_loss_weights=config.exit_weights, reduce_heads=all_reduce_tensor_parallel)
+        self.sequence_parallel = False
+        self._sharded = False
+
+    def use_sequence_parallel(self, on: bool = True) -> None:
+        """Sequence parallelism (``parallel/sequence.py``) from now on: the hidden states
+        between the tensor-parallel regions are this rank's [s/t, b, d]. A pass with an exit
+        rule runs on the whole sequence on every rank (the decision and the gathered block of
+        cycling tokens are per token over the sequence, identical on every rank), and so does
+        one whose length the tensor-parallel size does not divide."""
+        self.sequence_parallel = on
+
+    def _shard_sequence(self, on: bool) -> None:
+        if on != self._sharded:
+            sequence.set_sequence_parallel(self, on)
+            self._sharded = on
 
     def run_application(self, app: Application, hidden: torch.Tensor, state: CycleState,
                         record: bool, rope: torch.Tensor, kv_store: Dict[int, tuple]):
@@ -179,6 +195,10 @@ class ZTTModel(torch.nn.Module):
                                                   input_ids.shape[1], input_ids.shape[0],
                                                   input_ids.device))
         kv_store: Dict[int, tuple] = {}
+        # (a length the tensor-parallel size does not divide, say a prompt, runs unsplit)
+        sharded = (self.sequence_parallel and policy.rule is None
+                   and input_ids.shape[1] % tensor_parallel_size() == 0)
+        self._shard_sequence(sharded)
 
         def run(app, hidden, state, record):
             return self.run_application(app, hidden, state, record, rope, kv_store)
@@ -187,7 +207,10 @@ class ZTTModel(torch.nn.Module):
         state = self.engine.run(
             plan, state, run, policy, tally=tally,
             keep_exit_states=labels is not None and self.training and policy.rule is None)
-        out = ZTTOutput(cycles_used=state.cycles_used.transpose(0, 1))
+        cycles_used = state.cycles_used
+        if sharded:
+            cycles_used = sequence.all_gather_sequence(cycles_used)
+        out = ZTTOutput(cycles_used=cycles_used.transpose(0, 1))
         if return_logits:
             out.logits = gather_logits(self.logits_shard(state.hidden), config.vocab_size)
         if labels is not None:

@@ -53,6 +53,7 @@ from megatron_ztt.model.layers import (OutputHead, TokenEmbedding, all_reduce_te
                                        build_transformer_layer, rotary_embedding)
 from megatron_ztt.model.seeding import init_scope
 from megatron_ztt.model.ztt import GateLookup, build_gates, exit_rule_for, run_layer
+from megatron_ztt.parallel import sequence
 
 # DeepSpeed skips parameters with this attribute set in its gradient norm (a replica counted
 # on another stage); the name is DeepSpeed's ``PIPE_REPLICATED``.
@@ -149,7 +150,19 @@ class CircularStage(torch.nn.Module):
             exit_loss_weights=config.exit_weights, reduce_heads=all_reduce_tensor_parallel)
         self.tally = ZeroAttentionTally(config.num_attention_heads)
         self.collect_stats = False
+        self.sequence_parallel = False
         self.start_evaluation(None)
+
+    def use_sequence_parallel(self, on: bool = True) -> None:
+        """Sequence parallelism (``ZTTModel.use_sequence_parallel``): what travels between
+        stages is this rank's [s/t, b, ...] shard, except in an evaluation with an exit rule,
+        which runs on the whole sequence."""
+        self.sequence_parallel = on
+        self.start_evaluation(None)
+
+    def shards_sequence(self, exits: bool) -> bool:
+        """Whether passes with (``exits``) or without an exit rule split the sequence."""
+        return self.sequence_parallel and not exits
 
     def start_evaluation(self, exit_threshold: Optional[float], exit_mode: str = "token",
                          exit_signal: Optional[str] = None) -> None:
@@ -160,6 +173,7 @@ class CircularStage(torch.nn.Module):
             check_exit_signal(signal, self.config.zero_token)
         self.exit_settings = (None if exit_threshold is None else
                               dict(threshold=exit_threshold, mode=exit_mode, signal=signal))
+        sequence.set_sequence_parallel(self, self.shards_sequence(exit_threshold is not None))
         self.cycles_used: List[torch.Tensor] = []
         self._micro_batch_of = {c: 0 for c in range(self.config.num_cycles)}
         self._kv_stores: Dict[int, Dict[int, tuple]] = {}
@@ -250,7 +264,10 @@ class CircularStage(torch.nn.Module):
             state = engine.begin(hidden, policy)
         else:
             state = self.unpack(apps[0], inputs, policy)
-        rope = rotary_embedding(config, hidden.shape[0], hidden.device)
+        # the attention sees the whole sequence, gathered under sequence parallelism
+        length = hidden.shape[0] * (parallel_state.get_tensor_model_parallel_world_size()
+                                    if self.shards_sequence(policy.rule is not None) else 1)
+        rope = rotary_embedding(config, length, hidden.device)
         tally = self.tally if self.collect_stats else None
         kv_store: Dict[int, tuple] = {}
         if policy.rule is not None:  # each virtual stage sees the micro batches in order
@@ -334,16 +351,19 @@ def carried_shapes(module: CircularStage, micro_batch: int, training: bool, exit
     config, engine = module.config, module.engine
     dtype = next(module.parameters()).dtype
     exit_cycles = engine.exit_cycles
+    length = config.seq_length
+    if module.shards_sequence(exits):
+        length //= parallel_state.get_tensor_model_parallel_world_size()
 
     def hidden(requires_grad):
-        return torch.empty(config.seq_length, micro_batch, config.hidden_size, dtype=dtype,
+        return torch.empty(length, micro_batch, config.hidden_size, dtype=dtype,
                            device="meta", requires_grad=requires_grad)
 
     def arriving(app: Application):  # what pack() sends to the stage starting with ``app``
         cycle = config.num_cycles if app.cycle is None else app.cycle
         carried = [hidden(training) for _ in range(1 + int(module.carries_cycle_input(app, exits)))]
         if exits:
-            carried.append(torch.empty(config.seq_length, micro_batch, 3, dtype=torch.float32,
+            carried.append(torch.empty(length, micro_batch, 3, dtype=torch.float32,
                                        device="meta"))
         carried += [hidden(training) for c in exit_cycles if c < cycle]
         return tuple(carried)

@@ -22,7 +22,9 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from megatron_ztt.model.attention import ZeroTokenCoreAttention
 from megatron_ztt.model.config import ZTTConfig
-from megatron_ztt.parallel import sequence
+from megatron_ztt.parallel.sequence import (gather_sequence_shards, gathered_linear,
+                                            reduce_scatter_to_sequence_shards,
+                                            scatter_to_sequence_shards)
 
 
 def tensor_parallel_size() -> int:
@@ -111,7 +113,7 @@ class ColumnLinear(tensor_parallel.ColumnParallelLinear):
         that multiplies by the weight itself (the fused output loss): the sequence gathered
         under sequence parallelism, else identity with the gradient summed over the group."""
         if self.shards_sequence:
-            return sequence.gather_sequence_shards(input_)
+            return gather_sequence_shards(input_)
         return tensor_parallel.copy_to_tensor_model_parallel_region(input_)
 
     def forward(self, input_, weight=None, runtime_gather_output=None):
@@ -119,7 +121,7 @@ class ColumnLinear(tensor_parallel.ColumnParallelLinear):
             return super().forward(input_, weight=weight,
                                    runtime_gather_output=runtime_gather_output)
         weight = self.weight if weight is None else weight
-        output = sequence.gathered_linear(input_, weight)
+        output = gathered_linear(input_, weight)
         if self.bias is not None and not self.skip_bias_add:
             output = output + self.bias
         return output, self.bias if self.skip_bias_add else None
@@ -134,7 +136,7 @@ class RowLinear(tensor_parallel.RowParallelLinear):
     def forward(self, input_):
         if not self.shards_sequence:
             return super().forward(input_)
-        output = sequence.reduce_scatter_to_sequence_shards(torch.matmul(input_, self.weight.t()))
+        output = reduce_scatter_to_sequence_shards(torch.matmul(input_, self.weight.t()))
         if self.bias is not None and not self.skip_bias_add:
             output = output + self.bias
         return output, self.bias if self.skip_bias_add else None
@@ -205,7 +207,7 @@ class TokenEmbedding(torch.nn.Module):
         hidden = self.word_embeddings(input_ids).transpose(0, 1).contiguous()
         # megatron-core reduce-scatters here instead of all-reducing and splitting; its
         # reduce-scatter needs CUDA, and the all-reduce inside the embedding is its own
-        return sequence.scatter_to_sequence_shards(hidden) if self.shards_sequence else hidden
+        return scatter_to_sequence_shards(hidden) if self.shards_sequence else hidden
 
 
 class OutputHead(torch.nn.Module):

@@ -31,7 +31,7 @@ from megatron_ztt.model.layers import (OutputHead, TokenEmbedding, all_reduce_te
                                        build_transformer_layer, gather_logits,
                                        rng_tracker_checkpoint_contexts,
                                        rotary_embedding, tensor_parallel_size)
-from megatron_ztt.parallel import sequence
+from megatron_ztt.parallel.sequence import all_gather_sequence, set_sequence_parallel
 
 
 @dataclass
@@ -140,7 +140,7 @@ class ZTTModel(torch.nn.Module):
 
     def _shard_sequence(self, on: bool) -> None:
         if on != self._sharded:
-            sequence.set_sequence_parallel(self, on)
+            set_sequence_parallel(self, on)
             self._sharded = on
 
     def run_application(self, app: Application, hidden: torch.Tensor, state: CycleState,
@@ -209,7 +209,7 @@ class ZTTModel(torch.nn.Module):
             keep_exit_states=labels is not None and self.training and policy.rule is None)
         cycles_used = state.cycles_used
         if sharded:
-            cycles_used = sequence.all_gather_sequence(cycles_used)
+            cycles_used = all_gather_sequence(cycles_used)
         out = ZTTOutput(cycles_used=cycles_used.transpose(0, 1))
         if return_logits:
             out.logits = gather_logits(self.logits_shard(state.hidden), config.vocab_size)

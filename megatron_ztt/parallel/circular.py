@@ -32,6 +32,8 @@ and their gradient sums over the cycles in place: no copies, no tied-weight all-
   exit record (exited, cycles used, the open cycle's zero-attention sum) travels with the
   state, and a token that left serves later tokens with its last computed cycle's key/values,
   kept per micro batch on the rank that holds the layer (every cycle of a layer runs there).
+* Sequence parallelism (``parallel/sequence.py``): the stages send their [s/t, b, ...]
+  sequence shards; an evaluation with an exit rule runs (and sends) the whole sequence.
 * Parameter names are ``ZTTModel``'s (``layers.<l>.*``, ``embedding.*``, ``zero_token_pool.*``,
   ``gates.*``, ``output_head.*``), so checkpoints and ``load_trained`` need no renaming.
 """
@@ -53,7 +55,7 @@ from megatron_ztt.model.layers import (OutputHead, TokenEmbedding, all_reduce_te
                                        build_transformer_layer, rotary_embedding)
 from megatron_ztt.model.seeding import init_scope
 from megatron_ztt.model.ztt import GateLookup, build_gates, exit_rule_for, run_layer
-from megatron_ztt.parallel import sequence
+from megatron_ztt.parallel.sequence import set_sequence_parallel
 
 # DeepSpeed skips parameters with this attribute set in its gradient norm (a replica counted
 # on another stage); the name is DeepSpeed's ``PIPE_REPLICATED``.
@@ -160,7 +162,7 @@ class CircularStage(torch.nn.Module):
         self.sequence_parallel = on
         self.start_evaluation(None)
 
-    def shards_sequence(self, exits: bool) -> bool:
+    def splits_sequence(self, exits: bool) -> bool:
         """Whether passes with (``exits``) or without an exit rule split the sequence."""
         return self.sequence_parallel and not exits
 
@@ -173,7 +175,7 @@ class CircularStage(torch.nn.Module):
             check_exit_signal(signal, self.config.zero_token)
         self.exit_settings = (None if exit_threshold is None else
                               dict(threshold=exit_threshold, mode=exit_mode, signal=signal))
-        sequence.set_sequence_parallel(self, self.shards_sequence(exit_threshold is not None))
+        set_sequence_parallel(self, self.splits_sequence(exit_threshold is not None))
         self.cycles_used: List[torch.Tensor] = []
         self._micro_batch_of = {c: 0 for c in range(self.config.num_cycles)}
         self._kv_stores: Dict[int, Dict[int, tuple]] = {}
@@ -266,7 +268,7 @@ class CircularStage(torch.nn.Module):
             state = self.unpack(apps[0], inputs, policy)
         # the attention sees the whole sequence, gathered under sequence parallelism
         length = hidden.shape[0] * (parallel_state.get_tensor_model_parallel_world_size()
-                                    if self.shards_sequence(policy.rule is not None) else 1)
+                                    if self.splits_sequence(policy.rule is not None) else 1)
         rope = rotary_embedding(config, length, hidden.device)
         tally = self.tally if self.collect_stats else None
         kv_store: Dict[int, tuple] = {}
@@ -352,7 +354,7 @@ def carried_shapes(module: CircularStage, micro_batch: int, training: bool, exit
     dtype = next(module.parameters()).dtype
     exit_cycles = engine.exit_cycles
     length = config.seq_length
-    if module.shards_sequence(exits):
+    if module.splits_sequence(exits):
         length //= parallel_state.get_tensor_model_parallel_world_size()
 
     def hidden(requires_grad):

@@ -11,7 +11,7 @@ their rank's tokens: their gradients are summed over the group once per step
 ``finalize_model_grads`` does for the parameters it marks ``sequence_parallel``.
 
 Why not megatron-core's own mappings and its linears' ``sequence_parallel`` path: they
-allocate their buffers with ``torch.cuda.current_device()`` (``tensor_parallel/mappings.py``,
+allocate their buffers on the current CUDA device (``tensor_parallel/mappings.py``,
 ``get_global_memory_buffer`` in ``LinearWithGradAccumulationAndAsyncCommunication``), so they
 cannot run on CPU/gloo. The functions here are the same collectives
 (``all_gather_into_tensor``, ``reduce_scatter_tensor``) on the input's own device.

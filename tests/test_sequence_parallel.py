@@ -150,7 +150,7 @@ def test_circular_pipeline_sequence_parallel_matches_tensor_parallel(sample_data
             "train.global_batch_size=2", "model.seq_length=16"]
     for rank, (want, got) in enumerate(run_distributed(
             _engine_runs, world_size=4, tensor_parallel=2, pipeline_parallel=2,
-            args=(sample_data, str(tmp_path), pipe, 1, 0.15))):
+            args=(sample_data, str(tmp_path), pipe, 1, 0.15), timeout=1500)):
         _assert_same_runs(got, want, f"PP=2 x TP=2 rank {rank}")
 
 

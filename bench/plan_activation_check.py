@@ -80,6 +80,7 @@ def measure(config) -> int:
 
     runtime.seed_everything(config.train.seed)
     model = ZTTModel(config.model)
+    model.use_sequence_parallel(config.parallel.sequence_parallel)
     model.train()
     shape = (config.train.micro_batch_size, config.model.seq_length)
     tokens = torch.randint(0, config.model.vocab_size, shape)

@@ -5,9 +5,16 @@
 Trains each (model size, layout) for a few steps through the normal entry point
 (``torchrun -m megatron_ztt.train``) and reads the run's ``status.json``: median step time,
 tokens/s, peak resident memory per rank and optimizer-state bytes per rank. Layouts: DP=1,
-DP=2, TP=2, PP=2 (the circular pipeline, plus the bubble implied by its micro-batch and
-cycle counts), and ZeRO
-stages 0/1/2 at DP=2. Writes a JSON report (and prints a Markdown table).
+DP=2, TP=2, TP=2 with sequence parallelism, PP=2 (the circular pipeline, plus the bubble
+implied by its micro-batch and cycle counts), PP=2 x TP=2 with and without sequence
+parallelism, and ZeRO stages 0/1/2 at DP=2. Writes a JSON report (and prints a Markdown table).
+
+    python bench/training_layouts.py --activations [--sizes tiny mid]
+
+measures instead the activation memory per rank of one micro batch at TP=2 with and without
+``parallel.sequence_parallel`` (two processes, gloo): the peak of live tensor bytes of a
+forward + backward of the training model after the weights and gradients exist
+(``plan_activation_check.LiveTensorBytes``), beside what ``ztt plan`` predicts.
 
 The data can be the demo's (``work/demo/data/sample`` after ``make demo``) or any prefix
 with a matching tokenizer; the model's vocabulary is set from the tokenizer.
@@ -40,9 +47,13 @@ LAYOUTS = {
     "DP=1": (1, []),
     "DP=2 ZeRO-1": (2, ["parallel.zero_stage=1"]),
     "TP=2": (2, ["parallel.tensor=2"]),
+    "TP=2 SP": (2, ["parallel.tensor=2", "parallel.sequence_parallel=true"]),
     "PP=2": (2, ["parallel.pipeline=2"]),
     "DP=2 ZeRO-0": (2, ["parallel.zero_stage=0", "train.nonfinite_loss=stop"]),
     "DP=2 ZeRO-2": (2, ["parallel.zero_stage=2"]),
+    "PP=2 TP=2": (4, ["parallel.pipeline=2", "parallel.tensor=2"]),
+    "PP=2 TP=2 SP": (4, ["parallel.pipeline=2", "parallel.tensor=2",
+                         "parallel.sequence_parallel=true"]),
 }
 
 
@@ -85,7 +96,7 @@ def run(size, layout, args, out_dir: Path) -> dict:
         "optimizer_state_mib_per_rank": [round(b / 2**20, 2)
                                          for b in status["optimizer_state_bytes_per_rank"]],
     }
-    if layout == "PP=2":
+    if layout.startswith("PP=2"):
         # interleaved 1F1B over C virtual stages per rank: (P-1)/(C m + P-1)
         micro_batches = args.global_batch // 4
         cycles = config["model"]["num_cycles"]
@@ -94,10 +105,70 @@ def run(size, layout, args, out_dir: Path) -> dict:
     return result
 
 
+def _activation_rank(rank, port, overrides, queue):
+    """One TP=2 rank: (measured activation peak, planned activation bytes)."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), ZTT_DEVICE="cpu",
+                      DS_ACCELERATOR="cpu")
+    import torch
+
+    from plan_activation_check import CONFIG, measure
+    from megatron_ztt.parallel import runtime
+    from megatron_ztt.training.plan import load_plan_config, plan_layout
+
+    torch.set_num_threads(1)
+    config = load_plan_config(str(CONFIG), overrides)
+    planned = plan_layout(config, 1, 2).per_rank[0].activation_bytes
+    runtime.init_distributed(runtime.ParallelLayout(2, 1), seed=config.train.seed)
+    try:
+        queue.put((rank, measure(config), planned))
+    finally:
+        runtime.shutdown_distributed()
+
+
+def activations(args) -> None:
+    """Activation memory per rank at TP=2, sequence parallelism off and on."""
+    import torch.multiprocessing as mp
+
+    from plan_activation_check import COMMON, SIZES as CHECK_SIZES
+
+    rows = []
+    for size in args.sizes:
+        for sequence_parallel in (False, True):
+            overrides = COMMON + CHECK_SIZES[size] + [
+                "parallel.tensor=2", f"parallel.sequence_parallel={str(sequence_parallel).lower()}"]
+            ctx = mp.get_context("spawn")
+            queue, port = ctx.Queue(), free_port()
+            procs = [ctx.Process(target=_activation_rank, args=(r, port, overrides, queue))
+                     for r in range(2)]
+            for p in procs:
+                p.start()
+            got = sorted(queue.get(timeout=1800) for _ in procs)
+            for p in procs:
+                p.join()
+            rows.append({"size": size, "sequence_parallel": sequence_parallel,
+                         "overrides": overrides,
+                         "measured_bytes_per_rank": [m for _, m, _ in got],
+                         "planned_bytes": got[0][2]})
+            print(json.dumps(rows[-1]), flush=True)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "activations.json").write_text(json.dumps({"results": rows}, indent=2))
+    print("| size | sequence parallel | measured activation MiB per rank | planned MiB |")
+    print("|---|---|---|---|")
+    for r in rows:
+        measured = ", ".join(f"{b / 2**20:.1f}" for b in r["measured_bytes_per_rank"])
+        print(f"| {r['size']} | {'on' if r['sequence_parallel'] else 'off'} | {measured} | "
+              f"{r['planned_bytes'] / 2**20:.1f} |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", required=True, help="dataset prefix (PREFIX.bin/.idx)")
-    parser.add_argument("--tokenizer", required=True)
+    parser.add_argument("--data", help="dataset prefix (PREFIX.bin/.idx)")
+    parser.add_argument("--tokenizer")
+    parser.add_argument("--activations", action="store_true",
+                        help="measure activation memory per rank at TP=2 with and without "
+                             "sequence parallelism instead (no data needed)")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--global-batch", type=int, default=16)
     parser.add_argument("--cores", type=int, default=os.cpu_count())
@@ -105,6 +176,12 @@ def main():
     parser.add_argument("--layouts", nargs="*", default=list(LAYOUTS))
     parser.add_argument("--out", default="work/bench/training_layouts")
     args = parser.parse_args()
+    if args.activations:
+        if args.sizes == list(SIZES):
+            args.sizes = ["tiny", "mid"]
+        return activations(args)
+    if not (args.data and args.tokenizer):
+        parser.error("--data and --tokenizer are required (except with --activations)")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = [run(size, layout, args, out_dir) for size in args.sizes for layout in args.layouts]

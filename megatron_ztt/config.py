@@ -36,6 +36,9 @@ class ParallelSection:
     tensor: int = 1
     pipeline: int = 1
     zero_stage: int = 1
+    # split the activations between the tensor-parallel regions along the sequence
+    # (megatron-core's sequence_parallel; needs tensor > 1)
+    sequence_parallel: bool = False
     # Unused: the circular pipeline splits the cycled layers evenly over the stages. Kept so
     # that the configs saved in checkpoints of the earlier pipeline still load.
     pipeline_partition: str = "applications"
@@ -254,6 +257,20 @@ def validate(config: RunConfig) -> None:
              f"parameters, which ZeRO-2's gradient partitioning (and ZeRO-3) refuses")
     if parallel.zero_stage == 3 and parallel.tensor > 1:
         fail("parallel.zero_stage", "ZeRO-3 with tensor parallelism is not supported; use 1 or 2")
+    if parallel.sequence_parallel and parallel.tensor < 2:
+        fail("parallel.sequence_parallel", f"true needs parallel.tensor > 1 (got "
+             f"parallel.tensor={parallel.tensor}): it splits the sequence over the "
+             f"tensor-parallel ranks")
+    if parallel.sequence_parallel and config.model.seq_length % parallel.tensor:
+        fail("parallel.sequence_parallel", f"needs model.seq_length ({config.model.seq_length}) "
+             f"to be a multiple of parallel.tensor ({parallel.tensor})")
+    if parallel.sequence_parallel and (config.model.exit_loss_fraction < 1
+                                       or config.model.exit_objective != "none"):
+        # both read every position's state after a cycle, which SP leaves split over the ranks
+        fail("parallel.sequence_parallel", f"true does not combine with model.exit_loss_fraction"
+             f"={config.model.exit_loss_fraction} or model.exit_objective="
+             f"{config.model.exit_objective} yet: set model.exit_loss_fraction=1.0 and "
+             f"model.exit_objective=none, or parallel.sequence_parallel=false")
     if train.nonfinite_loss == "skip" and parallel.zero_stage == 0:
         fail("train.nonfinite_loss", "skip relies on the ZeRO optimizer's overflow check "
              "(parallel.zero_stage >= 1); use stop with parallel.zero_stage=0")

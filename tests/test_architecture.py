@@ -8,7 +8,9 @@ PACKAGE = Path(__file__).resolve().parent.parent / "megatron_ztt"
 # lowest first; a module may import its own layer and the layers below it
 LAYERS = [
     ("files", "model.cycle_engine", "model.exit_policy"),
-    ("model",),
+    # parallel.sequence: the sequence-parallel collectives the model's layers call (torch and
+    # megatron-core only)
+    ("model", "parallel.sequence"),
     ("parallel",),
     ("data",),
     ("config",),

@@ -49,11 +49,12 @@ def _ztt_plan(*args):
 
 
 def test_plan_covers_every_rank_and_partitions_by_layout():
-    pp, dense, zero1, zero0, tp = _plans(
+    pp, dense, zero1, zero0, tp, sp = _plans(
         (["parallel.pipeline=2", "parallel.tensor=2"], 2, 4), ([], 1, 1),
         (["parallel.zero_stage=1"], 1, 2),
         (["parallel.zero_stage=0", "train.nonfinite_loss=stop"], 1, 2),
-        (["parallel.tensor=2"], 1, 2))
+        (["parallel.tensor=2"], 1, 2),
+        (["parallel.tensor=2", "parallel.sequence_parallel=true"], 1, 2))
     assert [r.rank for r in pp.per_rank] == list(range(8))
     # megatron-core's order: tensor fastest, then data, then pipeline
     assert [(r.pipeline_rank, r.data_rank, r.tensor_rank) for r in pp.per_rank] == [
@@ -76,6 +77,11 @@ def test_plan_covers_every_rank_and_partitions_by_layout():
     # checkpointing keeps less; tensor parallelism splits the attention and MLP part
     assert dense.activation_bytes_with_checkpointing < dense.activation_bytes_without_checkpointing
     assert tp.per_rank[0].activation_bytes_per_micro_batch < dense.activation_bytes_per_micro_batch
+    # sequence parallelism splits what lives between the tensor-parallel regions too
+    # (norms, gates, carried states, the final norm): the same parameters, less activation
+    assert sp.per_rank[0].parameters == tp.per_rank[0].parameters
+    assert (sp.per_rank[0].activation_bytes_per_micro_batch
+            < 0.9 * tp.per_rank[0].activation_bytes_per_micro_batch)
 
 
 @pytest.mark.slow

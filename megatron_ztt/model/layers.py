@@ -22,6 +22,9 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from megatron_ztt.model.attention import ZeroTokenCoreAttention
 from megatron_ztt.model.config import ZTTConfig
+from megatron_ztt.parallel.sequence import (gather_sequence_shards, gathered_linear,
+                                            reduce_scatter_to_sequence_shards,
+                                            scatter_to_sequence_shards)
 
 
 def tensor_parallel_size() -> int:
@@ -98,12 +101,58 @@ def transformer_config(config: ZTTConfig) -> TransformerConfig:
     )
 
 
+class ColumnLinear(tensor_parallel.ColumnParallelLinear):
+    """megatron-core's column-parallel linear; with ``shards_sequence`` (sequence
+    parallelism, ``parallel/sequence.py``) its input is this rank's sequence shard, gathered
+    for the product (megatron-core's own sequence-parallel path needs CUDA)."""
+
+    shards_sequence = False
+
+    def parallel_input(self, input_: torch.Tensor) -> torch.Tensor:
+        """What megatron-core's linear does to its input before the product, for a caller
+        that multiplies by the weight itself (the fused output loss): the sequence gathered
+        under sequence parallelism, else identity with the gradient summed over the group."""
+        if self.shards_sequence:
+            return gather_sequence_shards(input_)
+        return tensor_parallel.copy_to_tensor_model_parallel_region(input_)
+
+    def forward(self, input_, weight=None, runtime_gather_output=None):
+        if not self.shards_sequence:
+            return super().forward(input_, weight=weight,
+                                   runtime_gather_output=runtime_gather_output)
+        weight = self.weight if weight is None else weight
+        output = gathered_linear(input_, weight)
+        if self.bias is not None and not self.skip_bias_add:
+            output = output + self.bias
+        return output, self.bias if self.skip_bias_add else None
+
+
+class RowLinear(tensor_parallel.RowParallelLinear):
+    """megatron-core's row-parallel linear; with ``shards_sequence`` its partial outputs are
+    reduce-scattered to sequence shards instead of all-reduced."""
+
+    shards_sequence = False
+
+    def forward(self, input_):
+        if not self.shards_sequence:
+            return super().forward(input_)
+        output = reduce_scatter_to_sequence_shards(torch.matmul(input_, self.weight.t()))
+        if self.bias is not None and not self.skip_bias_add:
+            output = output + self.bias
+        return output, self.bias if self.skip_bias_add else None
+
+
 def layer_spec(config: ZTTConfig):
-    """megatron-core's local (no Transformer Engine) GPT layer with our core attention."""
+    """megatron-core's local (no Transformer Engine) GPT layer with our core attention and
+    linears that can run sequence parallel."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "Apex is not installed": the torch norm is intended
         spec = copy.deepcopy(get_gpt_layer_local_spec(normalization=config.normalization))
-    spec.submodules.self_attention.submodules.core_attention = ZeroTokenCoreAttention
+    attention = spec.submodules.self_attention.submodules
+    attention.core_attention = ZeroTokenCoreAttention
+    attention.linear_qkv, attention.linear_proj = ColumnLinear, RowLinear
+    mlp = spec.submodules.mlp.submodules
+    mlp.linear_fc1, mlp.linear_fc2 = ColumnLinear, RowLinear
     return spec
 
 
@@ -138,7 +187,10 @@ def rotary_embedding(config: ZTTConfig, seq_len: int, device, offset: int = 0) -
 
 
 class TokenEmbedding(torch.nn.Module):
-    """Vocabulary-parallel word embedding: ids [b, s] -> hidden [s, b, d]."""
+    """Vocabulary-parallel word embedding: ids [b, s] -> hidden [s, b, d] (with
+    ``shards_sequence``: this rank's [s/t, b, d])."""
+
+    shards_sequence = False
 
     def __init__(self, config: ZTTConfig):
         super().__init__()
@@ -152,7 +204,10 @@ class TokenEmbedding(torch.nn.Module):
         return self.word_embeddings.weight
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.word_embeddings(input_ids).transpose(0, 1).contiguous()
+        hidden = self.word_embeddings(input_ids).transpose(0, 1).contiguous()
+        # megatron-core reduce-scatters here instead of all-reducing and splitting; its
+        # reduce-scatter needs CUDA, and the all-reduce inside the embedding is its own
+        return scatter_to_sequence_shards(hidden) if self.shards_sequence else hidden
 
 
 class OutputHead(torch.nn.Module):
@@ -166,7 +221,7 @@ class OutputHead(torch.nn.Module):
         self.tie_embeddings = config.tie_embeddings
         self.final_norm = build_norm(config)
         megatron_config = transformer_config(config)
-        self.output_layer = tensor_parallel.ColumnParallelLinear(
+        self.output_layer = ColumnLinear(
             config.hidden_size, config.padded_vocab_size, config=megatron_config,
             init_method=megatron_config.init_method, bias=False, gather_output=False,
             skip_weight_param_allocation=config.tie_embeddings)
@@ -194,9 +249,9 @@ class OutputHead(torch.nn.Module):
         batch's counted tokens (the per-token loss over a global batch, ``counted_tokens``)."""
         weight = self.projection_weight(embedding_weight)
         normed = self.final_norm(hidden)
-        # as in ColumnParallelLinear: identity forward, the input gradient summed over the
-        # tensor-parallel ranks (each holds a slice of the vocabulary) in backward
-        normed = tensor_parallel.copy_to_tensor_model_parallel_region(normed)
+        # as in the linear: each rank holds a slice of the vocabulary, so the input gradient
+        # sums over the tensor-parallel ranks (and the sequence is gathered, if split)
+        normed = self.output_layer.parallel_input(normed)
         labels = labels.transpose(0, 1).reshape(-1)
         mask = None if loss_mask is None else loss_mask.transpose(0, 1).reshape(-1)
         total = OutputCrossEntropy.apply(normed.reshape(-1, normed.shape[-1]), weight, labels,

@@ -33,6 +33,7 @@ from megatron_ztt.model.layers import (OutputHead, TokenEmbedding, all_reduce_te
                                        build_transformer_layer, counted_tokens, gather_logits,
                                        rng_tracker_checkpoint_contexts,
                                        rotary_embedding, tensor_parallel_size)
+from megatron_ztt.parallel.sequence import all_gather_sequence, set_sequence_parallel
 
 
 @dataclass
@@ -168,6 +169,8 @@ class ZTTModel(torch.nn.Module):
         self.exit_head = (ExitHead(config.num_cycles - 1) if config.exit_objective != "none"
                           else None)
         self.engine.exit_head = self.exit_head
+        self.sequence_parallel = False
+        self._sharded = False
 
     def next_token_logits(self, states: torch.Tensor) -> torch.Tensor:
         """states [n, d] -> full next-token logits [n, vocab_size] (exit_signal=kl)."""
@@ -216,6 +219,19 @@ class ZTTModel(torch.nn.Module):
         seed = draw_exit_loss_seed() if seed is None else seed
         return ExitLossPositions(seed, fraction, input_ids.shape[1], input_ids.shape[0],
                                  input_ids.device)
+
+    def use_sequence_parallel(self, on: bool = True) -> None:
+        """Sequence parallelism (``parallel/sequence.py``) from now on: the hidden states
+        between the tensor-parallel regions are this rank's [s/t, b, d]. A pass with an exit
+        rule runs on the whole sequence on every rank (the decision and the gathered block of
+        cycling tokens are per token over the sequence, identical on every rank), and so does
+        one whose length the tensor-parallel size does not divide."""
+        self.sequence_parallel = on
+
+    def _shard_sequence(self, on: bool) -> None:
+        if on != self._sharded:
+            set_sequence_parallel(self, on)
+            self._sharded = on
 
     def run_application(self, app: Application, hidden: torch.Tensor, state: CycleState,
                         record: bool, rope: torch.Tensor, kv_store: Dict[int, tuple]):
@@ -272,6 +288,10 @@ class ZTTModel(torch.nn.Module):
                                                   input_ids.shape[1], input_ids.shape[0],
                                                   input_ids.device))
         kv_store: Dict[int, tuple] = {}
+        # (a length the tensor-parallel size does not divide, say a prompt, runs unsplit)
+        sharded = (self.sequence_parallel and policy.rule is None
+                   and input_ids.shape[1] % tensor_parallel_size() == 0)
+        self._shard_sequence(sharded)
 
         def run(app, hidden, state, record):
             return self.run_application(app, hidden, state, record, rope, kv_store)
@@ -297,7 +317,10 @@ class ZTTModel(torch.nn.Module):
         state = self.engine.run(plan, state, run, policy, tally=tally,
                                 keep_exit_states=keep_exit_states,
                                 exit_tail=exit_tail if chosen is not None else None)
-        out = ZTTOutput(cycles_used=state.cycles_used.transpose(0, 1))
+        cycles_used = state.cycles_used
+        if sharded:
+            cycles_used = all_gather_sequence(cycles_used)
+        out = ZTTOutput(cycles_used=cycles_used.transpose(0, 1))
         if return_logits:
             out.logits = gather_logits(self.logits_shard(state.hidden), config.vocab_size)
         if labels is not None:

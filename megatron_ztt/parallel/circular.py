@@ -32,6 +32,8 @@ and their gradient sums over the cycles in place: no copies, no tied-weight all-
   exit record (exited, cycles used, the open cycle's zero-attention sum) travels with the
   state, and a token that left serves later tokens with its last computed cycle's key/values,
   kept per micro batch on the rank that holds the layer (every cycle of a layer runs there).
+* Sequence parallelism (``parallel/sequence.py``): the stages send their [s/t, b, ...]
+  sequence shards; an evaluation with an exit rule runs (and sends) the whole sequence.
 * Parameter names are ``ZTTModel``'s (``layers.<l>.*``, ``embedding.*``, ``zero_token_pool.*``,
   ``gates.*``, ``output_head.*``), so checkpoints and ``load_trained`` need no renaming.
 """
@@ -55,6 +57,7 @@ from megatron_ztt.model.layers import (OutputHead, TokenEmbedding, all_reduce_te
 from megatron_ztt.model.seeding import init_scope
 from megatron_ztt.model.ztt import (GateLookup, build_gates, exit_rule_for, run_layer,
                                     run_layer_on_positions)
+from megatron_ztt.parallel.sequence import set_sequence_parallel
 
 # DeepSpeed skips parameters with this attribute set in its gradient norm (a replica counted
 # on another stage); the name is DeepSpeed's ``PIPE_REPLICATED``.
@@ -155,7 +158,19 @@ class CircularStage(torch.nn.Module):
         self.tally = ZeroAttentionTally(config.num_attention_heads)
         self.collect_stats = False
         self.exit_loss_seed: Optional[int] = None  # the step's (engines.step_exit_loss_seed)
+        self.sequence_parallel = False
         self.start_evaluation(None)
+
+    def use_sequence_parallel(self, on: bool = True) -> None:
+        """Sequence parallelism (``ZTTModel.use_sequence_parallel``): what travels between
+        stages is this rank's [s/t, b, ...] shard, except in an evaluation with an exit rule,
+        which runs on the whole sequence."""
+        self.sequence_parallel = on
+        self.start_evaluation(None)
+
+    def splits_sequence(self, exits: bool) -> bool:
+        """Whether passes with (``exits``) or without an exit rule split the sequence."""
+        return self.sequence_parallel and not exits
 
     def start_evaluation(self, exit_threshold: Optional[float], exit_mode: str = "token",
                          exit_signal: Optional[str] = None) -> None:
@@ -166,6 +181,7 @@ class CircularStage(torch.nn.Module):
             check_exit_signal(signal, self.config.zero_token)
         self.exit_settings = (None if exit_threshold is None else
                               dict(threshold=exit_threshold, mode=exit_mode, signal=signal))
+        set_sequence_parallel(self, self.splits_sequence(exit_threshold is not None))
         self.cycles_used: List[torch.Tensor] = []
         self._micro_batch_of = {c: 0 for c in range(self.config.num_cycles)}
         self._kv_stores: Dict[int, Dict[int, tuple]] = {}
@@ -256,7 +272,10 @@ class CircularStage(torch.nn.Module):
             state = engine.begin(hidden, policy)
         else:
             state = self.unpack(apps[0], inputs, policy)
-        rope = rotary_embedding(config, hidden.shape[0], hidden.device)
+        # the attention sees the whole sequence, gathered under sequence parallelism
+        length = hidden.shape[0] * (parallel_state.get_tensor_model_parallel_world_size()
+                                    if self.splits_sequence(policy.rule is not None) else 1)
+        rope = rotary_embedding(config, length, hidden.device)
         tally = self.tally if self.collect_stats else None
         kv_store: Dict[int, tuple] = {}
         if policy.rule is not None:  # each virtual stage sees the micro batches in order
@@ -358,16 +377,19 @@ def carried_shapes(module: CircularStage, micro_batch: int, training: bool, exit
     config, engine = module.config, module.engine
     dtype = next(module.parameters()).dtype
     exit_cycles = engine.exit_cycles
+    length = config.seq_length
+    if module.splits_sequence(exits):
+        length //= parallel_state.get_tensor_model_parallel_world_size()
 
     def hidden(requires_grad):
-        return torch.empty(config.seq_length, micro_batch, config.hidden_size, dtype=dtype,
+        return torch.empty(length, micro_batch, config.hidden_size, dtype=dtype,
                            device="meta", requires_grad=requires_grad)
 
     def arriving(app: Application):  # what pack() sends to the stage starting with ``app``
         cycle = config.num_cycles if app.cycle is None else app.cycle
         carried = [hidden(training) for _ in range(1 + int(module.carries_cycle_input(app, exits)))]
         if exits:
-            carried.append(torch.empty(config.seq_length, micro_batch, 3, dtype=torch.float32,
+            carried.append(torch.empty(length, micro_batch, 3, dtype=torch.float32,
                                        device="meta"))
         carried += [hidden(training) for c in exit_cycles if c < cycle]
         return tuple(carried)

@@ -424,6 +424,21 @@ class TrainingEngine:
 class DenseEngine(TrainingEngine):
     """The whole model on every rank of a data-parallel group (TP inside), ZeRO 0-3."""
 
+    def __init__(self, config, module, deepspeed_engine):
+        super().__init__(config, module, deepspeed_engine)
+        # sequence parallelism: the replicated parameters' gradients sum over the
+        # tensor-parallel group in the step's last backward
+        self._replicated_grads = None
+        if config.parallel.sequence_parallel:
+            from megatron_ztt.parallel.sequence import (DeferredReplicatedGradSum,
+                                                        replicated_parameters)
+
+            self._replicated_grads = DeferredReplicatedGradSum(replicated_parameters(module))
+
+    def _last_micro_batch(self, last: bool) -> None:
+        if self._replicated_grads is not None:
+            self._replicated_grads.last_micro_batch = last
+
     def train_step(self, batches, iteration, collect_stats):
         """One optimizer step over the global batch with no host read in the micro-batch
         loop: the objective is the per-token loss over the whole global batch (so all micro
@@ -462,6 +477,7 @@ class DenseEngine(TrainingEngine):
                     # every rank's gradients non-finite, so that ZeRO's overflow check skips
                     # the step on all of them
                     loss = loss * float("nan")
+            self._last_micro_batch(micro == accumulation - 1)
             engine.backward(loss)
             engine.step()
             if stats_now:
@@ -492,8 +508,10 @@ class DenseEngine(TrainingEngine):
         engine, train = self._ds, self.config.train
         tokens = torch.zeros(train.micro_batch_size, self.config.model.seq_length,
                              dtype=torch.long, device=runtime.current_device())
-        for _ in range(engine.gradient_accumulation_steps()):
+        steps = engine.gradient_accumulation_steps()
+        for micro in range(steps):
             out = engine(tokens, tokens, collect_stats=False)
+            self._last_micro_batch(micro == steps - 1)
             engine.backward(out.loss * 0.0)
             engine.step()
 
@@ -584,6 +602,21 @@ class CircularPipelineEngine(TrainingEngine):
         self._eval_schedules = {}  # with exits or not -> the forward-only schedule
         # bf16: the shared block's C x M gradient contributions add up in fp32
         self.fp32_grad_sums = Fp32GradientSums(module.parameters())
+        # sequence parallelism: the replicated parameters' gradients sum over the
+        # tensor-parallel group once per step, after the ring
+        self._replicated = []
+        if config.parallel.sequence_parallel:
+            from megatron_ztt.parallel.sequence import replicated_parameters
+
+            self._replicated = replicated_parameters(module)
+
+    def _collect_grads(self) -> None:
+        """The step's gradients into ``.grad``: the fp32 sums rounded once, the replicated
+        parameters' summed over the tensor-parallel group (sequence parallelism)."""
+        from megatron_ztt.parallel.sequence import all_reduce_replicated_grads
+
+        self.fp32_grad_sums.write_grads()
+        all_reduce_replicated_grads(self._replicated)
 
     # ------------------------------------------------------------------ the ring
     def _micro_batch_loss(self, outputs, target):
@@ -638,7 +671,7 @@ class CircularPipelineEngine(TrainingEngine):
         self._losses = {}
         skipped_before = engine.skipped_steps
         self._run(self.schedule, batches, evaluation=False)
-        self.fp32_grad_sums.write_grads()
+        self._collect_grads()
         module.collect_stats = False
         stats = module.read_statistics() if collect_stats else {}
         losses = self._losses
@@ -734,7 +767,7 @@ class CircularPipelineEngine(TrainingEngine):
         reduction, the step."""
         trained = [p for p in self.module.parameters() if p.requires_grad]
         torch.stack([(p * 0.0).sum() for p in trained]).sum().backward()
-        self.fp32_grad_sums.write_grads()
+        self._collect_grads()
         self._ds.allreduce_gradients()
         self._ds.step()
         for param in self.module.parameters():
@@ -773,11 +806,15 @@ def build_model(config: RunConfig) -> torch.nn.Module:
 
         from megatron_ztt.parallel.circular import CircularStage
 
-        return CircularStage(config.model, parallel_state.get_pipeline_model_parallel_rank(),
-                             config.parallel.pipeline)
+        stage = CircularStage(config.model, parallel_state.get_pipeline_model_parallel_rank(),
+                              config.parallel.pipeline)
+        stage.use_sequence_parallel(config.parallel.sequence_parallel)
+        return stage
     from megatron_ztt.model.ztt import ZTTModel
 
-    return ZTTModel(config.model)
+    model = ZTTModel(config.model)
+    model.use_sequence_parallel(config.parallel.sequence_parallel)
+    return model
 
 
 def build_engine(config: RunConfig) -> TrainingEngine:

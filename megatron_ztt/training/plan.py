@@ -62,8 +62,7 @@ ALIGNMENT = 2  # DeepSpeed's nccl_start_alignment_factor: flat groups pad to 2 x
 
 # --------------------------------------------------------------------------- the layout
 def sequence_parallel(config: RunConfig) -> bool:
-    """``parallel.sequence_parallel`` where the config has it (false otherwise)."""
-    return bool(getattr(config.parallel, "sequence_parallel", False))
+    return bool(config.parallel.sequence_parallel)
 
 
 def dtype_bytes(config: RunConfig) -> int:
@@ -203,18 +202,23 @@ def activation_bytes(config: RunConfig, apps: List[Application], first: bool, la
     e, t = shape.dtype_bytes, shape.tensor
     tokens = shape.batch * shape.seq
     state = tokens * shape.hidden * e  # one hidden state [T, d]
+    # sequence parallelism: what lives between the tensor-parallel regions (hidden states,
+    # gates, the final norm) is this rank's sequence shard, T/t tokens
+    shard_tokens = tokens / t if shape.sequence_parallel else tokens
+    shard = shard_tokens * shape.hidden * e
     layer = sum(application_elements(shape).values())
     exits = sum(1 for c, w in enumerate(model.exit_weights) if w > 0 and c < model.num_cycles - 1)
     runs = sum(1 + (exits if app.after_cycles else 0) for app in apps)
     gates = sum(1 for app in apps if app.ends_cycle) if model.gate else 0
-    total = carried_states * state + gates * (2 * state + tokens * 8)
+    total = carried_states * shard + gates * (2 * shard + shard_tokens * 8)
     if first:
         total += tokens * 8  # the token ids the embedding's backward reads
     if last:
         losses = 1 + exits
-        total += losses * (4 * state + tokens * 4 + shape.vocab / t * shape.hidden * e)
+        # the final norm's three tensors on the shard; the loss's hidden gradient [T, d]
+        total += losses * (3 * shard + state + tokens * 4 + shape.vocab / t * shape.hidden * e)
     if checkpointing:
-        total += runs * state + (layer if runs else 0)
+        total += runs * shard + (layer if runs else 0)
     else:
         total += runs * layer
     return int(total)

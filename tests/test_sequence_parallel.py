@@ -45,6 +45,7 @@ def _model_pass(sequence_parallel):
             "logits": full.logits, "full_cycles": full.cycles_used}
 
 
+@pytest.mark.slow
 def test_model_sequence_parallel_matches_tensor_parallel():
     for rank, (want, got) in enumerate(run_distributed(_model_passes, world_size=2,
                                                        tensor_parallel=2)):

@@ -25,6 +25,8 @@ from megatron_ztt.checkpoint import (CheckpointError, SliceReader, load_initial_
 from megatron_ztt.config import RunConfig
 from megatron_ztt.model.cycle_engine import zero_attention_by_cycle
 from megatron_ztt.parallel import runtime
+from megatron_ztt.parallel.sequence import (DeferredReplicatedGradSum,
+                                            all_reduce_replicated_grads, replicated_parameters)
 from megatron_ztt.parallel.sharding import (load_full_state_dict, merge_shards, partition_spec,
                                             split_full)
 from megatron_ztt.training.evaluate import evaluate
@@ -430,9 +432,6 @@ class DenseEngine(TrainingEngine):
         # tensor-parallel group in the step's last backward
         self._replicated_grads = None
         if config.parallel.sequence_parallel:
-            from megatron_ztt.parallel.sequence import (DeferredReplicatedGradSum,
-                                                        replicated_parameters)
-
             self._replicated_grads = DeferredReplicatedGradSum(replicated_parameters(module))
 
     def _last_micro_batch(self, last: bool) -> None:
@@ -606,15 +605,11 @@ class CircularPipelineEngine(TrainingEngine):
         # tensor-parallel group once per step, after the ring
         self._replicated = []
         if config.parallel.sequence_parallel:
-            from megatron_ztt.parallel.sequence import replicated_parameters
-
             self._replicated = replicated_parameters(module)
 
     def _collect_grads(self) -> None:
         """The step's gradients into ``.grad``: the fp32 sums rounded once, the replicated
         parameters' summed over the tensor-parallel group (sequence parallelism)."""
-        from megatron_ztt.parallel.sequence import all_reduce_replicated_grads
-
         self.fp32_grad_sums.write_grads()
         all_reduce_replicated_grads(self._replicated)
 

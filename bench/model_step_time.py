@@ -18,8 +18,9 @@ alike; medians are reported. MFU = model FLOPs per step (``model_flops_per_token
 backward, full attention) / step time / the best measured peak. The step here is forward +
 backward + zeroing the gradients: no optimizer, no data loading, one process.
 Prints a JSON report; ``ratio`` = ZTT median step time / baseline's; ``exit_losses_ratio`` =
-ZTT with exit losses / ZTT without (``exit_losses_flop_ratio``: the same in model FLOPs, the
-floor of that ratio at equal efficiency). ``--preset deep`` is the default width with 12
+ZTT with exit losses / ZTT without (``exit_losses_cpu_ratio``: the same in the process's CPU
+time per step, the reading to trust on a loaded machine; ``exit_losses_flop_ratio``: the same
+in model FLOPs, the floor of that ratio at equal efficiency). ``--preset deep`` is the default width with 12
 distinct layers, where the exit heads are a smaller share of the step.
 ``--exit-loss-fraction F`` (< 1) trains the exit-loss model with ``model.exit_loss_fraction=F``
 and also times the same exit losses on every position (``exit_losses_all_positions_ratio``).
@@ -129,18 +130,20 @@ def build_models(args):
 
 
 def time_steps(model, step, ids, labels, steps, warmup):
+    """-> (wall seconds, process CPU seconds) of each step after the warmup."""
     model.train()
-    times = []
+    times, cpu_times = [], []
     for i in range(warmup + steps):
         runtime.synchronize()  # CUDA runs asynchronously (a no-op on the CPU)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         loss = step(model, ids, labels)
         loss.backward()
         model.zero_grad(set_to_none=True)
         runtime.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - start)
-    return times
+            cpu_times.append(time.process_time() - cpu_start)
+    return times, cpu_times
 
 
 def plot(report: dict, output: str) -> None:
@@ -212,13 +215,17 @@ def main():
     ids = torch.randint(0, args.vocab, (args.batch, args.seq))
     labels = torch.randint(0, args.vocab, (args.batch, args.seq))
     times = {name: [] for name in models}
+    cpu_times = {name: [] for name in models}
     peaks = []
     for _ in range(args.rounds):
         for name, (model, step) in models.items():
             peaks.append(measure_peak_flops(args.peak_size, repeats=2))
-            times[name] += time_steps(model, step, ids, labels, args.steps, args.warmup)
+            wall, cpu = time_steps(model, step, ids, labels, args.steps, args.warmup)
+            times[name] += wall
+            cpu_times[name] += cpu
     peaks.append(measure_peak_flops(args.peak_size, repeats=2))
     medians = {name: statistics.median(t) for name, t in times.items()}
+    cpu_medians = {name: statistics.median(t) for name, t in cpu_times.items()}
     tokens = args.batch * args.seq
     peak = max(peaks)
     flops = {name: model_flops_per_token(configs[name], args.seq) * tokens for name in models}
@@ -231,6 +238,9 @@ def main():
         "parameters": {name: sum(p.numel() for p in model.parameters())
                        for name, (model, _) in models.items()},
         "median_step_seconds": medians,
+        # CPU time of the process per step: on a shared machine, less hit by the other jobs
+        # than wall time (with --threads 1 the step's own work)
+        "median_step_cpu_seconds": cpu_medians,
         "tokens_per_second": {name: tokens / m for name, m in medians.items()},
         "model_flops_per_step": flops,
         "matmul_peak_flops": {"best": peak, "median": statistics.median(peaks),
@@ -245,7 +255,13 @@ def main():
         "exit_losses_all_positions_ratio": (
             medians[exit_name + "_all_positions"] / medians[ztt_name]
             if exit_name and exit_name + "_all_positions" in medians else None),
+        "exit_losses_cpu_ratio": (cpu_medians[exit_name] / cpu_medians[ztt_name]
+                                  if exit_name else None),
+        "exit_losses_all_positions_cpu_ratio": (
+            cpu_medians[exit_name + "_all_positions"] / cpu_medians[ztt_name]
+            if exit_name and exit_name + "_all_positions" in medians else None),
         "step_seconds": times,
+        "step_cpu_seconds": cpu_times,
     }
     text = json.dumps(report, indent=2)
     print(text)

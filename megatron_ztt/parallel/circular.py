@@ -260,9 +260,9 @@ class CircularStage(torch.nn.Module):
         """The tensors a virtual stage sends on: (hidden, [cycle input], [exit record]); the
         exit losses were computed where their states were (``attach_exit_loss``). The exit
         record ([..., 3] float32: exited, cycles used, the open cycle's zero-attention sum)
-        travels when an exit rule is on; from it the next rank
-        rebuilds the cycle's active set, so that every rank computes only the tokens still
-        cycling. The pipeline's buffers have one shape, so the block travels scattered."""
+        travels when an exit rule is on; from it the next rank rebuilds the cycle's active
+        set, so that every rank computes only the tokens still cycling. The pipeline's
+        buffers have one shape, so the block travels scattered."""
         exits = state.exited is not None
         if state.active is not None:  # mid-cycle: the block back into every token's tensor
             self.engine.scatter(state)

@@ -25,8 +25,14 @@ and their gradient sums over the cycles in place: no copies, no tied-weight all-
   rank), so both copies take the same optimizer step and stay identical. The copy is marked
   ``ds_pipe_replicated`` so that DeepSpeed counts it once in the gradient norm.
 * What travels between virtual stages is ``CircularStage.pack``: (hidden, [open cycle's input
-  when a gate or an exit rule reads it], [exit record when evaluating with exits], *states
-  kept for exit losses).
+  on the hops inside a cycle, when the gate at its end or an exit rule reads it], [exit record
+  when evaluating with exits]); nothing else. Every cycle ends on the last rank, which holds
+  the tail and the output head, so a weighted exit loss is computed there at the end of its
+  cycle (``attach_exit_loss``, with the micro batch's targets from ``begin_step``) and rides
+  back on the hidden that travels on (``AttachExitLoss``): its state never leaves the rank.
+  At C=4, P=2 with a gate the hops carry 2, 1, 2, 1, 2, 1, 2 hidden-sized tensors (before,
+  with every exit loss weighted, the kept exit states made it 2, 2, 3, 3, 4, 4, 5);
+  ``bench/pipeline_hops.py`` counts the bytes.
 * Evaluation with early exit (``start_evaluation``) applies the exit rule per token exactly as
   the training model: the decision is taken on the last rank at the end of each cycle, the
   exit record (exited, cycles used, the open cycle's zero-attention sum) travels with the
@@ -62,6 +68,26 @@ from megatron_ztt.parallel.sequence import set_sequence_parallel
 # DeepSpeed skips parameters with this attribute set in its gradient norm (a replica counted
 # on another stage); the name is DeepSpeed's ``PIPE_REPLICATED``.
 PIPE_REPLICATED = "ds_pipe_replicated"
+
+
+class AttachExitLoss(torch.autograd.Function):
+    """``hidden`` unchanged, with ``loss`` attached to it for the backward: the gradient that
+    comes back for ``hidden`` passes through, and ``loss`` gets ``scale`` (its weight in the
+    objective), as if it had been added to the objective. An exit loss computed on the rank
+    where its state is thus trains through the schedule's backward of the stage that sends
+    ``hidden`` on, and the state itself never travels (megatron-core's MoE auxiliary losses
+    ride on the activations in the same way)."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, loss: torch.Tensor, scale: float):
+        ctx.save_for_backward(loss)
+        ctx.scale = scale
+        return hidden
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (loss,) = ctx.saved_tensors
+        return grad, torch.full_like(loss, ctx.scale), None
 
 
 def bubble_fraction(stages: int, virtual_stages_per_rank: int, micro_batches: int) -> float:
@@ -159,6 +185,13 @@ class CircularStage(torch.nn.Module):
         self.collect_stats = False
         self.exit_loss_seed: Optional[int] = None  # the step's (engines.step_exit_loss_seed)
         self.sequence_parallel = False
+        # training, last rank: the step's targets per micro batch (begin_step) and each micro
+        # batch's exit losses, computed here at the end of their cycles (detached values)
+        self._targets: List[Tuple[torch.Tensor, Optional[torch.Tensor]]] = []
+        self._denominator: Optional[torch.Tensor] = None
+        self._share = 1.0
+        self._exit_loss_values: Dict[int, Dict[int, torch.Tensor]] = {}
+        self._final_micro_batch = 0
         self.start_evaluation(None)
 
     def use_sequence_parallel(self, on: bool = True) -> None:
@@ -184,8 +217,25 @@ class CircularStage(torch.nn.Module):
         set_sequence_parallel(self, self.splits_sequence(exit_threshold is not None))
         self.cycles_used: List[torch.Tensor] = []
         self._micro_batch_of = {c: 0 for c in range(self.config.num_cycles)}
+        self._exit_loss_values = {}
         self._kv_stores: Dict[int, Dict[int, tuple]] = {}
         self._exit_rules: Dict[tuple, ExitRule] = {}
+
+    def begin_step(self, targets: Sequence[Tuple[torch.Tensor, Optional[torch.Tensor]]],
+                   denominator: Optional[torch.Tensor], share: float) -> None:
+        """Last rank, before a training step: each micro batch's (labels, loss mask) in the
+        schedule's order, the per-token loss's ``denominator`` and each micro batch's
+        ``share`` of the objective, which the exit losses computed at the ends of their
+        cycles read (every virtual stage sees the micro batches in order)."""
+        self._targets = list(targets)
+        self._denominator, self._share = denominator, share
+        self._micro_batch_of = {c: 0 for c in range(self.config.num_cycles)}
+        self._exit_loss_values = {}
+
+    def pop_exit_losses(self) -> Dict[int, torch.Tensor]:
+        """Cycle (1-based) -> the detached exit losses of the micro batch whose last virtual
+        stage ran last, computed where its states were (``attach_exit_loss``)."""
+        return self._exit_loss_values.pop(self._final_micro_batch, {})
 
     def _exit_policy(self, hidden: torch.Tensor) -> ExitPolicy:
         """The evaluation's exit policy for a micro batch of ``hidden``'s shape (the rule is
@@ -207,11 +257,12 @@ class CircularStage(torch.nn.Module):
         return (self.config.gate or exits) and app.cycle is not None and not app.starts_cycle
 
     def pack(self, state: CycleState, next_app: Application) -> Tuple[torch.Tensor, ...]:
-        """The tensors a virtual stage sends on: (hidden, [cycle input], [exit record],
-        *exit states). The exit record ([..., 3] float32: exited, cycles used, the open
-        cycle's zero-attention sum) travels when an exit rule is on; from it the next rank
-        rebuilds the cycle's active set, so that every rank computes only the tokens still
-        cycling. The pipeline's buffers have one shape, so the block travels scattered."""
+        """The tensors a virtual stage sends on: (hidden, [cycle input], [exit record]); the
+        exit losses were computed where their states were (``attach_exit_loss``). The exit
+        record ([..., 3] float32: exited, cycles used, the open cycle's zero-attention sum)
+        travels when an exit rule is on; from it the next rank rebuilds the cycle's active
+        set, so that every rank computes only the tokens still cycling. The pipeline's
+        buffers have one shape, so the block travels scattered."""
         exits = state.exited is not None
         if state.active is not None:  # mid-cycle: the block back into every token's tensor
             self.engine.scatter(state)
@@ -223,7 +274,7 @@ class CircularStage(torch.nn.Module):
                         else torch.zeros_like(state.exited, dtype=torch.float32))
             carried.append(torch.stack([state.exited.float(), state.cycles_used.float(),
                                         zero_sum.float()], dim=-1))
-        return (*carried, *state.exit_states)
+        return tuple(carried)
 
     def unpack(self, app: Application, tensors: Sequence[torch.Tensor],
                policy: ExitPolicy) -> CycleState:
@@ -242,7 +293,6 @@ class CircularStage(torch.nn.Module):
         else:
             state.cycles_used = torch.full(state.hidden.shape[:-1], engine.num_cycles,
                                            dtype=torch.long, device=state.hidden.device)
-        state.exit_states = tensors
         if app.cycle is not None and not app.starts_cycle:  # mid-cycle: gather the block again
             if state.cycle_input is None:
                 state.cycle_input = state.hidden
@@ -259,9 +309,10 @@ class CircularStage(torch.nn.Module):
     # ------------------------------------------------------------------ one virtual stage
     def run_virtual_stage(self, cycle: int, inputs: Tuple[torch.Tensor, ...]):
         """Cycle ``cycle``'s pass through this rank: carried tensors in, carried tensors out
-        (the first virtual stage takes token ids; the last returns the hidden states after
-        the tail, of the final state and of every kept exit state: ``micro_batch_losses``
-        runs the output head on them with the loss, so no stage holds whole logits)."""
+        (the first virtual stage takes token ids; the last returns the hidden state after
+        the tail: ``micro_batch_losses`` runs the output head on it with the loss, so no
+        stage holds whole logits). In training, the last rank's pass through a cycle with a
+        weighted exit loss computes that loss here (``attach_exit_loss``)."""
         config, engine = self.config, self.engine
         apps = self.stage_apps[cycle]
         first_virtual = self.is_first and cycle == 0
@@ -277,36 +328,59 @@ class CircularStage(torch.nn.Module):
                                     if self.splits_sequence(policy.rule is not None) else 1)
         rope = rotary_embedding(config, length, hidden.device)
         tally = self.tally if self.collect_stats else None
-        kv_store: Dict[int, tuple] = {}
-        if policy.rule is not None:  # each virtual stage sees the micro batches in order
-            micro_batch = self._micro_batch_of[cycle]
-            self._micro_batch_of[cycle] += 1
-            kv_store = self._kv_stores.setdefault(micro_batch, {})
+        # each virtual stage sees the micro batches in order
+        micro_batch = self._micro_batch_of[cycle]
+        self._micro_batch_of[cycle] += 1
+        kv_store = self._kv_stores.setdefault(micro_batch, {}) if policy.rule is not None else {}
 
         def run(app, hidden, run_state, record):
             key = self.zero_token_pool[app.name] if self.zero_token_pool is not None else None
             return run_layer(config, self.layers[str(app.layer)], app, hidden, run_state,
                              record, rope, key, kv_store, self.training)
 
-        if last_virtual and not self.training:
-            state.exit_states = []  # validation reads the final exit only
-        chosen = self.exit_loss_positions(hidden) if last_virtual and self.training else None
-
-        def exit_tail(app, exit_state):  # the exit losses' positions only, back in full shape
-            key = self.zero_token_pool[app.name] if self.zero_token_pool is not None else None
-            return chosen.scatter(run_layer_on_positions(
-                config, self.layers[str(app.layer)], exit_state, chosen, rope, key, True))
-
-        # the kept exit states travel in evaluation too: every pass sends the same tensors
-        state = engine.run(apps, state, run, policy, keep_exit_states=True, tally=tally,
-                           exit_tail=exit_tail if chosen is not None else None)
+        state = engine.run(apps, state, run, policy, tally=tally)
         if policy.rule is not None and cycle == config.num_cycles - 1:
             self._kv_stores.pop(micro_batch, None)  # the micro batch's last pass through here
         if not last_virtual:  # virtual stages run contiguous pieces of the plan
+            if self.training and self.is_last and cycle in engine.exit_cycles:
+                # the cycle ended here: its exit loss is computed on this rank
+                state.hidden = self.attach_exit_loss(cycle, micro_batch, state, run, rope)
             return self.pack(state, self.plan[apps[-1].index + 1])
+        self._final_micro_batch = micro_batch
         if policy.rule is not None:
             self.cycles_used.append(state.cycles_used.transpose(0, 1))
-        return (state.hidden, *state.exit_states)
+        return state.hidden
+
+    def attach_exit_loss(self, cycle: int, micro_batch: int, state: CycleState, run,
+                         rope: torch.Tensor) -> torch.Tensor:
+        """Last rank, training, at the end of ``cycle`` (< C-1) whose exit loss is weighted:
+        the tail, output head and LM loss of the state after the cycle, for this micro batch's
+        targets (``begin_step``), at ``model.exit_loss_fraction``'s positions as
+        ``ZTTModel``; the loss is attached to the hidden that travels on
+        (:class:`AttachExitLoss`, weighted as in the objective) and its value kept for
+        ``micro_batch_losses``. Returns that hidden."""
+        if micro_batch >= len(self._targets):
+            raise RuntimeError("circular pipeline: the exit losses need the step's targets; "
+                               "call CircularStage.begin_step before the training schedule")
+        config, hidden = self.config, state.hidden
+        labels, loss_mask = self._targets[micro_batch]
+        tail = self.plan[-1] if self.plan[-1].after_cycles else None
+        chosen = self.exit_loss_positions(hidden)
+        if chosen is None:
+            after_tail = hidden if tail is None else run(tail, hidden, state, False)[0]
+            loss = self.loss_of(after_tail, labels, loss_mask, self._denominator)
+        else:  # the tail on the chosen positions only
+            if tail is None:
+                block = chosen.gather(hidden)
+            else:
+                key = (self.zero_token_pool[tail.name] if self.zero_token_pool is not None
+                       else None)
+                block = run_layer_on_positions(config, self.layers[str(tail.layer)], hidden,
+                                               chosen, rope, key, True)
+            loss = chosen.loss(self.loss_of, block, labels, loss_mask, self._denominator)
+        self._exit_loss_values.setdefault(micro_batch, {})[cycle + 1] = loss.detach()
+        weight = self.engine.exit_loss_weights[cycle] * self._share
+        return AttachExitLoss.apply(hidden, loss, weight)
 
     def exit_loss_positions(self, hidden: torch.Tensor) -> Optional[ExitLossPositions]:
         """The positions the exit losses read this step (``ZTTModel.exit_loss_positions``);
@@ -374,9 +448,8 @@ def carried_shapes(module: CircularStage, micro_batch: int, training: bool, exit
     """(inputs, outputs) of each of this rank's virtual stages as meta tensors, so that the
     stages need no shape inference (which would run the model on uninitialised buffers).
     ``exits``: evaluation with an exit rule (the exit record travels too)."""
-    config, engine = module.config, module.engine
+    config = module.config
     dtype = next(module.parameters()).dtype
-    exit_cycles = engine.exit_cycles
     length = config.seq_length
     if module.splits_sequence(exits):
         length //= parallel_state.get_tensor_model_parallel_world_size()
@@ -386,12 +459,10 @@ def carried_shapes(module: CircularStage, micro_batch: int, training: bool, exit
                            device="meta", requires_grad=requires_grad)
 
     def arriving(app: Application):  # what pack() sends to the stage starting with ``app``
-        cycle = config.num_cycles if app.cycle is None else app.cycle
         carried = [hidden(training) for _ in range(1 + int(module.carries_cycle_input(app, exits)))]
         if exits:
             carried.append(torch.empty(length, micro_batch, 3, dtype=torch.float32,
                                        device="meta"))
-        carried += [hidden(training) for c in exit_cycles if c < cycle]
         return tuple(carried)
 
     shapes = []
@@ -402,9 +473,8 @@ def carried_shapes(module: CircularStage, micro_batch: int, training: bool, exit
                                   device="meta"),)
         else:
             inputs = arriving(apps[0])
-        if module.is_last and cycle == config.num_cycles - 1:  # the states after the tail
-            states = 1 + (len(exit_cycles) if training else 0)
-            outputs = tuple(hidden(training) for _ in range(states))
+        if module.is_last and cycle == config.num_cycles - 1:  # the state after the tail
+            outputs = (hidden(training),)
         else:
             outputs = arriving(module.plan[apps[-1].index + 1])
         shapes.append((inputs, outputs))
@@ -459,16 +529,15 @@ def micro_batch_losses(module: CircularStage, outputs, labels, loss_mask, traini
                        denominator: Optional[torch.Tensor] = None
                        ) -> Tuple[torch.Tensor, Dict[int, torch.Tensor]]:
     """Last virtual stage: (objective, cycle -> LM loss) of one micro batch; ``denominator``
-    as in ``ZTTModel.forward``'s ``loss_denominator``."""
-    final, *exits = outputs if isinstance(outputs, tuple) else (outputs,)
+    as in ``ZTTModel.forward``'s ``loss_denominator``. In training the exit losses were
+    computed at the ends of their cycles (``CircularStage.attach_exit_loss``), which also
+    hands their gradients to the backward: here their detached values complete the
+    objective's value, so the objective reads as ``ZTTModel``'s while only the final loss
+    is differentiated through it."""
+    final = outputs[0] if isinstance(outputs, tuple) else outputs
     lm_loss = module.loss_of(final, labels, loss_mask, denominator)
     if not training:
         return lm_loss, {module.config.num_cycles: lm_loss}
-    chosen = module.exit_loss_positions(final)
-    if chosen is not None:  # the tail ran on the chosen positions (run_virtual_stage)
-        exit_losses = [chosen.loss(module.loss_of, chosen.gather(hidden), labels, loss_mask,
-                                   denominator) for hidden in exits]
-    else:
-        exit_losses = [module.loss_of(hidden, labels, loss_mask, denominator) for hidden in exits]
-    losses = module.engine.exit_losses(lm_loss, exit_losses)
-    return module.engine.objective(losses), losses
+    losses = {**module.pop_exit_losses(),
+              module.config.num_cycles: lm_loss}
+    return module.engine.objective(losses), dict(sorted(losses.items()))

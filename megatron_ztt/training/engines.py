@@ -652,6 +652,11 @@ class CircularPipelineEngine(TrainingEngine):
             if module.is_last and not evaluation:
                 self._denominator = loss_denominator(
                     micro, parallel_state.get_data_parallel_world_size() * self.micro_batches)
+                # the exit losses are computed where their states are, mid-ring: they read
+                # each micro batch's targets (split as the schedule splits ``target``)
+                module.begin_step([(t[:, 0], t[:, 1] if t.shape[1] > 1 else None)
+                                   for t in target.tensor_split(self.micro_batches)],
+                                  self._denominator, 1.0 / self.micro_batches)
         args = (tokens,) if module.is_first else ()
         run = schedule.eval if evaluation else schedule.step
         run(*args, target=target if module.is_last else None, return_outputs=False)

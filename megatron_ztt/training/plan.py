@@ -187,13 +187,17 @@ def activation_shape(config: RunConfig) -> ActivationShape:
 
 
 def activation_bytes(config: RunConfig, apps: List[Application], first: bool, last: bool,
-                     carried_states: int, checkpointing: bool) -> int:
+                     carried_states: int, checkpointing: bool,
+                     exit_losses: Optional[int] = None) -> int:
     """Bytes one micro batch leaves for backward on a rank running ``apps`` (one virtual
-    stage, or the whole plan): the layer applications (each kept exit state passes the tail
-    too), the gates of the cycles ending here (the cycle's output and the update y - x, [T, d]
-    each), the loss heads on the last stage (final norm's three [T, d], the flattened input,
-    and the hidden- and weight-gradients [T, d], [V/t, d] the fused cross entropy computes in
-    forward), and ``carried_states`` extra hidden states received (cycle input, exit states).
+    stage, or the whole plan): the layer applications (each exit loss computed here runs the
+    tail too), the gates of the cycles ending here (the cycle's output and the update y - x,
+    [T, d] each), the loss heads (final norm's three [T, d], the flattened input, and the
+    hidden- and weight-gradients [T, d], [V/t, d] the fused cross entropy computes in forward)
+    of the final loss on the last stage and of ``exit_losses`` exit losses (None: every
+    weighted one, on the last stage, as one process computes them; the circular pipeline
+    computes each at the end of its cycle on the last rank), and ``carried_states`` extra
+    hidden states received (the open cycle's input).
 
     With checkpointing, an application keeps only its input [T, d]; backward recomputes one
     application at a time, so one application's activations come on top."""
@@ -208,13 +212,15 @@ def activation_bytes(config: RunConfig, apps: List[Application], first: bool, la
     shard = shard_tokens * shape.hidden * e
     layer = sum(application_elements(shape).values())
     exits = sum(1 for c, w in enumerate(model.exit_weights) if w > 0 and c < model.num_cycles - 1)
-    runs = sum(1 + (exits if app.after_cycles else 0) for app in apps)
+    if exit_losses is None:
+        exit_losses = exits if last else 0
+    runs = len(apps) + (exit_losses if model.cycle_mode == "head_tail" else 0)
     gates = sum(1 for app in apps if app.ends_cycle) if model.gate else 0
     total = carried_states * shard + gates * (2 * shard + shard_tokens * 8)
     if first:
         total += tokens * 8  # the token ids the embedding's backward reads
-    if last:
-        losses = 1 + exits
+    losses = int(last) + exit_losses
+    if losses:
         # the final norm's three tensors on the shard; the loss's hidden gradient [T, d]
         total += losses * (3 * shard + state + tokens * 4 + shape.vocab / t * shape.hidden * e)
     if checkpointing:
@@ -306,13 +312,12 @@ def _stage_activations(config: RunConfig, module, pipeline_rank: int, micro_batc
         apps = stages[(cycle, pipeline_rank)]
         first = pipeline_rank == 0 and cycle == 0
         last = pipeline_rank == pipeline - 1 and cycle == model.num_cycles - 1
-        carried = 0
-        if not first:  # what arrives besides the hidden state (cycle input, exit states)
-            carried = (int(module.carries_cycle_input(apps[0], exits=False))
-                       + sum(1 for c in engine.exit_cycles if c < (apps[0].cycle
-                                                                    if apps[0].cycle is not None
-                                                                    else model.num_cycles)))
-        per_cycle.append(activation_bytes(config, apps, first, last, carried, checkpointing))
+        # what arrives besides the hidden state: the open cycle's input (pack)
+        carried = 0 if first else int(module.carries_cycle_input(apps[0], exits=False))
+        # the exit loss of a cycle ending on the last rank is computed there (attach_exit_loss)
+        exit_here = int(pipeline_rank == pipeline - 1 and cycle in engine.exit_cycles)
+        per_cycle.append(activation_bytes(config, apps, first, last, carried, checkpointing,
+                                          exit_here))
     held = schedule_in_flight(micro_batches, pipeline, model.num_cycles, pipeline_rank)
     peak = sum(n * b for n, b in zip(held, per_cycle))
     if checkpointing:  # recompute adds one application once, not per held micro batch

@@ -101,39 +101,6 @@ def test_fraction_one_is_the_full_computation(seeded):
     assert torch.equal(sub(ids, labels).loss, full(ids, labels).loss)
 
 
-def _tail_one_exit_state_at_a_time(app, state, run, exit_tail=None):
-    """The reference the engine's batched tail must equal: the tail run on each kept exit
-    state alone ([s, b, d], one layer call each)."""
-    if app.after_cycles:
-        state.exit_states = [run(app, s, state, False)[0] if exit_tail is None
-                             else exit_tail(app, s) for s in state.exit_states]
-
-
-@pytest.mark.parametrize("fraction", [0.25, 1.0])
-def test_exit_states_batched_through_the_tail_equal_one_at_a_time(seeded, fraction):
-    """The tail runs every kept exit state in one batch: loss, each cycle's loss and every
-    gradient equal the tail run once per exit state (masked, global denominator)."""
-    batched, _ = _pair(fraction)
-    alone, _ = _pair(fraction)
-    alone.load_state_dict(batched.state_dict())
-    alone.engine.tail_of_exit_states = _tail_one_exit_state_at_a_time
-    ids, labels = batch(batched.config, size=3)
-    mask = torch.ones_like(labels, dtype=torch.float32)
-    mask[1, :6] = 0
-    outputs = [model(ids, labels, loss_mask=mask, loss_denominator=torch.tensor(40.0),
-                     exit_loss_seed=7) for model in (batched, alone)]
-    assert sorted(outputs[0].exit_losses) == [1, 2, 3]
-    for cycle in (1, 2, 3):
-        assert_close(outputs[0].exit_losses[cycle], outputs[1].exit_losses[cycle], atol=1e-6,
-                     what=f"cycle {cycle}")
-    assert_close(outputs[0].loss, outputs[1].loss, atol=1e-6, what="objective")
-    for out in outputs:
-        out.loss.backward()
-    for (name, p), q in zip(batched.named_parameters(), alone.parameters()):
-        assert p.grad is not None and p.grad.abs().sum() > 0, name
-        assert_close(p.grad, q.grad, atol=1e-6, what=name)
-
-
 @pytest.mark.parametrize("bad", [0, -0.1, 1.5, float("nan"), "half"])
 def test_fraction_is_validated(bad):
     with pytest.raises(ConfigError, match="^model.exit_loss_fraction: .*in \\(0, 1\\]"):

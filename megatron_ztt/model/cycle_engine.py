@@ -312,9 +312,9 @@ class CycleEngine(CycleLoop):
     exit loss is weighted (training, trained depth only); ``tally``: zero-attention and gate
     statistics; ``skip(app, state)`` hears of the applications nobody runs because every
     token has left (the export fills its cache); ``after(state)`` sees the state after each
-    application (every token's between cycles); ``exit_tail(app, batch)`` runs the tail on
-    the kept exit states, concatenated along the batch axis, instead of ``run`` (the exit
-    losses on a subset of positions, ``model/exit_losses.py``).
+    application (every token's between cycles); ``exit_tail(app, exit_state)`` runs the tail
+    on a kept exit state instead of ``run`` (the exit losses on a subset of positions,
+    ``model/exit_losses.py``).
     """
 
     compute_exited = False
@@ -378,16 +378,11 @@ class CycleEngine(CycleLoop):
                             exit_tail: Optional[Callable[[Application, torch.Tensor],
                                                          torch.Tensor]] = None) -> None:
         """The tail runs on the kept exit states too (each exit loss reads its output);
-        ``exit_tail(app, batch)`` runs it instead of ``run`` (the exit losses on a subset of
-        positions, ``model/exit_losses.py``). The n states [s, b, d] run as one batch
-        [s, n b, d], the states one after another along the batch axis (one layer call
-        instead of n: at small sizes a call costs as much as its FLOPs); every row computes
-        exactly what it would alone."""
-        if app.after_cycles and state.exit_states:
-            states = state.exit_states
-            batch = states[0] if len(states) == 1 else torch.cat(states, dim=1)
-            out = run(app, batch, state, False)[0] if exit_tail is None else exit_tail(app, batch)
-            state.exit_states = list(out.chunk(len(states), dim=1))
+        ``exit_tail(app, exit_state)`` runs it instead of ``run`` (the exit losses on a subset
+        of positions, ``model/exit_losses.py``)."""
+        if app.after_cycles:
+            state.exit_states = [run(app, s, state, False)[0] if exit_tail is None
+                                 else exit_tail(app, s) for s in state.exit_states]
 
     def gather(self, state: CycleState) -> None:
         """``hidden`` and ``block_input`` become the active set's block (once per cycle)."""

@@ -43,34 +43,19 @@ class ExitLossPositions:
         draws = uniform_draws(seed, 0, rows, positions)  # [b, s]
         chosen = torch.argsort(draws, dim=1)[:, :self.count].sort(dim=1).values
         self.block = ActiveTokens.of_positions(chosen, length, token_axis=0)
-        self.batch = batch
-        self._blocks = {batch: self.block}
 
     @property
     def positions(self) -> torch.Tensor:
         """[b, k]: the chosen positions of each row, increasing."""
         return self.block.positions
 
-    def block_for(self, rows: int) -> ActiveTokens:
-        """The block of hidden states with ``rows`` = n b rows: n exit states one after
-        another along the batch axis (the tail runs them as one batch), each at the same
-        positions."""
-        if rows not in self._blocks:
-            if rows % self.batch:
-                raise ValueError(f"exit-loss positions: {rows} rows are not a whole number "
-                                 f"of micro batches of {self.batch}")
-            self._blocks[rows] = ActiveTokens.of_positions(
-                self.positions.repeat(rows // self.batch, 1), self.length, token_axis=0)
-        return self._blocks[rows]
-
     def gather(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[s, n b, ...] -> [k, n b, ...] at the chosen positions."""
-        return self.block_for(hidden.shape[1]).gather(hidden)
+        """[s, b, ...] -> [k, b, ...] at the chosen positions."""
+        return self.block.gather(hidden)
 
     def scatter(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[k, n b, d] -> [s, n b, d], zeros elsewhere (a pipeline stage's fixed output shape)."""
-        return self.block_for(hidden.shape[1]).scatter(
-            hidden.new_zeros(self.length, *hidden.shape[1:]), hidden)
+        """[k, b, d] -> [s, b, d], zeros elsewhere (a pipeline stage's fixed output shape)."""
+        return self.block.scatter(hidden.new_zeros(self.length, *hidden.shape[1:]), hidden)
 
     def loss(self, loss_of, block: torch.Tensor, labels: torch.Tensor,
              loss_mask: Optional[torch.Tensor], denominator: Optional[torch.Tensor]):

@@ -114,10 +114,10 @@ def layer_keys_values(layer, hidden: torch.Tensor, rope: torch.Tensor):
 def run_layer_on_positions(config: ZTTConfig, layer, hidden: torch.Tensor, chosen,
                            rope: torch.Tensor, zero_key, training: bool) -> torch.Tensor:
     """The layer's output at ``chosen``'s positions only (``exit_losses.ExitLossPositions``),
-    [k, n b, d] from hidden [s, n b, d] (n exit states in one batch): the queries, attention
-    output and MLP of the chosen positions, the keys/values of every position (which the
-    chosen queries read, causally). The exit losses' tail at ``model.exit_loss_fraction`` < 1."""
-    block = chosen.block_for(hidden.shape[1])
+    [k, b, d] from hidden [s, b, d]: the queries, attention output and MLP of the chosen
+    positions, the keys/values of every position (which the chosen queries read, causally).
+    The exit losses' tail at ``model.exit_loss_fraction`` < 1."""
+    block = chosen.block
     every_token = rope.expand(-1, hidden.shape[1], -1, -1)  # [s, b, 1, d]
     block_rope = block.memo("rope", lambda: block.gather(every_token))
 

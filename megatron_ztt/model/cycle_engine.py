@@ -122,6 +122,10 @@ class CycleState:
     zero_sum: Optional[torch.Tensor] = None  # open cycle's zero attention, summed
     num_cycles: Optional[int] = None  # cycles this pass runs (the depth dial)
     active: Optional[ActiveTokens] = None  # the open cycle's tokens (None: every token)
+    # the reference (``ExitPolicy.compute_exited``): tokens that left are computed and then
+    # overwritten; otherwise ``active`` is None only while nobody has left, with nothing to
+    # overwrite (no masked copy of the hidden and key/values per application)
+    overwrite_exited: bool = False
 
     @property
     def skipping(self) -> bool:
@@ -354,7 +358,8 @@ class CycleEngine(CycleLoop):
         depth = self.num_cycles if num_cycles is None else num_cycles
         tokens = hidden.shape[:-1]
         return CycleState(hidden=hidden, num_cycles=depth, exited=policy.begin(tokens, hidden.device),
-                          cycles_used=torch.full(tokens, depth, dtype=torch.long, device=hidden.device))
+                          cycles_used=torch.full(tokens, depth, dtype=torch.long, device=hidden.device),
+                          overwrite_exited=policy.compute_exited)
 
     def record_zero_attention(self, app, state: CycleState, zero, reads_zero: bool,
                               tally: Optional[ZeroAttentionTally]) -> None:
@@ -400,7 +405,7 @@ class CycleEngine(CycleLoop):
             if state.zero_sum is not None:
                 state.zero_sum = active.scatter(state.zero_sum.new_zeros(state.exited.shape),
                                                 state.zero_sum)
-        elif state.exited is not None:  # every token computed (none left yet, or the reference)
+        elif state.exited is not None and state.overwrite_exited:  # every token computed
             state.hidden = torch.where(state.exited[..., None], state.cycle_input, state.hidden)
         state.active = None
 

@@ -81,7 +81,8 @@ def run_layer(config: ZTTConfig, layer, app: Application, hidden: torch.Tensor,
         # tokens that left keep serving as keys/values: their last computed cycle's
         context.kv_store, context.kv_layer = kv_store, app.layer
         context.active = state.active
-        context.exited = state.exited.transpose(0, 1) if state.active is None else None
+        context.exited = (state.exited.transpose(0, 1)
+                          if state.active is None and state.overwrite_exited else None)
     if state.active is not None:  # ``hidden`` is the block of tokens still cycling
         every_token = rope.expand(-1, state.exited.shape[1], -1, -1)  # [s, b, 1, d]
         rope = state.active.memo("rope", lambda: state.active.gather(every_token))

@@ -281,7 +281,8 @@ class CircularStage(torch.nn.Module):
         tensors = list(tensors)
         exits = policy.rule is not None
         engine = self.engine
-        state = CycleState(hidden=tensors.pop(0), num_cycles=engine.num_cycles)
+        state = CycleState(hidden=tensors.pop(0), num_cycles=engine.num_cycles,
+                           overwrite_exited=policy.compute_exited)
         if self.carries_cycle_input(app, exits):
             state.cycle_input = tensors.pop(0)
         if exits:

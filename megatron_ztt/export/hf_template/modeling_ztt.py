@@ -462,7 +462,8 @@ class ZTTModel(ZTTPreTrainedModel):
                 zero_key=self.zero_keys[app.name] if self.zero_keys is not None else None,
                 cache=cache, cache_index=app.index, kv_store=kv_store if exits else None,
                 kv_layer=app.layer, active=tokens,
-                exited=state.exited if exits and tokens is None else None, zero_attention=record)
+                exited=state.exited if exits and state.overwrite_exited else None,
+                zero_attention=record)
             return states, None if zero_attention is None else zero_attention.float().sum(dim=1)
 
         def skip(app, state):  # every token has left: the cache still needs this layer's rows

@@ -106,7 +106,7 @@ def throughput(args) -> dict:
         build_seconds = time.perf_counter() - started
         runtime.synchronize()
         runtime.reset_peak_memory()
-        times = time_steps(model, step, ids, labels, steps, warmup)
+        times = time_steps(model, step, ids, labels, steps, warmup)[0]  # wall seconds
         median = statistics.median(times)
         flops = model_flops_per_token(model_config, seq) * tokens
         models[name] = {

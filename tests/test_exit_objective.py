@@ -46,8 +46,10 @@ def test_objective_gradient_reaches_only_the_exit_head(seeded, fraction):
                  out_heavy.loss - 10.0 * out_heavy.exit_objective, atol=1e-6)
     head = {"exit_head.weight", "exit_head.bias"}
     assert head <= set(g_light)
+    # (the bias's alone can be 0: at the initial zero logits it is the count of targets
+    # below one half minus the count above, which some draws balance)
+    assert sum(g_light[name].abs().sum() for name in head) > 0
     for name in head:  # the head's gradient scales with its weight
-        assert g_light[name].abs().sum() > 0
         assert_close(g_heavy[name], 100.0 * g_light[name], atol=1e-6, what=name)
     for name, grad in g_light.items():
         if name in head:

@@ -241,12 +241,15 @@ class OutputHead(torch.nn.Module):
     def loss(self, hidden: torch.Tensor, labels: torch.Tensor,
              loss_mask: torch.Tensor | None = None,
              embedding_weight: torch.Tensor | None = None,
-             denominator: torch.Tensor | None = None) -> torch.Tensor:
+             denominator: torch.Tensor | None = None,
+             objective_weights: torch.Tensor | None = None):
         """``language_model_loss(self(hidden), labels, loss_mask)`` without the logits:
         hidden [s, b, d], labels/loss_mask [b, s] -> mean token cross entropy.
 
         ``denominator``: divide the summed token losses by this instead of by this micro
-        batch's counted tokens (the per-token loss over a global batch, ``counted_tokens``)."""
+        batch's counted tokens (the per-token loss over a global batch, ``counted_tokens``).
+        ``objective_weights`` [b, s]: returns (the loss with these token weights instead of
+        the mask, which the gradient follows; the loss, a value), one pass for both."""
         weight = self.projection_weight(embedding_weight)
         normed = self.final_norm(hidden)
         # as in the linear: each rank holds a slice of the vocabulary, so the input gradient
@@ -254,8 +257,14 @@ class OutputHead(torch.nn.Module):
         normed = self.output_layer.parallel_input(normed)
         labels = labels.transpose(0, 1).reshape(-1)
         mask = None if loss_mask is None else loss_mask.transpose(0, 1).reshape(-1)
+        objective = (None if objective_weights is None
+                     else objective_weights.transpose(0, 1).reshape(-1))
         total = OutputCrossEntropy.apply(normed.reshape(-1, normed.shape[-1]), weight, labels,
-                                         mask, torch.is_grad_enabled())
+                                         mask, torch.is_grad_enabled(), objective)
+        if objective is not None:
+            if denominator is None:
+                denominator = counted_tokens(labels, mask)
+            return total[0] / denominator, total[1] / denominator
         if denominator is not None:
             return total / denominator
         if mask is None:
@@ -285,10 +294,15 @@ class OutputCrossEntropy(torch.autograd.Function):
     scales them by its incoming gradient, and the logits need not be kept or recomputed.
     hidden [N, d] (this rank's copy), weight [V/tp, d] (this rank's vocabulary slice),
     labels [N], mask [N] or None (all ones).
+
+    ``objective`` [N] (or None): other token weights, those of the objective: the output is
+    then (sum_t objective_t * CE_t, differentiated; sum_t m_t * CE_t, a value only), the
+    final loss whose gradient carries the exit losses' control variate
+    (``exit_losses.ExitLossPositions.final_loss_weights``) at no extra pass.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, mask, want_grads: bool):
+    def forward(ctx, hidden, weight, labels, mask, want_grads: bool, objective=None):
         from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntropy as CE
         from megatron.core.tensor_parallel.utils import VocabUtility
 
@@ -301,6 +315,7 @@ class OutputCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if want_grads else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_grads else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        objective_total = torch.zeros_like(total) if objective is not None else None
         rows = max(1, OUTPUT_CHUNK_ELEMENTS // vocab_local)
         for start in range(0, hidden.shape[0], rows):
             h = hidden[start:start + rows]
@@ -317,6 +332,9 @@ class OutputCrossEntropy(torch.autograd.Function):
             softmax, losses = CE.calculate_cross_entropy_loss(exp_logits, predicted, sum_exp)
             weights = None if mask is None else mask[start:start + rows].to(losses.dtype)
             total += losses.sum() if weights is None else (losses * weights).sum()
+            if objective is not None:
+                weights = objective[start:start + rows].to(losses.dtype)
+                objective_total += (losses * weights).sum()
             if want_grads:
                 # d loss_t / d logits_t = softmax_t - onehot(y_t), in place of the softmax
                 grad_logits, arange_1d, target_update, _ = CE.prepare_gradient_calculation_operands(
@@ -330,15 +348,18 @@ class OutputCrossEntropy(torch.autograd.Function):
         if want_grads:
             ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
         ctx.want_grads = want_grads
-        return total
+        if objective is None:
+            return total
+        ctx.mark_non_differentiable(total)
+        return objective_total, total
 
     @staticmethod
-    def backward(ctx, grad_total):
+    def backward(ctx, grad_total, *_value_only):
         if not ctx.want_grads:
             raise RuntimeError("OutputCrossEntropy ran without gradients (no_grad or "
                                "want_grads=False); it cannot be differentiated")
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_total, grad_weight * grad_total, None, None, None
+        return grad_hidden * grad_total, grad_weight * grad_total, None, None, None, None
 
 
 def language_model_loss(logits: torch.Tensor, labels: torch.Tensor,

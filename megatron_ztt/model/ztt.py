@@ -27,7 +27,8 @@ from megatron_ztt.model.cycle_engine import (Application, CycleEngine, CycleGate
                                              application_plan, check_exit_signal,
                                              check_num_cycles, exit_head_features,
                                              token_positions, zero_attention_by_cycle)
-from megatron_ztt.model.exit_losses import ExitLossPositions, draw_exit_loss_seed
+from megatron_ztt.model.exit_losses import (ExitLossPositions, draw_exit_loss_seed,
+                                            final_loss_and_term)
 from megatron_ztt.model.seeding import init_scope
 from megatron_ztt.model.layers import (OutputHead, TokenEmbedding, all_reduce_tensor_parallel,
                                        build_transformer_layer, counted_tokens, gather_logits,
@@ -190,7 +191,8 @@ class ZTTModel(torch.nn.Module):
         mask_t = torch.ones_like(labels_t, dtype=torch.float32) if loss_mask is None else \
             loss_mask.t().float()
         if chosen is not None:
-            labels_t, mask_t = chosen.gather(labels_t), chosen.gather(mask_t)
+            labels_t = chosen.gather(labels_t)
+            mask_t = chosen.gather_mask(mask_t, batch_first=False)
             features = {c: chosen.gather(f) for c, f in features.items()}
         with torch.no_grad():
             token_losses = []
@@ -246,11 +248,13 @@ class ZTTModel(torch.nn.Module):
 
     def loss_of(self, hidden: torch.Tensor, labels: torch.Tensor,
                 loss_mask: Optional[torch.Tensor],
-                denominator: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """LM loss of hidden states (the output layer and cross entropy fused, chunked)."""
+                denominator: Optional[torch.Tensor] = None, objective_weights=None):
+        """LM loss of hidden states (the output layer and cross entropy fused, chunked;
+        ``OutputHead.loss``)."""
         weight = self.embedding.weight if self.config.tie_embeddings else None
         return self.output_head.loss(hidden, labels, loss_mask, embedding_weight=weight,
-                                     denominator=denominator)
+                                     denominator=denominator,
+                                     objective_weights=objective_weights)
 
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None, *,
                 exit_threshold: Optional[float] = None, exit_mode: str = "token",
@@ -325,12 +329,16 @@ class ZTTModel(torch.nn.Module):
         if return_logits:
             out.logits = gather_logits(self.logits_shard(state.hidden), config.vocab_size)
         if labels is not None:
-            out.lm_loss = self.loss_of(state.hidden, labels, loss_mask, loss_denominator)
+            weights = self.engine.exit_loss_weights
+            out.lm_loss, final_term = final_loss_and_term(
+                self.loss_of, state.hidden, labels, loss_mask, loss_denominator, chosen,
+                weights)
             kept = [self.loss_of(s, labels, loss_mask, loss_denominator) if chosen is None
                     else chosen.loss(self.loss_of, s, labels, loss_mask, loss_denominator)
                     for s in state.exit_states]
             out.exit_losses = self.engine.exit_losses(out.lm_loss, kept)
-            out.loss = self.engine.objective(out.exit_losses)
+            out.loss = self.engine.objective(
+                {c: v for c, v in out.exit_losses.items() if c < len(weights)}) + final_term
             if features:
                 final = state.hidden if chosen is None else chosen.gather(state.hidden)
                 out.exit_objective = self.exit_objective_loss(

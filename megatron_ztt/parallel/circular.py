@@ -54,7 +54,8 @@ from megatron.core import parallel_state
 
 from megatron_ztt.model.attention import ZeroTokenPool
 from megatron_ztt.model.config import ZTTConfig
-from megatron_ztt.model.exit_losses import ExitLossPositions, draw_exit_loss_seed
+from megatron_ztt.model.exit_losses import (ExitLossPositions, draw_exit_loss_seed,
+                                            final_loss_and_term)
 from megatron_ztt.model.cycle_engine import (Application, CycleEngine, CycleState, ExitPolicy,
                                              ExitRule, ZeroAttentionTally, application_plan,
                                              check_exit_signal, zero_attention_by_cycle)
@@ -399,11 +400,12 @@ class CircularStage(torch.nn.Module):
         return self.output_head(hidden, embedding_weight=weight)
 
     def loss_of(self, hidden: torch.Tensor, labels: torch.Tensor, loss_mask,
-                denominator: Optional[torch.Tensor] = None) -> torch.Tensor:
+                denominator: Optional[torch.Tensor] = None, objective_weights=None):
         """Last rank: LM loss of hidden states after the tail (``ZTTModel.loss_of``)."""
         weight = self.embedding.weight if self.config.tie_embeddings else None
         return self.output_head.loss(hidden, labels, loss_mask, embedding_weight=weight,
-                                     denominator=denominator)
+                                     denominator=denominator,
+                                     objective_weights=objective_weights)
 
     # ------------------------------------------------------------------ losses, statistics
     def read_statistics(self) -> Dict[str, torch.Tensor]:
@@ -536,9 +538,13 @@ def micro_batch_losses(module: CircularStage, outputs, labels, loss_mask, traini
     objective's value, so the objective reads as ``ZTTModel``'s while only the final loss
     is differentiated through it."""
     final = outputs[0] if isinstance(outputs, tuple) else outputs
-    lm_loss = module.loss_of(final, labels, loss_mask, denominator)
     if not training:
+        lm_loss = module.loss_of(final, labels, loss_mask, denominator)
         return lm_loss, {module.config.num_cycles: lm_loss}
-    losses = {**module.pop_exit_losses(),
-              module.config.num_cycles: lm_loss}
-    return module.engine.objective(losses), dict(sorted(losses.items()))
+    weights = module.engine.exit_loss_weights
+    lm_loss, final_term = final_loss_and_term(module.loss_of, final, labels, loss_mask,
+                                              denominator, module.exit_loss_positions(final),
+                                              weights)
+    exits = module.pop_exit_losses()
+    losses = {**exits, module.config.num_cycles: lm_loss}
+    return module.engine.objective(exits) + final_term, dict(sorted(losses.items()))

@@ -83,9 +83,14 @@ def test_wandb_logs_the_tensorboard_scalars_and_config_and_resumes_the_same_run(
     ((first, resumed, _),) = run_distributed(_train_worker, world_size=1,
                                           args=(sample_data, str(run_dir), str(wandb_dir)))
     assert sorted(first) == [1, 2, 3, 4] and sorted(resumed) == [5, 6]
-    logs = sorted(wandb_dir.glob("wandb/offline-run-*/run-*.wandb"))
+    logs = list(wandb_dir.glob("wandb/offline-run-*/run-*.wandb"))
     assert len(logs) == 3  # one per training start
-    (run, history), (resumed_run, resumed_history), (fresh_run, _) = map(_wandb_run, logs)
+    # in the order of the starts: W&B names a run's folder by the second it started and the
+    # run id, and two starts can fall in one second, so the folders' names do not order them
+    run_id = (run_dir / "wandb_run_id").read_text().strip()
+    runs = sorted(map(_wandb_run, logs), key=lambda r: (r[0].run_id != run_id,
+                                                       min(step for _, step in r[1])))
+    (run, history), (resumed_run, resumed_history), (fresh_run, _) = runs
 
     scalars = _tensorboard_scalars(run_dir / "tensorboard")
     assert {"lm loss", "grad-norm", "mfu", "lm loss validation"} <= {k for k, _ in scalars}
@@ -97,7 +102,6 @@ def test_wandb_logs_the_tensorboard_scalars_and_config_and_resumes_the_same_run(
     assert [history[("lm loss", i)] for i in (1, 2, 3, 4)] == [first[i] for i in (1, 2, 3, 4)]
 
     # one W&B run: the id kept in the run directory, used again on resume
-    run_id = (run_dir / "wandb_run_id").read_text().strip()
     assert run.run_id == resumed_run.run_id == run_id
     assert fresh_run.run_id != run_id  # a fresh start is a new W&B run
     assert (run.project, run.display_name) == ("ztt-test", "micro")

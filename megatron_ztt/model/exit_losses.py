@@ -11,10 +11,10 @@ only. The final loss stays on every position.
 Unbiased: a position of a stratum of n positions is chosen with probability 1 / n, and its
 token loss is scaled by n (s / k where k divides s), so the expected exit loss is the full one,
 whatever its denominator (this micro batch's counted tokens, or the per-token loss over the
-global batch the engines pass). Stratified rather than k positions drawn anywhere in the row:
-the estimate then never over- or under-samples a stretch of the sequence (the first positions,
-whose losses are the highest, say), which lowers its variance at the same cost (measured in
-docs/RESULTS.md, "Where the loss of fraction 0.25 comes from").
+global batch the engines pass). Stratified rather than k positions drawn anywhere in the row,
+so that no stretch of the sequence is over- or under-sampled; at the results size this alone
+changed the trained loss by no more than the seeds do (docs/RESULTS.md, "Where the loss of
+fraction 0.25 comes from").
 
 A control variate lowers the estimate's variance at no cost: the final loss is known at
 every position, so each exit loss c is estimated as the final loss plus the subset's estimate
@@ -23,8 +23,8 @@ token weights (``ExitLossPositions.final_loss_weights``), which the final loss's
 pass takes (``OutputHead.loss``'s ``objective_weights``). Still unbiased; where the exits'
 token losses move with the final one (a trained ZTT's later cycles change little), most of
 the subset's noise cancels: at the results size fraction 0.25 trained 0.063 nats behind
-fraction 1.0 without it and 0.021 ahead with it (docs/RESULTS.md, "Where the loss of
-fraction 0.25 comes from").
+fraction 1.0 without it and 0.018 ahead with it after 200 steps, +0.0065 after 800 (within
+the seeds' 0.032; docs/RESULTS.md, "Where the loss of fraction 0.25 comes from").
 
 The positions come from an integer seed the training engines draw once per step from the
 default torch generator (on every rank, so tensor and pipeline ranks agree and a resume, which
@@ -61,10 +61,11 @@ class ExitLossPositions:
         offsets = torch.minimum((draws * sizes).long(), sizes - 1)
         chosen = bounds[:-1] + offsets  # increasing: one position per stratum
         self.block = ActiveTokens.of_positions(chosen, length, token_axis=0)
-        # a chosen token loss stands for its stratum's n positions: n / (s / k) on top of the
-        # s / k of the denominator (None: k divides s, every weight is 1)
+        # a chosen token loss stands for its stratum's n positions [b, k]: n / (s / k) on top
+        # of the s / k of the denominator (None: k divides s, every such weight is 1)
+        self.stratum_sizes = sizes.float()[None, :].expand(batch, -1)
         self.weights = (None if length % self.count == 0
-                        else (sizes.float() * self.count / length)[None, :].expand(batch, -1))
+                        else self.stratum_sizes * (self.count / length))
 
     @property
     def positions(self) -> torch.Tensor:
@@ -99,10 +100,7 @@ class ExitLossPositions:
         batch = self.positions.shape[0]
         base = (torch.ones(batch, self.length, device=self.positions.device)
                 if loss_mask is None else loss_mask.to(torch.float32))
-        stands_for = self.length / self.count
-        if self.weights is not None:
-            stands_for = self.weights * stands_for
-        chosen = torch.gather(base, 1, self.positions) * stands_for * exits_weight
+        chosen = torch.gather(base, 1, self.positions) * self.stratum_sizes * exits_weight
         return (base * (final_weight + exits_weight)).scatter_add(1, self.positions, -chosen)
 
     def loss(self, loss_of, block: torch.Tensor, labels: torch.Tensor,

@@ -332,7 +332,7 @@ class OutputCrossEntropy(torch.autograd.Function):
             softmax, losses = CE.calculate_cross_entropy_loss(exp_logits, predicted, sum_exp)
             weights = None if mask is None else mask[start:start + rows].to(losses.dtype)
             total += losses.sum() if weights is None else (losses * weights).sum()
-            if objective is not None:
+            if objective is not None:  # and the gradient below follows these weights
                 weights = objective[start:start + rows].to(losses.dtype)
                 objective_total += (losses * weights).sum()
             if want_grads:
